@@ -1,0 +1,192 @@
+"""The base class every model service inherits: health, lifecycle, shutdown, logging, CLI.
+
+A service subclasses ``BaseService``, loads its model in ``load()`` (heavy imports
+inside, so the module imports on a machine without torch), adds its routes in
+``add_routes()``, and ends with ``MyService().run()``::
+
+    class EchoService(BaseService):
+        name = "echo"
+
+        async def load(self) -> None:
+            self.model = ...           # import torch etc. here, not at module level
+
+        def add_routes(self, app: FastAPI) -> None:
+            @app.post("/v1/chat/completions")
+            async def chat(body: ChatRequest) -> dict: ...
+
+    if __name__ == "__main__":
+        EchoService().run()            # python server.py --port 8001 [--model PATH]
+
+Lifecycle: the HTTP server binds first and answers ``/health`` with 503 while the
+model loads in the background, 200 once ``load()`` (and ``warmup()``) returned, and
+503 again while stopping or after a fatal error. A load failure or a ``fatal()``
+call makes the process exit non-zero so the orchestrator restarts it. SIGTERM stops
+accepting, lets in-flight requests finish within ``--drain-timeout``, then runs
+``unload()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import logging
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from core.http_errors import install_error_handlers
+from core.log_setup import configure_logging
+from core.service_guard import ServiceGuard
+
+log = logging.getLogger(__name__)
+
+
+class Health(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class BaseService(ABC):
+    """Subclass, implement ``load`` and ``add_routes``, call ``run()``."""
+
+    name: ClassVar[str] = "service"
+    default_port: ClassVar[int] = 8000
+    # Warm swapping (parking a model in host memory instead of stopping it) is a planned
+    # orchestrator feature; services that can do it set this and implement the hooks.
+    supports_offload: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.options = argparse.Namespace()
+        self.model_path: str | None = None
+        self.health = Health.LOADING
+        self.error: str | None = None
+        self.max_concurrency: int | None = None
+        self._server: uvicorn.Server | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    # -- what subclasses implement ------------------------------------------------------
+
+    @abstractmethod
+    async def load(self) -> None:
+        """Load the model (``self.model_path``, ``self.options``). Heavy imports go here."""
+
+    @abstractmethod
+    def add_routes(self, app: FastAPI) -> None:
+        """Add the service's HTTP routes to ``app``."""
+
+    async def warmup(self) -> None:
+        """Run once after ``load()`` before the service reports ready (e.g. one tiny request)."""
+
+    async def unload(self) -> None:
+        """Release the model on shutdown (free GPU memory, close engines)."""
+
+    async def offload(self) -> None:
+        """Move the model out of GPU memory, keeping it ready to ``restore()``."""
+        raise NotImplementedError(f"{self.name} does not support offload")
+
+    async def restore(self) -> None:
+        """Bring an offloaded model back to the GPU."""
+        raise NotImplementedError(f"{self.name} does not support restore")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add service-specific command-line options (read them from ``self.options``)."""
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def fatal(self, reason: str) -> None:
+        """Report an unrecoverable error: health turns 503 and the process exits non-zero."""
+        log.error("%s: fatal: %s", self.name, reason)
+        self.health, self.error = Health.FAILED, reason
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def not_ready_reason(self) -> str | None:
+        if self.health is Health.READY:
+            return None
+        if self.health is Health.FAILED:
+            return f"{self.name} failed: {self.error}"
+        return f"{self.name} is {self.health.value}"
+
+    async def _load_and_warm(self) -> None:
+        try:
+            await self.load()
+            await self.warmup()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: loading failed", self.name)
+            self.fatal(f"loading failed: {type(exc).__name__}: {exc}")
+            return
+        self.health = Health.READY
+        log.info("%s: ready", self.name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self._load_task = asyncio.create_task(self._load_and_warm(), name=f"load:{self.name}")
+        try:
+            yield
+        finally:
+            if self.health is not Health.FAILED:
+                self.health = Health.STOPPING
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+            await self.unload()
+            log.info("%s: stopped", self.name)
+
+    # -- the app --------------------------------------------------------------------------
+
+    def create_app(self) -> Any:
+        """The ASGI app: FastAPI routes behind the readiness/concurrency/disconnect guard."""
+        app = FastAPI(title=self.name, lifespan=self.lifespan, docs_url="/docs", redoc_url=None)
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            body = {"status": self.health.value, "service": self.name, "model": self.model_path}
+            if self.error:
+                body["error"] = self.error
+            return JSONResponse(body, 200 if self.health is Health.READY else 503)
+
+        install_error_handlers(app)
+        self.add_routes(app)
+        return ServiceGuard(app, self.not_ready_reason, self.max_concurrency)
+
+    # -- command line -------------------------------------------------------------------
+
+    def argument_parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(description=f"{self.name} model service")
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+        parser.add_argument("--port", type=int, default=self.default_port, help="port to bind")
+        parser.add_argument("--model", help="model path or hub id to load")
+        parser.add_argument("--max-concurrency", type=int, help="requests at once; more get 429")
+        parser.add_argument("--drain-timeout", type=float, default=30.0,
+                            help="seconds in-flight requests get to finish after SIGTERM")
+        parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        self.add_arguments(parser)
+        return parser
+
+    def run(self, argv: list[str] | None = None) -> None:
+        """Parse the command line, serve until SIGTERM/SIGINT; exit 1 after a fatal error."""
+        self.options = self.argument_parser().parse_args(argv)
+        self.model_path = self.options.model or self.model_path
+        self.max_concurrency = self.options.max_concurrency
+        configure_logging(self.options.log_level)
+        config = uvicorn.Config(
+            self.create_app(), host=self.options.host, port=self.options.port, log_config=None,
+            access_log=False, lifespan="on", timeout_graceful_shutdown=max(1, int(self.options.drain_timeout)),
+        )
+        self._server = uvicorn.Server(config)
+        self._server.run()
+        if self.health is Health.FAILED or not self._server.started:
+            sys.exit(1)
+

@@ -1,0 +1,293 @@
+"""Typed ``models.yaml``: every key validated at load, errors that name file, model and key.
+
+Layout of the file::
+
+    settings:        # optional; global knobs (listen address, GPU budget, queueing, ...)
+      port: 9000
+    models:
+      qwen:          # the model name clients send as "model"
+        type: text
+        service_script: models/vllm/server.py
+        port: 8001
+        ...
+
+``load_config(path)`` is the only entry point the rest of the code uses. It parses
+(refusing duplicate keys), validates the structure with pydantic, then checks what
+needs the file system (scripts and interpreters exist) and cross-model rules
+(unique ports, names and aliases; defaults that exist).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+ModelType = Literal["text", "image", "audio", "embedding", "custom"]
+
+# Placeholders a `command` or `args` entry may use; replaced literally (no str.format,
+# so JSON arguments with braces pass through untouched).
+PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}")
+
+
+class ConfigError(ValueError):
+    """models.yaml is invalid; the message names the file, the model and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model service: how to start it, where it listens, and how to schedule it."""
+
+    type: ModelType = Field(description="What the model serves: text, image, audio, embedding or custom.")
+    service_script: str | None = Field(
+        None, description="Python file of a BaseService server, started as `python SCRIPT --host H --port P`."
+    )
+    command: str | list[str] | None = Field(
+        None,
+        description="Any OpenAI-compatible server command line instead of service_script "
+        "(e.g. `vllm serve MODEL --port {port}`). Placeholders: {port} {host} {model} {python}.",
+    )
+    args: list[str] = Field(default_factory=list, description="Extra arguments appended to the command.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables added for this service.")
+    python: str | None = Field(
+        None, description="Interpreter (path, name on PATH, or a venv folder) for service_script. "
+        "Default: the orchestrator's own interpreter."
+    )
+    port: int = Field(ge=1, le=65535, description="Port the service listens on (127.0.0.1 unless host says otherwise).")
+    host: str = Field("127.0.0.1", description="Address the service binds and the orchestrator connects to.")
+    startup_time: float = Field(
+        120, gt=0, description="Seconds the service may take to answer its health check before start fails."
+    )
+    endpoint: str | None = Field(
+        None, description="The model's main OpenAI route; requests to it without `model` go to this model."
+    )
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may use for this model.")
+    vram_gb: float | None = Field(
+        None, gt=0, description="GPU memory the service needs. Unset: it needs the whole GPU (one at a time)."
+    )
+    ttl: float = Field(0, ge=0, description="Stop the service after this many idle seconds; 0 keeps it running.")
+    pinned: bool = Field(False, description="Never evicted to make room for another model.")
+    preload: bool = Field(False, description="Start at orchestrator boot instead of on the first request.")
+    health_path: str = Field("/health", description="Path that answers 200 once the service can serve.")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests proxied to this service at once; more wait in the queue."
+    )
+    stop_timeout: float = Field(
+        15, gt=0, description="Seconds between SIGTERM and SIGKILL when stopping the service."
+    )
+    request_timeout: float = Field(
+        600, gt=0, description="Seconds the upstream may stay silent (no byte) before the request fails with 504."
+    )
+    max_restarts: int = Field(
+        3, ge=1, description="Failures within settings.restart_window after which the model is marked failed."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free data shown in /v1/models.")
+
+    _name: str = PrivateAttr("")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @field_validator("endpoint", "health_path")
+    @classmethod
+    def _absolute_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _non_empty_command(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None and not (shlex.split(value) if isinstance(value, str) else value):
+            raise ValueError("must not be empty")
+        return value
+
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def names(self) -> list[str]:
+        """The model name followed by its aliases."""
+        return [self.name, *self.aliases]
+
+
+class Settings(_Strict):
+    """Global settings (the `settings:` section)."""
+
+    host: str = Field("127.0.0.1", description="Address the orchestrator listens on (0.0.0.0 for every interface).")
+    port: int = Field(9000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
+    gpu_memory_gb: float | Literal["auto"] = Field(
+        "auto", description="GPU memory budget for models with vram_gb. 'auto' reads the GPU's total through "
+        "NVML; without a GPU or NVML the budget is unlimited."
+    )
+    log_dir: str = Field("logs", description="Folder for per-service log files (relative to base_dir).")
+    base_dir: str | None = Field(
+        None, description="Folder that relative paths are resolved against. Default: the folder of this file."
+    )
+    defaults: dict[ModelType, str] = Field(
+        default_factory=dict, description="Model used per endpoint type when a request names none."
+    )
+    max_queue: int = Field(64, ge=1, description="Requests that may wait per model; more are refused with 503.")
+    max_wait: float = Field(
+        600, gt=0, description="Seconds a request may wait for its model (queue, swap and start) before 503."
+    )
+    batch_window: float = Field(
+        5, ge=0, description="Seconds a busy model keeps admitting new requests after another model needing "
+        "its memory started waiting. Batches requests per model instead of swapping on each one."
+    )
+    restart_backoff: float = Field(1, ge=0, description="Delay before the first restart after a failure (doubles).")
+    restart_backoff_max: float = Field(60, ge=0, description="Upper bound of the restart delay.")
+    restart_window: float = Field(300, gt=0, description="Seconds over which failures count towards max_restarts.")
+    failed_cooldown: float = Field(
+        300, gt=0, description="Seconds a failed model refuses requests (503, Retry-After) before one more try."
+    )
+    drain_timeout: float = Field(30, ge=0, description="Seconds in-flight requests get to finish on shutdown.")
+    api_key_env: str | None = Field(
+        None, description="Name of an environment variable holding comma-separated API keys. When it is set "
+        "and not empty, every route but /health needs `Authorization: Bearer <key>`."
+    )
+    log_lines: int = Field(2000, ge=10, description="Recent log lines kept in memory per service (/logs).")
+
+
+class OrchestratorConfig(_Strict):
+    """The whole models.yaml."""
+
+    settings: Settings = Field(default_factory=Settings)
+    models: dict[str, ModelSpec] = Field(description="Model services by name.")
+    _source: Path | None = PrivateAttr(None)
+    _base_dir: Path = PrivateAttr(Path("."))
+
+    def model_post_init(self, context: Any, /) -> None:
+        for name, spec in self.models.items():
+            spec._name = name
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def log_dir(self) -> Path:
+        return self.resolve_path(self.settings.log_dir)
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self._base_dir / path).resolve()
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        seen.add(key)
+    return dict(loader.construct_pairs(node))
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_config(path: str | os.PathLike[str]) -> OrchestratorConfig:
+    """Read, validate and check a models.yaml; raise ConfigError naming what is wrong."""
+    source = Path(path).resolve()
+    try:
+        text = source.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: Any, source: Path) -> OrchestratorConfig:
+    """Validate already-parsed data as if it came from ``source``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'models' key, got {type(raw).__name__}")
+    try:
+        config = OrchestratorConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+    config._source = source
+    base = config.settings.base_dir
+    config._base_dir = (source.parent / base).resolve() if base else source.parent
+    problems = check_config(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
+
+
+def _describe(err: Any) -> str:
+    """One pydantic error as "model 'qwen': key 'port': <what is wrong> (got ...)"."""
+    loc = [str(part) for part in err["loc"]]
+    if loc[0] == "models" and len(loc) > 2:
+        where = f"model {loc[1]!r}: key {'.'.join(loc[2:])!r}"
+    elif loc[0] == "models" and len(loc) == 2:
+        where = f"model {loc[1]!r}"
+    else:
+        where = f"key {'.'.join(loc)!r}"
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+    return f"{where}: {err['msg']}{got}"
+
+
+def check_config(config: OrchestratorConfig) -> list[str]:
+    """Cross-model and file-system checks; returns one message per problem."""
+    from core.config_checks import cross_model_problems, file_problems
+
+    return cross_model_problems(config) + file_problems(config)
+
+
+def service_argv(spec: ModelSpec, python: str, base_dir: Path) -> list[str]:
+    """The command line that starts ``spec``, placeholders filled in."""
+    if spec.service_script is not None:
+        script = Path(os.path.expanduser(spec.service_script))
+        script = script if script.is_absolute() else (base_dir / script).resolve()
+        base = [python, str(script), "--host", "{host}", "--port", "{port}"]
+    elif isinstance(spec.command, str):
+        base = shlex.split(spec.command)
+    else:
+        base = list(spec.command or [])
+    values = {"{port}": str(spec.port), "{host}": spec.host, "{model}": spec.name, "{python}": python}
+    return [_fill(token, values) for token in [*base, *spec.args]]
+
+
+def _fill(token: str, values: dict[str, str]) -> str:
+    for placeholder, value in values.items():
+        token = token.replace(placeholder, value)
+    return token
+
+
+def resolve_python(value: str | None, base_dir: Path, default: str) -> str | None:
+    """An interpreter path from a `python:` value, or None if it does not exist."""
+    if value is None:
+        return default
+    if os.sep not in value:
+        return shutil.which(value)
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base_dir / path
+    if path.is_dir():
+        path = path / "bin" / "python"
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None

@@ -1,0 +1,64 @@
+"""GPU memory facts from NVML (the nvidia-ml-py package), when there is a GPU.
+
+Everything degrades to "unknown" (None) on a machine without a GPU, a driver, or
+nvidia-ml-py, so the orchestrator runs unchanged on CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+_GIB = 1024**3
+
+
+def _nvml() -> Any | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError subclasses: no driver, no device, ...
+        log.debug("NVML unavailable: %s", exc)
+        return None
+    return pynvml
+
+
+def gpu_memory_gb(index: int = 0) -> tuple[float, float] | None:
+    """(total, free) GiB of GPU ``index``, or None when it cannot be read."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+    except Exception as exc:
+        log.debug("NVML could not read GPU %d: %s", index, exc)
+        return None
+    return info.total / _GIB, info.free / _GIB
+
+
+def resolve_budget(configured: float | str) -> float | None:
+    """The GPU budget in GiB: the configured number, else the GPU's total, else None (unlimited)."""
+    if not isinstance(configured, str):
+        return float(configured)
+    memory = gpu_memory_gb()
+    return None if memory is None else memory[0]
+
+
+async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """After stopping services, wait (bounded) until the driver reports ``need_gb`` free.
+
+    A killed CUDA process can take a moment to give its memory back; starting the next
+    model before that makes it fail with out-of-memory. Without NVML this returns at once.
+    """
+    deadline = time.monotonic() + timeout
+    while (memory := gpu_memory_gb()) is not None and memory[1] < need_gb:
+        if time.monotonic() >= deadline:
+            log.warning("GPU still has only %.1f GiB free after %.0fs (need %.1f); starting anyway",
+                        memory[1], timeout, need_gb)
+            return
+        await asyncio.sleep(interval)

@@ -1,0 +1,157 @@
+"""Spawning and stopping whole process trees (Linux/POSIX). Mechanism only, no policy.
+
+Model servers fork: vLLM starts engine-core workers, torch starts compile workers.
+Killing only the direct child leaves orphans holding GPU memory and ports, so every
+service runs as the leader of its own process group, is stopped by signalling the
+group, and is swept with psutil afterwards for anything that escaped the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask the kernel to SIGKILL this child when the orchestrator dies.
+
+    Runs in the forked child before exec. Covers the direct child only (the setting
+    is cleared on fork); grandchildren are covered by the reaper (core/reaper.py).
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died between fork and prctl
+            os._exit(1)
+
+
+async def spawn_group_leader(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` as leader of a new session/process group, stdout+stderr on one pipe."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed user; nothing we can do to it
+        log.warning("no permission to signal process group %d", pgid)
+        return False
+    return True
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes whose process group is ``pgid`` (zombies excluded)."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return members
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_all(procs: Sequence[psutil.Process]) -> None:
+    """SIGKILL each process still alive and wait briefly for it to go."""
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+    psutil.wait_procs(list(procs), timeout=2)
+
+
+async def terminate_tree(
+    process: asyncio.subprocess.Process,
+    timeout: float,
+    on_escalate: Callable[[], None] | None = None,
+) -> int | None:
+    """SIGTERM the group, wait ``timeout`` s, SIGKILL the group, sweep stragglers.
+
+    Returns the leader's exit status. Escaped descendants (that left the group with
+    setsid) are remembered before the first signal and killed at the end.
+    """
+    pgid = process.pid
+    escaped = [p for p in descendants(pgid) if _pgid_of(p.pid) not in (pgid, None)]
+    signal_group(pgid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except asyncio.TimeoutError:
+        if on_escalate is not None:
+            on_escalate()
+        signal_group(pgid, signal.SIGKILL)
+        await process.wait()
+    stragglers = group_members(pgid) + [p for p in escaped if p.is_running()]
+    if stragglers:
+        signal_group(pgid, signal.SIGKILL)
+        await asyncio.to_thread(kill_all, stragglers)
+    return process.returncode
+
+
+def _pgid_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def port_holder(host: str, port: int) -> str | None:
+    """If ``host:port`` cannot be bound, who holds it ("pid 123 (python)"), else None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return None
+        else:
+            return None
+    return _describe_listener(port) or "another process"
+
+
+def _describe_listener(port: int) -> str | None:
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, PermissionError):
+        return None
+    for conn in conns:
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            try:
+                return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+            except psutil.NoSuchProcess:
+                continue
+    return None

@@ -1,0 +1,96 @@
+"""ASGI middleware every model service runs behind: readiness gate, concurrency cap, disconnects.
+
+* Before the model is ready (or after a fatal error) requests get 503 + Retry-After;
+  ``/health`` always passes through.
+* Past ``max_concurrency`` requests in progress, new ones get 429 at once (shed load
+  instead of queueing without bound; the orchestrator does the queueing).
+* If the client disconnects while its request is still being worked on, the handler
+  is cancelled, so GPU time is not spent on an answer nobody will read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from core.errors import ServiceError, error_bytes
+
+log = logging.getLogger(__name__)
+
+ASGIApp = Callable[..., Any]
+
+
+class ServiceGuard:
+    def __init__(
+        self, app: ASGIApp, is_ready: Callable[[], str | None], max_concurrency: int | None
+    ) -> None:
+        self.app = app
+        self.is_ready = is_ready  # returns None when ready, else why not
+        self.max_concurrency = max_concurrency
+        self.active = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/health", "/docs", "/openapi.json"):
+            await self.app(scope, receive, send)
+            return
+        not_ready = self.is_ready()
+        if not_ready is not None:
+            await _reject(send, ServiceError(503, not_ready, "model_not_ready", retry_after=5))
+            return
+        if self.max_concurrency is not None and self.active >= self.max_concurrency:
+            await _reject(send, ServiceError(
+                429, f"Service is at its concurrency limit ({self.max_concurrency}); retry shortly.",
+                "overloaded", retry_after=1))
+            return
+        self.active += 1
+        try:
+            await _run_cancelling_on_disconnect(self.app, scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+async def _run_cancelling_on_disconnect(app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Run ``app``; once the body is read, a ``http.disconnect`` before the response ends cancels it."""
+    owner = asyncio.current_task()
+    state = {"done": False, "fired": False}
+    watcher: asyncio.Task[None] | None = None
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            continue
+        if not state["done"] and owner is not None:  # disconnect also arrives after a complete response
+            state["fired"] = True
+            owner.cancel()
+
+    async def tracked_receive() -> Any:
+        nonlocal watcher
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body") and watcher is None:
+            watcher = asyncio.create_task(watch())
+        return message
+
+    async def tracked_send(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            state["done"] = True
+        await send(message)
+
+    try:
+        await app(scope, tracked_receive, tracked_send)
+    except asyncio.CancelledError:
+        if not state["fired"]:
+            raise
+        log.info("client disconnected: %s %s cancelled", scope["method"], scope["path"])
+    finally:
+        state["done"] = True
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _reject(send: Any, exc: ServiceError) -> None:
+    body = error_bytes(exc.message, exc.status, exc.code)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

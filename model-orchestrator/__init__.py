@@ -1,0 +1,1 @@
+"""ai-orchestrator: many model services behind one OpenAI-compatible endpoint."""

@@ -1,0 +1,210 @@
+"""Carries out the scheduler's decisions for each request: leases, swaps, TTL, preload.
+
+Everything here runs on one asyncio loop, so a decision and the state change that
+acts on it happen with no ``await`` between them (no check-then-act race): ``plan()``
+is called and ``start()``/``stop()`` flip the states synchronously. Waiters sleep on a
+broadcast event that every state change and every lease release fires; there is no
+poll loop on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from model_orchestrator.scheduler import Decision, Join, ModelView, Reject, Serve, Start, Wait, plan
+
+from core.config import Settings
+from core.errors import ServiceError
+from core.service_manager import ManagedService, ServiceManager, StartFailed
+from core.service_state import ServiceState
+
+log = logging.getLogger(__name__)
+
+_SAFETY_RECHECK = 1.0  # re-plan at least this often while waiting, should a wake-up ever be missed
+
+
+class Coordinator:
+    def __init__(
+        self,
+        manager: ServiceManager,
+        settings: Settings,
+        budget_gb: float | None,
+        memory_released: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.budget_gb = budget_gb
+        self._memory_released = memory_released
+        self._waiters: dict[str, list[float]] = defaultdict(list)
+        self._changed = asyncio.Event()
+        self._ttl_task: asyncio.Task[None] | None = None
+        for svc in manager.services.values():
+            svc.listeners.append(self.notify)
+
+    # -- change broadcast -------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Wake every waiter: a state, a lease or a queue changed."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_for_change(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), min(remaining, _SAFETY_RECHECK))
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def view(self, svc: ManagedService) -> ModelView:
+        waiters = self._waiters.get(svc.name)
+        return ModelView(
+            name=svc.name, state=svc.state, vram_gb=svc.spec.vram_gb, pinned=svc.spec.pinned,
+            in_flight=svc.in_flight, last_used=svc.last_used, max_concurrency=svc.spec.max_concurrency,
+            oldest_waiter=min(waiters) if waiters else None, failed_until=svc.failed_until,
+        )
+
+    def views(self) -> dict[str, ModelView]:
+        return {name: self.view(svc) for name, svc in self.manager.services.items()}
+
+    def waiting(self, name: str) -> int:
+        return len(self._waiters.get(name, ()))
+
+    # -- leases -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str) -> AsyncIterator[ManagedService]:
+        """Hold ``name`` ready for one request; other requests cannot evict it meanwhile."""
+        svc = await self.acquire(name)
+        try:
+            yield svc
+        finally:
+            self.release(svc)
+
+    async def acquire(self, name: str) -> ManagedService:
+        svc = self.manager[name]
+        if self.waiting(name) >= self.settings.max_queue:
+            raise ServiceError(503, f"Too many requests are waiting for model {name!r} "
+                               f"(max_queue {self.settings.max_queue}); retry later.", "queue_full", retry_after=5)
+        arrival = time.monotonic()
+        self._waiters[name].append(arrival)
+        try:
+            return await self._acquire(svc, arrival + self.settings.max_wait)
+        finally:
+            self._waiters[name].remove(arrival)
+            self.notify()
+
+    async def _acquire(self, svc: ManagedService, deadline: float) -> ManagedService:
+        while True:
+            decision = self.decide(svc.name)
+            if isinstance(decision, Serve):
+                svc.in_flight += 1
+                svc.last_used = time.monotonic()
+                return svc
+            if isinstance(decision, Reject):
+                raise ServiceError(decision.status, decision.message, decision.code,
+                                   retry_after=decision.retry_after)
+            try:
+                await self._act(svc, decision, deadline)
+            except asyncio.TimeoutError:
+                raise self._timeout_error(svc) from None
+
+    def decide(self, name: str) -> Decision:
+        return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window)
+
+    async def _act(self, svc: ManagedService, decision: Decision, deadline: float) -> None:
+        if isinstance(decision, Start):
+            self._begin_swap(svc, decision.evict)
+        elif isinstance(decision, Join):
+            await self._join_start(svc, deadline)
+        elif isinstance(decision, Wait):
+            log.debug("%s: waiting: %s", svc.name, decision.reason)
+            await self._wait_for_change(deadline)
+
+    def _begin_swap(self, svc: ManagedService, evict: tuple[str, ...]) -> None:
+        """Stop the victims and start ``svc`` once they are gone. Synchronous: no await."""
+        stops: list[Awaitable[object]] = [self.manager[v].stop(f"evicted for {svc.name}") for v in evict]
+        if evict and self._memory_released is not None and svc.spec.vram_gb is not None:
+            stops = [self._after(stops, self._memory_released(svc.spec.vram_gb))]
+        if evict:
+            log.info("swap: stopping %s to load %s", ", ".join(evict), svc.name)
+        svc.start(after=stops)
+
+    @staticmethod
+    async def _after(first: list[Awaitable[object]], then: Awaitable[None]) -> None:
+        await asyncio.gather(*first, return_exceptions=True)
+        await then
+
+    async def _join_start(self, svc: ManagedService, deadline: float) -> None:
+        start = svc.start()  # joins the start under way
+        await asyncio.wait({start}, timeout=max(0.0, deadline - time.monotonic()))
+        if not start.done():
+            raise asyncio.TimeoutError
+        if start.cancelled():
+            return  # the start was aborted (an unload or shutdown); re-plan
+        exc = start.exception()
+        if isinstance(exc, StartFailed):
+            raise ServiceError(503, f"Model {svc.name!r} failed to start: {exc}", "model_start_failed",
+                               retry_after=max(1.0, svc.not_before - time.monotonic()))
+        if exc is not None:
+            raise exc
+
+    def _timeout_error(self, svc: ManagedService) -> ServiceError:
+        return ServiceError(503, f"Timed out after {self.settings.max_wait:g}s waiting for model {svc.name!r} "
+                            f"(state: {svc.state.value}); retry later.", "wait_timeout", retry_after=10)
+
+    def release(self, svc: ManagedService) -> None:
+        svc.in_flight -= 1
+        svc.last_used = time.monotonic()
+        self.notify()
+
+    # -- operator actions, preload, TTL -----------------------------------------------
+
+    async def load(self, name: str) -> ManagedService:
+        """Make ``name`` ready (resetting a failed state) without serving a request."""
+        svc = self.manager[name]
+        svc.reset()
+        async with self.lease(name):
+            return svc
+
+    async def unload(self, name: str, reason: str = "unloaded by operator") -> None:
+        await self.manager[name].stop(reason)
+
+    async def preload(self) -> None:
+        for name, svc in self.manager.services.items():
+            if svc.spec.preload:
+                try:
+                    await self.load(name)
+                except ServiceError as exc:
+                    log.error("preload of %s failed: %s", name, exc.message)
+
+    def start_ttl_watch(self) -> None:
+        self._ttl_task = asyncio.create_task(self._ttl_loop(), name="ttl-watch")
+
+    async def stop_ttl_watch(self) -> None:
+        if self._ttl_task is not None:
+            self._ttl_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ttl_task
+
+    async def _ttl_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            next_expiry = now + 3600.0
+            for svc in self.manager.services.values():
+                if svc.spec.ttl <= 0 or svc.state is not ServiceState.READY or svc.in_flight or self.waiting(svc.name):
+                    continue
+                expiry = svc.last_used + svc.spec.ttl
+                if expiry <= now:
+                    svc.stop(f"idle for {svc.spec.ttl:g}s (ttl)")
+                else:
+                    next_expiry = min(next_expiry, expiry)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), next_expiry - now)
+

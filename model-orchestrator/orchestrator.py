@@ -1,0 +1,178 @@
+"""The orchestrator: one OpenAI-compatible endpoint in front of many model services.
+
+It reads models.yaml, and for each request starts the service the request needs
+(stopping others when GPU memory is short), waits until it is healthy, and proxies
+the request to it, streaming included.
+
+    python model-orchestrator/orchestrator.py --config model-orchestrator/models.yaml
+    ai-orchestrator --config models.yaml          # the same, as an installed command
+
+Module map: ``scheduler`` decides (pure), ``coordinator`` carries decisions out,
+``core.service_manager`` runs the processes, ``proxy`` moves the bytes, ``control``
+serves status, logs and operator actions. This file wires them together.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a file: import this folder as model_orchestrator
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _here = Path(__file__).resolve().parent
+    sys.path[0] = str(_here.parent)  # the repository root (holds `core`), instead of this folder
+    if importlib.util.find_spec("model_orchestrator") is None:
+        _spec = importlib.util.spec_from_file_location(
+            "model_orchestrator", _here / "__init__.py", submodule_search_locations=[str(_here)]
+        )
+        assert _spec is not None and _spec.loader is not None
+        sys.modules["model_orchestrator"] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules["model_orchestrator"])
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+from model_orchestrator.asgi import Receive, Scope, Send, send_error
+from model_orchestrator.control import build_control_app
+from model_orchestrator.coordinator import Coordinator
+from model_orchestrator.proxy import Proxy
+from model_orchestrator.routing import ModelIndex
+
+from core.config import ConfigError, OrchestratorConfig, load_config
+from core.errors import ServiceError
+from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
+from core.log_setup import configure_logging
+from core.service_manager import ServiceManager
+
+log = logging.getLogger("model_orchestrator")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "models.yaml"
+CONFIG_ENV = "AIO_CONFIG"
+
+
+class Runtime:
+    """Everything one running orchestrator holds, built from one config."""
+
+    def __init__(self, config: OrchestratorConfig, *, use_reaper: bool = True) -> None:
+        self.config = config
+        self.index = ModelIndex(config)
+        self.manager = ServiceManager(config, use_reaper=use_reaper)
+        budget = resolve_budget(config.settings.gpu_memory_gb)
+        released = wait_for_free_memory if gpu_memory_gb() is not None else None
+        self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released)
+        self.proxy = Proxy(self.coordinator, self.index)
+        self._preload: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.manager.open()
+        await self.proxy.open()
+        self.coordinator.start_ttl_watch()
+        self._preload = asyncio.create_task(self.coordinator.preload(), name="preload")
+        budget = self.coordinator.budget_gb
+        log.info("serving %d models (%s); GPU budget %s", len(self.config.models), ", ".join(self.config.models),
+                 "unlimited" if budget is None else f"{budget:g} GB")
+
+    async def stop(self) -> None:
+        if self._preload is not None:
+            self._preload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._preload
+        await self.coordinator.stop_ttl_watch()
+        await self.manager.shutdown()
+        await self.proxy.close()
+
+
+class OrchestratorApp:
+    """The ASGI app: POST /v1/* and /upstream/* on the lean data path, the rest to the control app."""
+
+    def __init__(self, config: OrchestratorConfig, *, use_reaper: bool = True) -> None:
+        self.runtime = Runtime(config, use_reaper=use_reaper)
+        self.control = build_control_app(self.runtime)
+        self._keys = _api_keys(config.settings.api_key_env)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        path: str = scope["path"]
+        if self._keys and path != "/health" and not self._authorized(scope):
+            if scope["type"] == "http":
+                await send_error(send, ServiceError(401, "Missing or invalid API key (Authorization: Bearer ...).",
+                                                    "invalid_api_key"))
+            return
+        if scope["type"] == "http" and scope["method"] == "POST" and path.startswith("/v1/"):
+            await self.runtime.proxy.openai_route(scope, receive, send)
+        elif scope["type"] == "http" and path.startswith("/upstream/"):
+            await self.runtime.proxy.upstream_route(scope, receive, send)
+        else:
+            await self.control(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and token.strip() in self._keys
+        return False
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.runtime.start()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.runtime.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _api_keys(env_name: str | None) -> frozenset[str]:
+    if not env_name:
+        return frozenset()
+    return frozenset(key.strip() for key in os.environ.get(env_name, "").split(",") if key.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ai-orchestrator", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, str(DEFAULT_CONFIG)),
+                        help=f"models.yaml to serve (default: ${CONFIG_ENV} or {DEFAULT_CONFIG.name} beside this file)")
+    parser.add_argument("--host", help="listen address (overrides settings.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides settings.port)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"ai-orchestrator: invalid config: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.check:
+        print(f"{config.source}: OK, {len(config.models)} models: {', '.join(config.models)}")
+        return
+    settings = config.settings
+    uvicorn.run(
+        OrchestratorApp(config), host=args.host or settings.host, port=args.port or settings.port,
+        log_config=None, access_log=args.access_log, lifespan="on", server_header=False,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout)),
+    )
+
+
+if __name__ == "__main__":
+    main()

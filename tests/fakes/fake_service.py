@@ -1,0 +1,95 @@
+"""A model service for tests: the real EchoService plus knobs that make it misbehave.
+
+    python tests/fakes/fake_service.py --port N --served-name a [--start-delay S]
+        [--fail-health] [--fail-load] [--crash-after N] [--ignore-sigterm]
+        [--stream-chunks N --token-delay S] [--spawn-child]
+
+Runs on the real BaseService, so it exercises the same lifecycle, health and signal
+handling as the production services. Every answer says which process produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `models`
+
+from fastapi import FastAPI
+
+from models.echo.server import EchoService
+
+
+class FakeService(EchoService):
+    name = "fake"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--start-delay", type=float, default=0.0, help="seconds load() takes")
+        parser.add_argument("--fail-health", action="store_true", help="never become ready")
+        parser.add_argument("--fail-load", action="store_true", help="raise in load() (process exits 1)")
+        parser.add_argument("--crash-after", type=int, help="SIGKILL itself on request number N+1")
+        parser.add_argument("--ignore-sigterm", action="store_true", help="ignore SIGTERM (needs SIGKILL)")
+        parser.add_argument("--stream-chunks", type=int, help="answer with exactly N tokens")
+        parser.add_argument("--spawn-child", action="store_true", help="start a grandchild `sleep` process")
+
+    async def load(self) -> None:
+        await super().load()
+        opts = self.options
+        self.requests = 0
+        if opts.ignore_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if opts.spawn_child:
+            self.child = await asyncio.create_subprocess_exec("sleep", "600")
+        await asyncio.sleep(opts.start_delay)
+        if opts.fail_load:
+            raise RuntimeError("fake load failure (--fail-load)")
+        if opts.fail_health:
+            await asyncio.Event().wait()
+
+    def reply_tokens(self, prompt: str, limit: int | None) -> tuple[list[str], str]:
+        if self.options.stream_chunks is not None:
+            return [f"tok{i}" for i in range(self.options.stream_chunks)], "stop"
+        return super().reply_tokens(prompt, limit)
+
+    def identity(self, path: str) -> dict[str, Any]:
+        return {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests}
+
+    def add_routes(self, app: FastAPI) -> None:
+        @app.middleware("http")
+        async def count_and_crash(request: Any, call_next: Any) -> Any:
+            if request.method == "POST":
+                self.requests += 1
+                limit = self.options.crash_after
+                if limit is not None and self.requests > limit:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return await call_next(request)
+
+        super().add_routes(app)
+
+        @app.get("/whoami")
+        async def whoami() -> dict[str, Any]:
+            return self.identity("/whoami")
+
+        for path in ("/v1/embeddings", "/v1/images/generations", "/v1/audio/speech"):
+            app.add_api_route(path, self._identity_route(path), methods=["POST"])
+
+        @app.post("/sleep")
+        async def sleep(seconds: float = 5.0) -> dict[str, Any]:
+            await asyncio.sleep(seconds)
+            return self.identity("/sleep")
+
+    def _identity_route(self, path: str) -> Any:
+        async def route() -> dict[str, Any]:
+            return self.identity(path)
+        return route
+
+
+if __name__ == "__main__":
+    FakeService().run()

@@ -71,7 +71,8 @@ class ModelSpec(_Strict):
     )
     aliases: list[str] = Field(default_factory=list, description="Other names clients may use for this model.")
     vram_gb: float | None = Field(
-        None, gt=0, description="GPU memory the service needs. Unset: it needs the whole GPU (one at a time)."
+        None, ge=0, description="GPU memory the service needs (0: none, it runs on CPU). "
+        "Unset: it needs the whole GPU, so it runs alone."
     )
     ttl: float = Field(0, ge=0, description="Stop the service after this many idle seconds; 0 keeps it running.")
     pinned: bool = Field(False, description="Never evicted to make room for another model.")
@@ -192,13 +193,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:  # `<<: *anchor`: merged keys may be overridden, not duplicates
+            continue
         key = loader.construct_object(key_node)
         if key in seen:
             raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
         seen.add(key)
+    loader.flatten_mapping(node)
     return dict(loader.construct_pairs(node))
 
 
@@ -284,7 +291,7 @@ def resolve_python(value: str | None, base_dir: Path, default: str) -> str | Non
     """An interpreter path from a `python:` value, or None if it does not exist."""
     if value is None:
         return default
-    if os.sep not in value:
+    if os.sep not in value and not (base_dir / value).is_dir():  # a name on PATH, e.g. python3.11
         return shutil.which(value)
     path = Path(os.path.expanduser(value))
     path = path if path.is_absolute() else base_dir / path

@@ -52,40 +52,59 @@ class ServiceGuard:
 
 
 async def _run_cancelling_on_disconnect(app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Run ``app``; once the body is read, a ``http.disconnect`` before the response ends cancels it."""
+    """Run ``app``; a client disconnect before the response is complete cancels it.
+
+    The body is read here first and replayed to the app, so this wrapper is the only
+    reader of ``receive`` and notices a disconnect even while a handler that never
+    reads the body (or has read all of it) is still working.
+    """
+    body = await _read_body_messages(receive)
+    if body is None:
+        return  # gone before the request was complete
     owner = asyncio.current_task()
+    disconnected = asyncio.Event()
     state = {"done": False, "fired": False}
-    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":
             continue
+        disconnected.set()
         if not state["done"] and owner is not None:  # disconnect also arrives after a complete response
             state["fired"] = True
             owner.cancel()
 
-    async def tracked_receive() -> Any:
-        nonlocal watcher
-        message = await receive()
-        if message["type"] == "http.request" and not message.get("more_body") and watcher is None:
-            watcher = asyncio.create_task(watch())
-        return message
+    async def replay_receive() -> Any:
+        if body:
+            return body.pop(0)
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
 
     async def tracked_send(message: Any) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):
             state["done"] = True
         await send(message)
 
+    watcher = asyncio.create_task(watch())
     try:
-        await app(scope, tracked_receive, tracked_send)
+        await app(scope, replay_receive, tracked_send)
     except asyncio.CancelledError:
         if not state["fired"]:
             raise
         log.info("client disconnected: %s %s cancelled", scope["method"], scope["path"])
     finally:
         state["done"] = True
-        if watcher is not None:
-            watcher.cancel()
+        watcher.cancel()
+
+
+async def _read_body_messages(receive: Any) -> list[dict[str, Any]] | None:
+    messages = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        messages.append(message)
+        if not message.get("more_body"):
+            return messages
 
 
 async def _reject(send: Any, exc: ServiceError) -> None:

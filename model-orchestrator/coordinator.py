@@ -16,12 +16,11 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from model_orchestrator.scheduler import Decision, Join, ModelView, Reject, Serve, Start, Wait, plan
-
 from core.config import Settings
 from core.errors import ServiceError
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.service_state import ServiceState
+from model_orchestrator.scheduler import Decision, Join, ModelView, Reject, Serve, Start, Wait, plan
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +94,15 @@ class Coordinator:
         arrival = time.monotonic()
         self._waiters[name].append(arrival)
         try:
-            return await self._acquire(svc, arrival + self.settings.max_wait)
+            return await self._acquire(svc, arrival)
         finally:
             self._waiters[name].remove(arrival)
             self.notify()
 
-    async def _acquire(self, svc: ManagedService, deadline: float) -> ManagedService:
+    async def _acquire(self, svc: ManagedService, arrival: float) -> ManagedService:
+        deadline = arrival + self.settings.max_wait
         while True:
-            decision = self.decide(svc.name)
+            decision = self.decide(svc.name, arrival)
             if isinstance(decision, Serve):
                 svc.in_flight += 1
                 svc.last_used = time.monotonic()
@@ -115,8 +115,8 @@ class Coordinator:
             except asyncio.TimeoutError:
                 raise self._timeout_error(svc) from None
 
-    def decide(self, name: str) -> Decision:
-        return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window)
+    def decide(self, name: str, arrival: float | None = None) -> Decision:
+        return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window, arrival)
 
     async def _act(self, svc: ManagedService, decision: Decision, deadline: float) -> None:
         if isinstance(decision, Start):

@@ -38,17 +38,18 @@ import sys
 from pathlib import Path
 
 import uvicorn
-from model_orchestrator.asgi import Receive, Scope, Send, send_error
-from model_orchestrator.control import build_control_app
-from model_orchestrator.coordinator import Coordinator
-from model_orchestrator.proxy import Proxy
-from model_orchestrator.routing import ModelIndex
 
 from core.config import ConfigError, OrchestratorConfig, load_config
 from core.errors import ServiceError
 from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.log_setup import configure_logging
+from core.process_tree import port_holder
 from core.service_manager import ServiceManager
+from model_orchestrator.asgi import Receive, Scope, Send, send_error
+from model_orchestrator.control import build_control_app
+from model_orchestrator.coordinator import Coordinator
+from model_orchestrator.proxy import Proxy
+from model_orchestrator.routing import ModelIndex
 
 log = logging.getLogger("model_orchestrator")
 
@@ -167,8 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{config.source}: OK, {len(config.models)} models: {', '.join(config.models)}")
         return
     settings = config.settings
+    host, port = args.host or settings.host, args.port or settings.port
+    holder = port_holder(host, port)
+    if holder is not None:  # uvicorn would run startup (preloads) before finding out
+        print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
+        raise SystemExit(1)
     uvicorn.run(
-        OrchestratorApp(config), host=args.host or settings.host, port=args.port or settings.port,
+        OrchestratorApp(config), host=host, port=port,
         log_config=None, access_log=args.access_log, lifespan="on", server_header=False,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout)),
     )

@@ -19,12 +19,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
-from model_orchestrator.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
-from model_orchestrator.coordinator import Coordinator
-from model_orchestrator.routing import ModelIndex, model_field, split_upstream_path
 
 from core.config import ModelSpec
 from core.errors import ServiceError, error_body
+from model_orchestrator.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
+from model_orchestrator.coordinator import Coordinator
+from model_orchestrator.routing import ModelIndex, model_field, split_upstream_path
 
 log = logging.getLogger(__name__)
 

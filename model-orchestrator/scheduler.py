@@ -3,16 +3,18 @@
 The coordinator takes a snapshot of every model (``ModelView``), asks ``plan()`` and
 carries the decision out, then asks again whenever anything changes. Rules:
 
-* M ready → serve now, unless it is at ``max_concurrency`` or *closing*: another
-  model's request has waited longer than ``batch_window`` for memory that only M's
-  eviction frees. Then M stops admitting, drains, and is evicted. This batches
-  requests per model (every waiter of a model is served by one load) while bounding
-  how long any model can starve another.
+* M ready → serve now, unless it is at ``max_concurrency`` or *closing* for this
+  request: another model W needs M's memory and W's oldest request had waited
+  ``batch_window`` before this request arrived. Requests that arrived earlier are
+  part of M's current batch and are served; later ones wait while M drains and is
+  evicted. So every waiter of a model is served by one load, and no model can starve
+  another for more than the window.
 * M starting → join that start (one load serves every waiter).
 * M stopped → find the models to evict so M's ``vram_gb`` fits the budget: models
   about to stop first, then idle ones least recently used first, then busy ones;
   never pinned ones. A model without ``vram_gb`` needs the whole GPU. If every victim
-  is idle → start now; else wait for them to drain.
+  is idle and has no request of its current batch still waiting → start now; else
+  wait for them to drain.
 * M failed and cooling down → refuse with Retry-After.
 """
 
@@ -85,8 +87,9 @@ def plan(
     budget_gb: float | None,
     now: float,
     batch_window: float,
+    arrival: float | None = None,
 ) -> Decision:
-    """The next step towards serving one request for ``target``."""
+    """The next step towards serving one request for ``target`` that arrived at ``arrival``."""
     view = views[target]
     if view.state is FAILED and now < view.failed_until:
         return Reject(503, "model_failed", f"model {target!r} failed repeatedly and is cooling down",
@@ -94,20 +97,22 @@ def plan(
     if view.state is READY:
         if view.max_concurrency is not None and view.in_flight >= view.max_concurrency:
             return Wait(f"{target} is at max_concurrency ({view.max_concurrency})")
-        closer = closing_for(target, views, budget_gb, now, batch_window)
+        closer = closing_for(target, views, budget_gb, now if arrival is None else arrival, batch_window)
         return Wait(f"{target} is draining so {closer} can load") if closer else Serve()
     if view.state is STARTING:
         return Join()
     if view.state is STOPPING:
         return Wait(f"{target} is stopping")
-    return _plan_start(target, views, budget_gb)
+    return _plan_start(target, views, budget_gb, (view.oldest_waiter or now) + batch_window)
 
 
-def _plan_start(target: str, views: Mapping[str, ModelView], budget_gb: float | None) -> Decision:
+def _plan_start(
+    target: str, views: Mapping[str, ModelView], budget_gb: float | None, batch_deadline: float
+) -> Decision:
     victims = memory_victims(target, views, budget_gb)
     if victims is None:
         return Reject(503, "insufficient_gpu_memory", _no_fit_message(target, views, budget_gb))
-    blockers = [name for name in victims if not views[name].idle]
+    blockers = [name for name in victims if not _evictable(views[name], batch_deadline)]
     if blockers:
         return Wait(f"waiting for {', '.join(blockers)} to finish before {target} can load")
     return Start(tuple(victims))
@@ -133,6 +138,11 @@ def memory_victims(
     return chosen
 
 
+def _evictable(view: ModelView, batch_deadline: float) -> bool:
+    """Idle, and none of its waiters arrived before ``batch_deadline`` (they are served first)."""
+    return view.idle and (view.oldest_waiter is None or view.oldest_waiter > batch_deadline)
+
+
 def _evict_order(view: ModelView) -> tuple[int, float]:
     """Already stopping first (free soon), then idle, then busy; least recently used first."""
     rank = 0 if view.state is STOPPING else 1 if view.idle else 2
@@ -145,13 +155,17 @@ def _free_gb(budget_gb: float, others: list[ModelView], evicted: list[str]) -> f
 
 
 def closing_for(
-    target: str, views: Mapping[str, ModelView], budget_gb: float | None, now: float, batch_window: float
+    target: str, views: Mapping[str, ModelView], budget_gb: float | None, arrival: float, batch_window: float
 ) -> str | None:
-    """The waiting model (if any) whose wait past ``batch_window`` requires evicting ``target``."""
+    """The waiting model (if any) that closes ``target`` to a request arriving at ``arrival``.
+
+    That is a model needing ``target``'s memory whose oldest request had waited
+    ``batch_window`` already when this one arrived.
+    """
     for other in views.values():
         if other.name == target or other.oldest_waiter is None or other.state in (READY, STARTING):
             continue
-        if now - other.oldest_waiter < batch_window:
+        if arrival - other.oldest_waiter < batch_window:
             continue
         victims = memory_victims(other.name, views, budget_gb)
         if victims is not None and target in victims:
@@ -164,4 +178,6 @@ def _no_fit_message(target: str, views: Mapping[str, ModelView], budget_gb: floa
     pinned = [v.name for v in views.values() if v.pinned and v.name != target and v.state.holds_memory]
     wants = "the whole GPU" if need is None else f"{need:g} GB of GPU memory"
     budget = "" if budget_gb is None else f" (budget {budget_gb:g} GB)"
+    if not pinned:
+        return f"model {target!r} needs {wants}, more than the whole budget{budget}"
     return f"model {target!r} needs {wants}{budget}, but pinned models hold it: {', '.join(pinned)}"

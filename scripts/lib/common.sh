@@ -1,0 +1,21 @@
+# Shared by start-all.sh and stop-all.sh (sourced, not run): run-dir paths and process checks.
+# shellcheck shell=bash
+
+RUN_DIR="${AIO_RUN_DIR:-$REPO_ROOT/run}"
+PIDFILE="$RUN_DIR/orchestrator.pid"
+URLFILE="$RUN_DIR/orchestrator.url"
+LOGFILE="$RUN_DIR/orchestrator.log"
+
+# Alive and not a zombie (a zombie has exited; PID 1 in containers may never reap it).
+alive() {
+    local stat
+    stat="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+    [[ -n "$stat" && "$stat" != Z* ]]
+}
+
+is_orchestrator() {
+    local args
+    alive "$1" || return 1
+    args="$(ps -o args= -p "$1" 2>/dev/null)" || return 1
+    [[ "$args" == *orchestrator* ]]
+}

@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# Start the ai-orchestrator in the background and wait until it answers /health.
+#
+# Idempotent: if the pidfile names a live orchestrator, says so and exits 0.
+# The orchestrator runs in its own session (setsid), so Ctrl-C in this terminal or
+# closing it does not reach it; stop it with scripts/stop-all.sh.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+REPO_ROOT="$(cd -- "$SCRIPT_DIR/.." && pwd -P)"
+ORCHESTRATOR="$REPO_ROOT/model-orchestrator/orchestrator.py"
+
+usage() {
+    cat <<EOF
+Usage: $(basename "$0") [--config FILE] [--host H] [--port P] [--python PY] [--timeout S]
+
+Start the ai-orchestrator in the background and wait until GET /health answers 200.
+
+Options:
+  --config FILE   models.yaml to serve (default: \$AIO_CONFIG, else
+                  model-orchestrator/models.yaml when nvidia-smi sees a GPU,
+                  else the CPU demo profile model-orchestrator/models.demo.yaml)
+  --host H        listen address (default: settings.host from the config)
+  --port P        listen port (default: settings.port from the config)
+  --python PY     interpreter (default: \$AIO_PYTHON, else <repo>/.venv/bin/python
+                  if it exists, else python3)
+  --timeout S     seconds to wait for /health (default: 60)
+  -h, --help      show this help and exit
+
+Files (runtime dir: \$AIO_RUN_DIR, else <repo>/run):
+  orchestrator.pid   pid of the running orchestrator
+  orchestrator.log   its output (appended)
+
+Exit status: 0 when running (started now or already), 1 when it could not start,
+2 on bad usage or an invalid config.
+EOF
+}
+
+die() { echo "start-all: $*" >&2; exit 1; }
+usage_error() { echo "start-all: $*" >&2; echo "Try '$(basename "$0") --help'." >&2; exit 2; }
+
+default_config() {
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        echo "$REPO_ROOT/model-orchestrator/models.yaml"
+    else
+        echo "$REPO_ROOT/model-orchestrator/models.demo.yaml"
+    fi
+}
+CONFIG="${AIO_CONFIG:-$(default_config)}"
+HOST=""
+PORT=""
+if [[ -n "${AIO_PYTHON:-}" ]]; then
+    PY="$AIO_PYTHON"
+elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
+    PY="$REPO_ROOT/.venv/bin/python"
+else
+    PY="python3"
+fi
+TIMEOUT=60
+
+need_value() { [[ $# -ge 2 && -n "$2" ]] || usage_error "option $1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
+        --config=*) CONFIG="${1#*=}"; shift ;;
+        --host) need_value "$@"; HOST="$2"; shift 2 ;;
+        --host=*) HOST="${1#*=}"; shift ;;
+        --port) need_value "$@"; PORT="$2"; shift 2 ;;
+        --port=*) PORT="${1#*=}"; shift ;;
+        --python) need_value "$@"; PY="$2"; shift 2 ;;
+        --python=*) PY="${1#*=}"; shift ;;
+        --timeout) need_value "$@"; TIMEOUT="$2"; shift 2 ;;
+        --timeout=*) TIMEOUT="${1#*=}"; shift ;;
+        *) usage_error "unknown argument: $1" ;;
+    esac
+done
+
+[[ "$TIMEOUT" =~ ^[0-9]+$ && "$TIMEOUT" -gt 0 ]] || usage_error "--timeout must be a positive integer, got '$TIMEOUT'"
+[[ -z "$PORT" || ( "$PORT" =~ ^[0-9]+$ && "$PORT" -ge 1 && "$PORT" -le 65535 ) ]] \
+    || usage_error "--port must be 1-65535, got '$PORT'"
+command -v "$PY" >/dev/null 2>&1 || die "python interpreter not found: $PY (use --python or \$AIO_PYTHON)"
+PY="$(command -v "$PY")"
+[[ -f "$CONFIG" ]] || die "config not found: $CONFIG (use --config or \$AIO_CONFIG)"
+CONFIG="$(cd -- "$(dirname -- "$CONFIG")" && pwd -P)/$(basename -- "$CONFIG")"
+
+# shellcheck source=scripts/lib/common.sh
+source "$REPO_ROOT/scripts/lib/common.sh"
+mkdir -p "$RUN_DIR"
+RUN_DIR="$(cd -- "$RUN_DIR" && pwd -P)"
+PIDFILE="$RUN_DIR/orchestrator.pid"
+URLFILE="$RUN_DIR/orchestrator.url"
+LOGFILE="$RUN_DIR/orchestrator.log"
+
+# --- helpers --------------------------------------------------------------------------
+
+
+read_pidfile() {
+    local pid=""
+    if [[ -f "$PIDFILE" ]]; then read -r pid 2>/dev/null <"$PIDFILE" || true; fi
+    [[ "$pid" =~ ^[1-9][0-9]*$ ]] && echo "$pid"
+    return 0
+}
+
+url_host() {  # an IPv6 literal goes in brackets
+    if [[ "$1" == *:* ]]; then echo "[$1]"; else echo "$1"; fi
+}
+
+# Prints the HTTP status of GET $1 ("000" when nothing answers).
+http_status() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null || true
+    else
+        "$PY" - "$1" <<'PYEOF' 2>/dev/null || echo 000
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=2) as resp:
+        print(resp.status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+except Exception:
+    print("000")
+PYEOF
+    fi
+}
+
+# True when another process already listens on host $1 port $2 (a bind the way uvicorn
+# does it fails with EADDRINUSE). Checked before starting, so /health is not answered by
+# someone else while our orchestrator is still loading and about to fail its bind.
+port_busy() {
+    "$PY" - "$1" "$2" <<'PYEOF' 2>/dev/null
+import errno, socket, sys
+host, port = sys.argv[1].strip("[]"), int(sys.argv[2])
+try:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+except OSError as exc:
+    sys.exit(0 if exc.errno == errno.EADDRINUSE else 1)
+sys.exit(1)
+PYEOF
+}
+
+show_log_tail() {
+    echo "---- last 30 lines of $LOGFILE ----" >&2
+    tail -n 30 "$LOGFILE" >&2 2>/dev/null || true
+    echo "----" >&2
+}
+
+# --- one start at a time --------------------------------------------------------------
+
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$RUN_DIR/start.lock"
+    flock -w 120 9 || die "another start-all is still running (lock $RUN_DIR/start.lock)"
+fi
+
+# --- already running? -----------------------------------------------------------------
+
+OLD_PID="$(read_pidfile)"
+if [[ -n "$OLD_PID" ]] && is_orchestrator "$OLD_PID"; then
+    url="$(cat "$URLFILE" 2>/dev/null || true)"
+    echo "already running (pid $OLD_PID) at ${url:-unknown URL} — logs: $LOGFILE"
+    exit 0
+fi
+if [[ -f "$PIDFILE" ]]; then
+    echo "start-all: removing stale pidfile $PIDFILE${OLD_PID:+ (pid $OLD_PID is not a running orchestrator)}" >&2
+    rm -f "$PIDFILE" "$URLFILE"
+fi
+
+# --- validate the config and find the address -----------------------------------------
+
+if ! check_out="$(cd "$REPO_ROOT" && "$PY" "$ORCHESTRATOR" --config "$CONFIG" --check 2>&1)"; then
+    echo "$check_out" >&2
+    echo "start-all: config check failed: $CONFIG" >&2
+    exit 2
+fi
+
+if [[ -z "$HOST" || -z "$PORT" ]]; then
+    addr="$(cd "$REPO_ROOT" && "$PY" -c '
+import sys
+sys.path.insert(0, sys.argv[1])
+from core.config import load_config
+s = load_config(sys.argv[2]).settings
+print(s.host, s.port)
+' "$REPO_ROOT" "$CONFIG")" || die "could not read settings.host/port from $CONFIG"
+    read -r cfg_host cfg_port <<<"$addr"
+    HOST="${HOST:-$cfg_host}"
+    PORT="${PORT:-$cfg_port}"
+fi
+
+case "$HOST" in
+    0.0.0.0) PROBE_HOST="127.0.0.1" ;;
+    ::|"[::]") PROBE_HOST="::1" ;;
+    *) PROBE_HOST="$HOST" ;;
+esac
+URL="http://$(url_host "$HOST"):$PORT"
+HEALTH_URL="http://$(url_host "$PROBE_HOST"):$PORT/health"
+
+if port_busy "$HOST" "$PORT"; then
+    die "port $PORT on $HOST is already in use by another process (not the one in $PIDFILE)"
+fi
+
+# --- launch -----------------------------------------------------------------------------
+
+if command -v setsid >/dev/null 2>&1; then
+    SESSION=(setsid)
+else  # e.g. macOS: let python start the new session, then exec the orchestrator
+    SESSION=("$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])')
+fi
+
+{ echo; echo "=== $(date '+%Y-%m-%d %H:%M:%S') start-all: $PY $ORCHESTRATOR --config $CONFIG --host $HOST --port $PORT"; } >>"$LOGFILE"
+
+# The background subshell execs nohup, which execs setsid, which execs python: $! is the
+# orchestrator's own pid and no shell stays in between. fd 9 (the start lock) is closed.
+(
+    cd "$REPO_ROOT"
+    exec nohup "${SESSION[@]}" "$PY" "$ORCHESTRATOR" --config "$CONFIG" --host "$HOST" --port "$PORT" \
+        </dev/null >>"$LOGFILE" 2>&1 9>&-
+) &
+PID=$!
+echo "$PID" >"$PIDFILE"
+echo "$URL" >"$URLFILE"
+
+stop_started() {
+    kill -TERM "$PID" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 150; i++)); do  # 30 s
+        alive "$PID" || break
+        sleep 0.2
+    done
+    if alive "$PID"; then
+        kill -KILL "$PID" 2>/dev/null || true
+    fi
+    rm -f "$PIDFILE" "$URLFILE"
+}
+
+trap 'echo; echo "start-all: interrupted; the orchestrator (pid $PID) keeps starting in the background — scripts/stop-all.sh stops it" >&2; exit 130' INT
+
+# --- wait for /health -------------------------------------------------------------------
+
+deadline=$((SECONDS + TIMEOUT))
+while :; do
+    if ! alive "$PID"; then
+        rm -f "$PIDFILE" "$URLFILE"
+        echo "start-all: the orchestrator exited during startup" >&2
+        show_log_tail
+        exit 1
+    fi
+    if [[ "$(http_status "$HEALTH_URL")" == "200" ]] && alive "$PID"; then
+        break
+    fi
+    if ((SECONDS >= deadline)); then
+        echo "start-all: no healthy answer from $HEALTH_URL within ${TIMEOUT}s; stopping it" >&2
+        show_log_tail
+        stop_started
+        exit 1
+    fi
+    sleep 0.2
+done
+
+echo "ai-orchestrator running (pid $PID) at $URL — logs: $LOGFILE"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up the test environment and run every check: ruff, mypy, generated docs, pytest.
+#
+#   scripts/test.sh                 # the whole suite (unit + integration; gpu tests skip without a GPU)
+#   scripts/test.sh -m "not integration"   # extra arguments go to pytest
+set -euo pipefail
+
+REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "$REPO_ROOT"
+VENV="${AIO_VENV:-$REPO_ROOT/.venv}"
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+
+bash scripts/install.sh --venv "$VENV" --extras test
+# Strict editable mode lets mypy see model_orchestrator (the folder is model-orchestrator/).
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    --config-settings editable_mode=strict -e . 2>/dev/null \
+    || uv pip install --quiet --python "$VENV/bin/python" --no-deps --config-settings editable_mode=strict -e .
+
+echo "==> ruff"
+"$VENV/bin/ruff" check .
+echo "==> mypy"
+"$VENV/bin/mypy" -p core -p model_orchestrator
+"$VENV/bin/mypy" models tests
+echo "==> generated docs are current"
+"$VENV/bin/python" -m core.config_docs --check
+echo "==> pytest"
+exec "$VENV/bin/pytest" "$@"

@@ -1,0 +1,143 @@
+"""Fixtures for integration tests: real processes, real sockets, free ports, leak checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE = "tests/fakes/fake_service.py"
+ORCHESTRATOR = REPO / "model-orchestrator" / "orchestrator.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fake_model(name: str, *extra: str, **spec: Any) -> dict[str, Any]:
+    """A models.yaml entry running the fake service with the given knobs."""
+    return {"type": "text", "service_script": FAKE, "args": ["--served-name", name, *extra],
+            "port": free_port(), "startup_time": 20, "stop_timeout": 5, **spec}
+
+
+def write_config(directory: Path, models: dict[str, Any], **settings: Any) -> Path:
+    config = {
+        "settings": {"port": free_port(), "log_dir": str(directory / "logs"), "base_dir": str(REPO),
+                     "restart_backoff": 0.2, **settings},
+        "models": models,
+    }
+    path = directory / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def processes_with(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line contains ``marker`` (e.g. a unique port)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@dataclass
+class Orchestrator:
+    """A real orchestrator process on a free port."""
+
+    config: Path
+    process: subprocess.Popen[bytes]
+    url: str
+    models: dict[str, Any] = field(default_factory=dict)
+    log_path: Path | None = None
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def status(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/status", timeout=10).json()["models"])
+
+    def state(self, model: str) -> str:
+        return str(self.status()[model]["state"])
+
+    def chat(self, model: str, content: str = "hello", **body: Any) -> httpx.Response:
+        payload = {"model": model, "messages": [{"role": "user", "content": content}], **body}
+        return httpx.post(self.url + "/v1/chat/completions", json=payload, timeout=60)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+
+def start_orchestrator(config: Path, log_path: Path, env: dict[str, str] | None = None) -> Orchestrator:
+    settings = yaml.safe_load(config.read_text())
+    url = f"http://127.0.0.1:{settings['settings']['port']}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, str(ORCHESTRATOR), "--config", str(config)],
+                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    orch = Orchestrator(config, process, url, settings["models"], log_path)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return process.poll() is not None
+    assert wait_until(healthy, 20), f"orchestrator did not come up:\n{orch.log()}"
+    assert process.poll() is None, f"orchestrator exited:\n{orch.log()}"
+    return orch
+
+
+def stop_orchestrator(orch: Orchestrator) -> None:
+    if orch.process.poll() is None:
+        orch.process.send_signal(signal.SIGTERM)
+        try:
+            orch.process.wait(30)
+        except subprocess.TimeoutExpired:
+            orch.process.kill()
+            orch.process.wait()
+
+
+@pytest.fixture
+def orchestrator(tmp_path: Path) -> Iterator[Callable[..., Orchestrator]]:
+    """Factory: orchestrator(models, **settings) → a running Orchestrator; stopped and leak-checked after."""
+    started: list[Orchestrator] = []
+
+    def factory(models: dict[str, Any], env: dict[str, str] | None = None, **settings: Any) -> Orchestrator:
+        config = write_config(tmp_path, models, **settings)
+        orch = start_orchestrator(config, tmp_path / f"orchestrator-{len(started)}.log", env)
+        started.append(orch)
+        return orch
+
+    yield factory
+    for orch in started:
+        stop_orchestrator(orch)
+        ports = [str(m["port"]) for m in orch.models.values()]
+        leaked = [p for port in ports for p in processes_with(f"--port {port}")]
+        for proc in leaked:
+            proc.kill()
+        assert not leaked, f"service processes left behind: {leaked}"

@@ -1,0 +1,226 @@
+"""The orchestrator as a user runs it: a real process, real services, real sockets."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import fake_model, processes_with, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_on_demand_start_and_model_list(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a")})
+    listed = httpx.get(orch.url + "/v1/models").json()
+    assert listed["object"] == "list"
+    assert [(m["id"], m["state"]) for m in listed["data"]] == [("a", "stopped")]
+    response = orch.chat("a", "hello there")
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "hello there"
+    status = orch.status()["a"]
+    assert status["state"] == "ready" and status["pid"] and status["in_flight"] == 0
+
+
+def test_swap_when_both_do_not_fit(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a", vram_gb=6), "b": fake_model("b", vram_gb=6)}, gpu_memory_gb=10)
+    assert orch.chat("a").json()["model"] == "a"
+    assert orch.chat("b").json()["model"] == "b"
+    assert orch.state("a") == "stopped" and orch.state("b") == "ready"
+
+
+def test_both_stay_loaded_when_they_fit(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a", vram_gb=4), "b": fake_model("b", vram_gb=4)}, gpu_memory_gb=10)
+    orch.chat("a")
+    orch.chat("b")
+    assert orch.state("a") == "ready" and orch.state("b") == "ready"
+
+
+def test_model_without_vram_takes_the_whole_gpu(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a", vram_gb=1), "big": fake_model("big")}, gpu_memory_gb=80)
+    orch.chat("a")
+    orch.chat("big")
+    assert orch.state("a") == "stopped" and orch.state("big") == "ready"
+
+
+def test_slow_stream_chunks_arrive_one_by_one(orchestrator: Any) -> None:
+    orch = orchestrator({"s": fake_model("s", "--stream-chunks", "5", "--token-delay", "0.3")})
+    orch.chat("s")  # start it first: only the streaming itself is timed
+    arrivals = []
+    body = {"model": "s", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", orch.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no"
+        for line in response.iter_lines():
+            if line.startswith("data: {") and "tok" in line:
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 5
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(gap > 0.2 for gap in gaps), gaps  # not buffered and released together
+
+
+def test_service_killed_mid_stream_errors_then_recovers(orchestrator: Any) -> None:
+    orch = orchestrator({"s": fake_model("s", "--stream-chunks", "50", "--token-delay", "0.1")})
+    orch.chat("s")
+    pid = orch.status()["s"]["pid"]
+    body = {"model": "s", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    events = []
+    with httpx.stream("POST", orch.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 2:
+                    os.kill(pid, signal.SIGKILL)
+    assert events[-1] != "[DONE]"
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "upstream_error" and "broke off" in error["message"]
+    retry = orch.chat("s")
+    assert retry.status_code == 200, retry.text
+    assert orch.status()["s"]["restarts"] == 1
+
+
+def test_repeated_crashes_mark_the_model_failed(orchestrator: Any) -> None:
+    orch = orchestrator({"c": fake_model("c", "--crash-after", "0", max_restarts=2)})
+    for _ in range(2):  # each request kills the service while it is being served
+        assert orch.chat("c").status_code == 502
+    response = orch.chat("c")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_failed"
+    assert int(response.headers["retry-after"]) > 100
+    assert orch.state("c") == "failed"
+    assert "crashed" in orch.status()["c"]["last_error"]
+    reset = httpx.post(orch.url + "/admin/models/c/reset")
+    assert reset.json()["state"] == "stopped"
+
+
+def test_start_failure_reaches_the_client_with_the_reason(orchestrator: Any) -> None:
+    orch = orchestrator({"bad": fake_model("bad", "--fail-load")})
+    response = orch.chat("bad")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "model_start_failed"
+    assert "exited with status 1" in error["message"] and "fake load failure" in error["message"]
+    assert "retry-after" in response.headers
+
+
+def test_orchestrator_sigkill_leaves_no_service_behind(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a", "--spawn-child", vram_gb=1), "b": fake_model("b", vram_gb=1)},
+                        gpu_memory_gb=10)
+    orch.chat("a")
+    orch.chat("b")
+    ports = [str(m["port"]) for m in orch.models.values()]
+    services = [p for port in ports for p in processes_with(f"--port {port}")]
+    family = services + [c for p in services for c in p.children(recursive=True)]
+    assert len(family) >= 3  # two services and a grandchild
+    orch.process.kill()
+    orch.process.wait()
+    assert wait_until(lambda: not [p for p in family if p.is_running() and p.status() != "zombie"], 10), \
+        [p for p in family if p.is_running()]
+
+
+def test_two_clients_alternating_two_models(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a"), "b": fake_model("b")}, batch_window=0.5)
+    results: dict[str, list[int]] = {"a": [], "b": []}
+
+    def client(model: str) -> None:
+        with orch.client() as http:
+            for i in range(20):
+                body = {"model": model, "messages": [{"role": "user", "content": f"{model} {i}"}]}
+                response = http.post("/v1/chat/completions", json=body)
+                ok = response.status_code == 200 and response.json()["model"] == model
+                results[model].append(200 if ok else response.status_code)
+
+    threads = [threading.Thread(target=client, args=(m,)) for m in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert results == {"a": [200] * 20, "b": [200] * 20}
+
+
+def test_errors_use_the_openai_envelope(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a"), "b": fake_model("b")})
+    unknown = orch.chat("nope")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found" and "a, b" in unknown.json()["error"]["message"]
+    not_json = httpx.post(orch.url + "/v1/chat/completions", content=b"{oops", timeout=10)
+    assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
+    no_default = httpx.post(orch.url + "/v1/chat/completions", json={"messages": []}, timeout=10)
+    assert no_default.status_code == 400 and no_default.json()["error"]["code"] == "model_required"
+    missing_route = httpx.get(orch.url + "/nowhere", timeout=10)
+    assert missing_route.status_code == 404 and missing_route.json()["error"]["type"] == "not_found_error"
+    bad_param = orch.chat("a", max_tokens=-5)  # the service's own 400, passed through untouched
+    assert bad_param.status_code == 400 and bad_param.json()["error"]["param"] == "max_tokens"
+    assert orch.chat("a").status_code == 200  # and the service is still healthy
+
+
+def test_endpoint_defaults_and_aliases(orchestrator: Any) -> None:
+    image = fake_model("img", type="image", endpoint="/v1/images/generations")
+    orch = orchestrator({"chat": fake_model("chat", aliases=["gpt-4o"]), "img": image}, defaults={"text": "chat"})
+    assert orch.chat("gpt-4o").json()["model"] == "chat"
+    no_model = httpx.post(orch.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]},
+                          timeout=30)
+    assert no_model.json()["model"] == "chat"
+    generated = httpx.post(orch.url + "/v1/images/generations", json={"prompt": "a cat"}, timeout=30)
+    assert generated.json()["service"] == "img" and generated.json()["path"] == "/v1/images/generations"
+
+
+def test_upstream_passthrough_and_logs(orchestrator: Any) -> None:
+    orch = orchestrator({"org/model-1": fake_model("m1")})
+    who = httpx.get(orch.url + "/upstream/org/model-1/whoami", timeout=30)
+    assert who.status_code == 200 and who.json()["service"] == "m1"
+    logs = httpx.get(orch.url + "/logs/org/model-1", params={"lines": 50}, timeout=10)
+    assert "fake: ready" in logs.text
+
+
+def test_client_disconnect_cancels_the_upstream_request(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a")})
+    orch.chat("a")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(orch.url + "/upstream/a/sleep", params={"seconds": 30}, timeout=0.5)
+    assert wait_until(lambda: "POST /sleep cancelled" in httpx.get(orch.url + "/logs/a").text, 5)
+    assert orch.status()["a"]["in_flight"] == 0
+
+
+def test_ttl_unloads_idle_models(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a", ttl=1)})
+    orch.chat("a")
+    assert orch.state("a") == "ready"
+    assert wait_until(lambda: orch.state("a") == "stopped", 5)
+
+
+def test_preload_and_admin_unload_load(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a", preload=True), "b": fake_model("b", vram_gb=1)})
+    assert wait_until(lambda: orch.state("a") == "ready", 15)
+    assert httpx.post(orch.url + "/admin/models/a/unload", timeout=30).json()["state"] == "stopped"
+    assert httpx.post(orch.url + "/admin/models/b/load", timeout=30).json()["state"] == "ready"
+
+
+def test_wait_bound_and_queue_bound(orchestrator: Any) -> None:
+    orch = orchestrator({"slow": fake_model("slow", "--start-delay", "4")}, max_wait=1, max_queue=1)
+    results: list[httpx.Response] = []
+    first = threading.Thread(target=lambda: results.append(orch.chat("slow")))
+    first.start()
+    assert wait_until(lambda: orch.status()["slow"]["waiting"] == 1, 5)
+    second = orch.chat("slow")
+    first.join(30)
+    assert second.status_code == 503 and second.json()["error"]["code"] == "queue_full"
+    assert results[0].status_code == 503 and results[0].json()["error"]["code"] == "wait_timeout"
+    assert "retry-after" in results[0].headers
+
+
+def test_api_keys_guard_everything_but_health(orchestrator: Any) -> None:
+    orch = orchestrator({"a": fake_model("a")}, env={"TEST_AIO_KEYS": "k1,k2"}, api_key_env="TEST_AIO_KEYS")
+    assert httpx.get(orch.url + "/health").status_code == 200
+    denied = httpx.get(orch.url + "/v1/models")
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    allowed = httpx.get(orch.url + "/v1/models", headers={"Authorization": "Bearer k2"})
+    assert allowed.status_code == 200

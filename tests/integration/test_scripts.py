@@ -1,0 +1,246 @@
+"""scripts/start-all.sh and scripts/stop-all.sh against a real orchestrator and the fake service.
+
+Every test runs the scripts as an operator would (subprocess, own runtime dir via
+AIO_RUN_DIR), and the fixture stops whatever was started even if the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+START = REPO / "scripts" / "start-all.sh"
+STOP = REPO / "scripts" / "stop-all.sh"
+FAKE = "tests/fakes/fake_service.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def live(pid: int) -> bool:
+    """Running and not a zombie (an exited child nobody reaped yet)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def processes_with(*markers: str) -> list[psutil.Process]:
+    """Live processes whose command line contains every marker."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and all(m in cmdline for m in markers):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    config: Path
+    port: int
+    service_port: int
+    env: dict[str, str]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.tmp / "run"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "orchestrator.pid"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def script(self, script: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(script), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=False, cwd=self.tmp)  # any cwd works
+
+    def start(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.script(START, "--config", str(self.config), "--timeout", "30", *args)
+
+    def stop(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.script(STOP, *args)
+
+    def pid(self) -> int:
+        return int(self.pidfile.read_text().split()[0])
+
+    def leftovers(self) -> list[psutil.Process]:
+        return processes_with(str(self.config)) + processes_with("--port", str(self.service_port))
+
+
+def write_config(path: Path, port: int, service_port: int, **settings: object) -> Path:
+    config = {
+        "settings": {"port": port, "log_dir": str(path.parent / "logs"), "base_dir": str(REPO), **settings},
+        "models": {
+            "echo": {"type": "text", "service_script": FAKE, "args": ["--served-name", "echo"],
+                     "port": service_port, "stop_timeout": 5},
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    port, service_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "AIO_CONFIG"}
+    env.update(AIO_RUN_DIR=str(tmp_path / "run"), AIO_PYTHON=sys.executable)
+    s = Setup(tmp_path, write_config(tmp_path / "models.yaml", port, service_port), port, service_port, env)
+    yield s
+    # Teardown: the script first, then anything it missed, so no test leaks processes.
+    s.stop("--timeout", "30")
+    leaked = s.leftovers()
+    for proc in leaked:
+        proc.kill()
+    assert not leaked, f"processes left behind: {leaked}"
+
+
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while live(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not live(pid)
+
+
+def test_help_exits_zero() -> None:
+    for script in (START, STOP):
+        result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=10, check=False)
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout
+        assert "--timeout" in result.stdout
+
+
+def test_start_is_idempotent_serves_and_stop_cleans_up(setup: Setup) -> None:
+    started = setup.start()
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"running (pid {setup.pid()}) at {setup.url}" in started.stdout
+    assert str(setup.run_dir / "orchestrator.log") in started.stdout
+    pid = setup.pid()
+    assert live(pid)
+    # The pid is python itself (exec, no wrapper shell), leading its own session (setsid:
+    # a Ctrl-C in the operator's terminal does not reach it).
+    assert "orchestrator.py" in " ".join(psutil.Process(pid).cmdline())
+    assert os.getsid(pid) == pid
+    assert httpx.get(setup.url + "/health", timeout=5).status_code == 200
+
+    again = setup.start()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"already running (pid {pid}) at {setup.url}" in again.stdout
+    assert setup.pid() == pid
+
+    assert not processes_with("--port", str(setup.service_port))  # started on demand, not yet
+    reply = httpx.post(setup.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
+    services = processes_with("--port", str(setup.service_port))
+    assert services, "the chat request did not start the service"
+
+    stopped = setup.stop()
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "stopped" in stopped.stdout
+    assert wait_gone(pid, 5), "orchestrator still alive after stop-all"
+    assert all(wait_gone(proc.pid, 5) for proc in services)
+    assert not processes_with("--port", str(setup.service_port))
+    assert not setup.pidfile.exists()
+
+    again = setup.stop()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "not running" in again.stdout
+
+
+def test_stale_pidfile_is_replaced(setup: Setup) -> None:
+    setup.run_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    setup.pidfile.write_text(f"{dead.pid}\n")
+
+    stopped = setup.stop()
+    assert stopped.returncode == 0
+    assert "not running" in stopped.stdout
+    assert not setup.pidfile.exists()
+
+    setup.pidfile.write_text(f"{dead.pid}\n")
+    started = setup.start()
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "stale pidfile" in started.stderr
+    assert setup.pid() != dead.pid
+    assert live(setup.pid())
+
+
+def test_invalid_config_fails_without_pidfile(setup: Setup) -> None:
+    raw = yaml.safe_load(setup.config.read_text())
+    raw["models"]["echo"]["no_such_key"] = 1
+    setup.config.write_text(yaml.safe_dump(raw))
+
+    result = setup.start()
+    assert result.returncode != 0
+    assert "invalid config" in result.stderr
+    assert "no_such_key" in result.stderr
+    assert not setup.pidfile.exists()
+    assert not setup.leftovers()
+
+
+def test_port_in_use_fails_without_pidfile(setup: Setup) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", setup.port))
+        squatter.listen()
+        result = setup.start()
+    assert result.returncode != 0
+    assert "already in use" in result.stderr
+    assert not setup.pidfile.exists()
+    assert not setup.leftovers()
+
+
+def test_orchestrator_dying_at_startup_shows_its_log(setup: Setup) -> None:
+    result = setup.start("--host", "192.0.2.1")  # TEST-NET address: not ours, so the bind fails
+    assert result.returncode == 1
+    assert "exited during startup" in result.stderr
+    assert "192.0.2.1" in result.stderr  # the log tail names the failed bind
+    assert not setup.pidfile.exists()
+    assert not setup.leftovers()
+
+
+def test_stop_kills_an_orchestrator_that_does_not_exit(setup: Setup) -> None:
+    started = setup.start()
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = setup.pid()
+    reply = httpx.post(setup.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200, reply.text
+    services = processes_with("--port", str(setup.service_port))
+    assert services
+
+    os.kill(pid, signal.SIGSTOP)  # frozen: SIGTERM stays pending, only SIGKILL ends it
+    stopped = setup.stop("--timeout", "1")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "SIGKILL" in stopped.stderr
+    assert "stopped" in stopped.stdout
+    assert wait_gone(pid, 5)
+    assert all(wait_gone(proc.pid, 10) for proc in services), "services outlived a SIGKILLed orchestrator"
+    assert not setup.pidfile.exists()

@@ -1,0 +1,166 @@
+"""The service manager against real fake-service processes: start, health-wait, stop, crash, fail."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from core.config import config_from_dict
+from core.service_manager import ManagedService, ServiceManager, StartFailed
+from core.service_state import ServiceState
+from tests.integration.conftest import REPO, fake_model
+
+pytestmark = pytest.mark.integration
+
+
+def run(test: Callable[[ServiceManager], Awaitable[None]], tmp_path: Path, **spec: Any) -> None:
+    """Run ``test`` against a manager with one fake model "m" (knobs in spec["args"])."""
+    args = spec.pop("args", [])
+    raw = {"settings": {"log_dir": str(tmp_path / "logs"), "base_dir": str(REPO), "restart_backoff": 0},
+           "models": {"m": fake_model("m", *args, **spec)}}
+    config = config_from_dict(raw, tmp_path / "models.yaml")
+
+    async def main() -> None:
+        manager = ServiceManager(config, use_reaper=False)
+        try:
+            await test(manager)
+        finally:
+            await manager.shutdown()
+    asyncio.run(main())
+
+
+async def wait_state(svc: ManagedService, state: ServiceState, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while svc.state is not state:
+        assert time.monotonic() < deadline, f"{svc.name} stayed {svc.state} (wanted {state})"
+        await asyncio.sleep(0.02)
+
+
+def test_start_ready_then_stop_leaves_nothing(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        await svc.start()
+        assert svc.state is ServiceState.READY
+        pid = svc.pid
+        assert pid is not None and psutil.pid_exists(pid)
+        assert await svc.probe()
+        await svc.stop()
+        assert svc.state is ServiceState.STOPPED and svc.pid is None
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        log_text = (tmp_path / "logs" / "m.log").read_text()
+        assert "fake: ready" in log_text and "exited with status" in log_text
+    run(scenario, tmp_path)
+
+
+def test_health_timeout_reports_reason_and_log_tail(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        with pytest.raises(StartFailed, match=r"not healthy after 1.5s") as info:
+            await svc.start()
+        assert "Application startup complete" in str(info.value)  # the log tail is included
+        assert svc.state is ServiceState.STOPPED and svc.process is None
+        assert len(svc.failures) == 1
+    run(scenario, tmp_path, args=["--fail-health"], startup_time=1.5)
+
+
+def test_exit_during_start_is_reported_at_once(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        began = time.monotonic()
+        with pytest.raises(StartFailed, match="exited with status 1 during start") as info:
+            await manager["m"].start()
+        assert "fake load failure" in str(info.value)
+        assert time.monotonic() - began < 10  # not the 20 s startup deadline
+    run(scenario, tmp_path, args=["--fail-load"])
+
+
+def test_sigterm_ignoring_service_is_killed_after_stop_timeout(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        await svc.start()
+        pid = svc.pid
+        began = time.monotonic()
+        await svc.stop()
+        took = time.monotonic() - began
+        assert 1.0 <= took < 5.0, took
+        assert svc.state is ServiceState.STOPPED
+        assert pid is not None and not _alive(pid)
+    run(scenario, tmp_path, args=["--ignore-sigterm"], stop_timeout=1)
+
+
+def test_stop_kills_grandchildren(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        await svc.start()
+        assert svc.pid is not None
+        children = psutil.Process(svc.pid).children(recursive=True)
+        assert any("sleep" in c.name() for c in children)
+        await svc.stop()
+        assert not [c for c in children if _alive(c.pid)]
+    run(scenario, tmp_path, args=["--spawn-child"])
+
+
+def test_crash_is_detected_and_counted(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        await svc.start()
+        assert svc.pid is not None
+        os.kill(svc.pid, signal.SIGKILL)
+        await wait_state(svc, ServiceState.STOPPED)
+        assert svc.last_error is not None and "crashed: exited with status -9" in svc.last_error
+        assert len(svc.failures) == 1
+        await svc.start()  # restarts on demand
+        assert svc.state is ServiceState.READY and svc.restarts == 1
+    run(scenario, tmp_path)
+
+
+def test_repeated_failures_mark_failed_until_reset(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        for _ in range(2):
+            with pytest.raises(StartFailed):
+                await svc.start()
+        assert svc.state is ServiceState.FAILED
+        assert svc.failed_until > time.monotonic() + 200  # the default cooldown is 300 s
+        svc.reset()
+        assert svc.state is ServiceState.STOPPED and not svc.failures
+    run(scenario, tmp_path, args=["--fail-load"], max_restarts=2)
+
+
+def test_port_in_use_names_the_holder(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", svc.spec.port))
+            sock.listen()
+            with pytest.raises(StartFailed, match=rf"port {svc.spec.port} is already in use by pid {os.getpid()}"):
+                await svc.start()
+    run(scenario, tmp_path)
+
+
+def test_stop_during_start_aborts_it(tmp_path: Path) -> None:
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        start = svc.start()
+        await asyncio.sleep(1.0)  # spawned, still in its 30 s start delay
+        pid = svc.pid
+        assert pid is not None
+        await svc.stop()
+        assert start.cancelled()
+        assert svc.state is ServiceState.STOPPED and not _alive(pid)
+    run(scenario, tmp_path, args=["--start-delay", "30"], startup_time=60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

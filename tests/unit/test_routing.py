@@ -1,0 +1,174 @@
+"""ModelIndex.resolve, model_field and split_upstream_path over configs built in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.config import config_from_dict
+from core.errors import ServiceError
+from model_orchestrator.routing import ModelIndex, model_field, split_upstream_path
+
+SOURCE = Path("/tmp/x/models.yaml")
+
+
+def model(kind: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "command": "serve --port {port}", "port": port, **extra}
+
+
+def index(models: dict[str, dict[str, Any]], **settings: Any) -> ModelIndex:
+    raw: dict[str, Any] = {"models": models}
+    if settings:
+        raw["settings"] = settings
+    return ModelIndex(config_from_dict(raw, SOURCE))
+
+
+def two_text_models(**settings: Any) -> ModelIndex:
+    return index(
+        {
+            "qwen": model("text", 8001, aliases=["gpt-4o", "q"]),
+            "llama": model("text", 8002),
+            "bge": model("embedding", 8003),
+            "sd": model("image", 8004, endpoint="/v1/images/generations"),
+        },
+        **settings,
+    )
+
+
+def service_error(call: Any, *args: Any) -> ServiceError:
+    with pytest.raises(ServiceError) as info:
+        call(*args)
+    return info.value
+
+
+# --- resolve --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("asked", "expected"), [("qwen", "qwen"), ("gpt-4o", "qwen"), ("q", "qwen"), ("bge", "bge")])
+def test_resolve_by_name_or_alias(asked: str, expected: str) -> None:
+    assert two_text_models().resolve(asked, "/v1/chat/completions").name == expected
+
+
+def test_named_model_wins_over_endpoint_type() -> None:
+    assert two_text_models().resolve("bge", "/v1/chat/completions").name == "bge"
+
+
+def test_unknown_model_is_404_listing_known_models() -> None:
+    err = service_error(two_text_models().resolve, "gpt-5", "/v1/chat/completions")
+    assert (err.status, err.code, err.param) == (404, "model_not_found", "model")
+    assert "'gpt-5'" in err.message
+    assert "Known models: qwen, llama, bge, sd" in err.message
+
+
+def test_settings_default_wins() -> None:
+    idx = two_text_models(defaults={"text": "llama", "embedding": "bge"})
+    assert idx.resolve(None, "/v1/chat/completions").name == "llama"
+    assert idx.resolve(None, "/v1/completions").name == "llama"
+    assert idx.resolve(None, "/v1/embeddings").name == "bge"
+
+
+def test_default_wins_over_endpoint_match() -> None:
+    idx = index(
+        {"a": model("text", 8001, endpoint="/v1/chat/completions"), "b": model("text", 8002)},
+        defaults={"text": "b"},
+    )
+    assert idx.resolve(None, "/v1/chat/completions").name == "b"
+
+
+def test_unique_endpoint_match_without_default() -> None:
+    idx = index({"a": model("text", 8001), "b": model("text", 8002, endpoint="/v1/chat/completions")})
+    assert idx.resolve(None, "/v1/chat/completions").name == "b"
+
+
+def test_endpoint_match_on_unlisted_path() -> None:
+    idx = index({"a": model("custom", 8001, endpoint="/v1/rerank"), "b": model("custom", 8002)})
+    assert idx.resolve(None, "/v1/rerank").name == "a"
+
+
+def test_unique_model_of_endpoint_type() -> None:
+    idx = two_text_models()
+    assert idx.resolve(None, "/v1/embeddings").name == "bge"
+    assert idx.resolve(None, "/v1/images/generations").name == "sd"
+
+
+def test_two_endpoint_matches_fall_back_to_unique_type() -> None:
+    idx = index({
+        "a": model("text", 8001, endpoint="/v1/embeddings"),
+        "b": model("text", 8002, endpoint="/v1/embeddings"),
+        "e": model("embedding", 8003),
+    })
+    assert idx.resolve(None, "/v1/embeddings").name == "e"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/audio/speech", "/v1/unknown"])
+def test_no_model_and_no_unique_choice_is_400(path: str) -> None:
+    err = service_error(two_text_models().resolve, None, path)
+    assert (err.status, err.code, err.param) == (400, "model_required", "model")
+    assert path in err.message
+    assert "qwen, llama, bge, sd" in err.message
+
+
+# --- model_field ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model": "qwen", "messages": []}', "qwen"),
+        (b'{"model": "Qwen/Qwen2.5-7B"}', "Qwen/Qwen2.5-7B"),
+        (b'{"messages": []}', None),
+        (b'{"model": null}', None),
+        (b"", None),
+    ],
+)
+def test_model_field(body: bytes, expected: str | None) -> None:
+    assert model_field(body) == expected
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"model": ', b"\xff\xfe", b"[1, 2]", b'"qwen"', b"null", b"3"])
+def test_model_field_rejects_non_object_bodies(body: bytes) -> None:
+    err = service_error(model_field, body)
+    assert (err.status, err.code) == (400, "invalid_json")
+
+
+@pytest.mark.parametrize("body", [b'{"model": 3}', b'{"model": ["a"]}', b'{"model": {}}', b'{"model": ""}'])
+def test_model_field_rejects_non_string_model(body: bytes) -> None:
+    err = service_error(model_field, body)
+    assert (err.status, err.code, err.param) == (400, "invalid_value", "model")
+
+
+# --- split_upstream_path --------------------------------------------------------------------
+
+
+def slash_index() -> ModelIndex:
+    return index({
+        "Qwen": model("text", 8001),
+        "Qwen/Qwen2.5-7B": model("text", 8002, aliases=["org/team/q7"]),
+        "bge": model("embedding", 8003),
+    })
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "rest"),
+    [
+        ("/upstream/bge/v1/embeddings", "bge", "/v1/embeddings"),
+        ("/upstream/Qwen/Qwen2.5-7B/v1/chat/completions", "Qwen/Qwen2.5-7B", "/v1/chat/completions"),
+        ("/upstream/Qwen/v1/models", "Qwen", "/v1/models"),
+        ("/upstream/Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B", "/"),
+        ("/upstream/org/team/q7/health", "Qwen/Qwen2.5-7B", "/health"),
+        ("/upstream/bge", "bge", "/"),
+        ("/upstream/bge/", "bge", "/"),
+    ],
+)
+def test_split_upstream_path(path: str, name: str, rest: str) -> None:
+    spec, remainder = split_upstream_path(path, slash_index())
+    assert (spec.name, remainder) == (name, rest)
+
+
+@pytest.mark.parametrize("path", ["/upstream/nope/v1/models", "/upstream/", "/upstream/qwen/x"])
+def test_split_upstream_unknown_model_is_404(path: str) -> None:
+    err = service_error(split_upstream_path, path, slash_index())
+    assert (err.status, err.code) == (404, "model_not_found")
+    assert "Known models: Qwen, Qwen/Qwen2.5-7B, bge" in err.message

@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 State = ServiceState
 _LOG_TAIL_ON_FAILURE = 20
 _PIPE_DRAIN_TIMEOUT = 1.0  # a grandchild may keep the pipe open after the leader exits
-_POLL_MIN, _POLL_MAX = 0.02, 0.25  # health poll interval grows from MIN to MAX between log lines
+# Readiness checks: while the port is closed, a bare TCP connect every _POLL_MIN seconds
+# (microseconds of work); once it accepts, HTTP health probes from _POLL_MIN backing off to
+# _POLL_MAX, and at once whenever the child prints a line. So detection adds milliseconds,
+# not a poll period (llama-swap's 1 s loop adds up to a second per swap).
+_POLL_MIN, _POLL_MAX = 0.005, 0.1
 
 
 class StartFailed(Exception):
@@ -158,8 +162,10 @@ class ManagedService:
         while True:
             if self._exit_task.done():
                 raise StartFailed(self._with_logs(f"exited with status {self._exit_task.result()} during start"))
-            if await self.probe():
-                return
+            if await self._port_accepts():
+                if await self.probe(timeout=2.0):
+                    return
+                interval = min(interval * 1.5, _POLL_MAX)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StartFailed(self._with_logs(f"not healthy after {self.spec.startup_time:g}s (startup_time)"))
@@ -168,13 +174,20 @@ class ManagedService:
             await asyncio.wait({self._exit_task, activity}, timeout=min(interval, remaining),
                                return_when=asyncio.FIRST_COMPLETED)
             activity.cancel()
-            interval = min(interval * 1.5, _POLL_MAX)
 
-    async def probe(self) -> bool:
-        """True if the health endpoint answers 200 right now."""
+    async def _port_accepts(self) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.spec.host, self.spec.port), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        return True
+
+    async def probe(self, timeout: float = 5.0) -> bool:
+        """True if the health endpoint answers 200 within ``timeout`` seconds."""
         url = self.spec.base_url() + self.spec.health_path
         try:
-            response = await self._health.get(url, timeout=5.0)
+            response = await self._health.get(url, timeout=timeout)
         except httpx.HTTPError:
             return False
         return response.status_code == 200

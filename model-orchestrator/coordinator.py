@@ -40,6 +40,7 @@ class Coordinator:
         self.budget_gb = budget_gb
         self._memory_released = memory_released
         self._waiters: dict[str, list[float]] = defaultdict(list)
+        self._waiting_total = 0
         self._changed = asyncio.Event()
         self._ttl_task: asyncio.Task[None] | None = None
         for svc in manager.services.values():
@@ -88,15 +89,25 @@ class Coordinator:
 
     async def acquire(self, name: str) -> ManagedService:
         svc = self.manager[name]
+        if self._waiting_total == 0 and svc.state is ServiceState.READY and (
+            svc.spec.max_concurrency is None or svc.in_flight < svc.spec.max_concurrency
+        ):
+            # Fast path, the common case: ready, nobody queued anywhere, so nothing can be
+            # closing it (closing needs a waiter) and plan() would say Serve.
+            svc.in_flight += 1
+            svc.last_used = time.monotonic()
+            return svc
         if self.waiting(name) >= self.settings.max_queue:
             raise ServiceError(503, f"Too many requests are waiting for model {name!r} "
                                f"(max_queue {self.settings.max_queue}); retry later.", "queue_full", retry_after=5)
         arrival = time.monotonic()
         self._waiters[name].append(arrival)
+        self._waiting_total += 1
         try:
             return await self._acquire(svc, arrival)
         finally:
             self._waiters[name].remove(arrival)
+            self._waiting_total -= 1
             self.notify()
 
     async def _acquire(self, svc: ManagedService, arrival: float) -> ManagedService:
@@ -162,7 +173,8 @@ class Coordinator:
     def release(self, svc: ManagedService) -> None:
         svc.in_flight -= 1
         svc.last_used = time.monotonic()
-        self.notify()
+        if self._waiting_total:  # someone may wait for this slot or for this model to drain
+            self.notify()
 
     # -- operator actions, preload, TTL -----------------------------------------------
 

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
     uvicorn.run(
         OrchestratorApp(config), host=host, port=port,
-        log_config=None, access_log=args.access_log, lifespan="on", server_header=False,
+        log_config=None, access_log=args.access_log, lifespan="on", server_header=False, proxy_headers=False,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout)),
     )
 

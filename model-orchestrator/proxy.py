@@ -39,6 +39,7 @@ _DROP_RESPONSE = frozenset(
 )
 _NO_BUFFERING = (b"x-accel-buffering", b"no")  # tells nginx in front of us not to buffer SSE
 _UPSTREAM_DOWN = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+_WATCH_AFTER = 0.05  # seconds before a request's client starts being watched for a disconnect
 
 
 class Proxy:
@@ -46,6 +47,7 @@ class Proxy:
         self.coordinator = coordinator
         self.index = index
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
@@ -106,7 +108,10 @@ class Proxy:
         assert self._session is not None, "Proxy.open() was not called"
         query = scope.get("query_string", b"")
         url = spec.base_url() + path + ("?" + query.decode("latin-1") if query else "")
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=spec.request_timeout)
+        timeout = self._timeouts.get(spec.name)
+        if timeout is None:
+            timeout = self._timeouts[spec.name] = aiohttp.ClientTimeout(
+                total=None, connect=10, sock_connect=10, sock_read=spec.request_timeout)
         try:
             upstream = await self._session.request(
                 scope["method"], url, data=body or None, headers=_request_headers(scope["headers"]),
@@ -143,13 +148,19 @@ class _DisconnectWatcher:
 
     The request body has already been read, so the next ASGI ``receive()`` message is
     ``http.disconnect``: the client left (or the response completed, which ``stop()``
-    rules out by cancelling the watcher first).
+    rules out by cancelling the watcher first). Watching costs a task, so it starts only
+    once a request has lasted ``_WATCH_AFTER`` seconds: short requests, the bulk at
+    high rates, finish before it would matter.
     """
 
     def __init__(self, receive: Receive) -> None:
         self.fired = False
         self._owner = asyncio.current_task()
-        self._task = asyncio.create_task(self._watch(receive))
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start, receive)
+
+    def _start(self, receive: Receive) -> None:
+        self._task = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -160,7 +171,9 @@ class _DisconnectWatcher:
 
     def stop(self) -> None:
         self._owner = None
-        self._task.cancel()
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

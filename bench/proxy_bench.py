@@ -1,0 +1,126 @@
+"""Proxy overhead: the same fake backend measured directly, through nginx and through the orchestrator.
+
+The orchestrator starts the backend itself (it is a model in a generated models.yaml),
+so all three paths reach one backend process. Servers (backend, orchestrator, nginx)
+are pinned to one core, this load generator to another, and every scenario runs for
+each path in turn, round after round, so drifting machine load hits all paths alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.common import backend_command, cores, cpu_seconds, free_port, pin, start_nginx, start_orchestrator
+
+# name → (stream, concurrency, chunks, chunk interval in ms)
+SCENARIOS: dict[str, tuple[bool, int, int, float]] = {
+    "nonstream_c1": (False, 1, 0, 0),
+    "nonstream_c32": (False, 32, 0, 0),
+    "stream_c1": (True, 1, 64, 0),
+    "stream_c16": (True, 16, 64, 0),
+    "paced_c1": (True, 1, 64, 2.0),  # per-chunk latency, with the backend pacing tokens 2 ms apart
+}
+
+
+def _body(stream: bool, chunks: int, interval_ms: float) -> bytes:
+    return json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                       "bench_chunks": chunks, "bench_interval_ms": interval_ms}).encode()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(port: int, scenario: str, duration: float, proxy_pids: list[int]) -> dict[str, float]:
+    stream, concurrency, chunks, interval = SCENARIOS[scenario]
+    request = loadgen.build_request("127.0.0.1", port, "/v1/chat/completions", _body(stream, chunks, interval))
+    cpu_before = cpu_seconds(proxy_pids)
+    result = asyncio.run(loadgen.run("127.0.0.1", port, request, concurrency, duration, track_chunks=stream))
+    cpu = cpu_seconds(proxy_pids) - cpu_before
+    done = max(result.completed, 1)
+    figures = {
+        "per_s": result.completed / result.elapsed,
+        "p50_ms": _percentile(result.latencies_ms, 0.50),
+        "p99_ms": _percentile(result.latencies_ms, 0.99),
+        "errors": float(result.errors),
+        "proxy_cpu_us_per_request": cpu / done * 1e6,
+    }
+    if stream:
+        figures["ttfb_p50_ms"] = _percentile(result.ttfb_ms, 0.50)
+        figures["chunk_delay_p50_ms"] = _percentile(result.chunk_delay_ms, 0.50)
+        figures["proxy_cpu_us_per_event"] = cpu / max(result.events, 1) * 1e6
+    return figures
+
+
+def run(rounds: int, duration: float, scenarios: list[str] | None = None) -> dict[str, Any]:
+    """All rounds; returns {"paths": [...], "runs": {path: {scenario: [figures per round]}}}."""
+    server_cores, client_cores = cores()
+    names = scenarios or list(SCENARIOS)
+    with tempfile.TemporaryDirectory(prefix="aio-bench-") as tmp:
+        workdir = Path(tmp)
+        backend_port = free_port()
+        model = {"type": "text", "command": backend_command(), "port": backend_port, "preload": True,
+                 "startup_time": 60}
+        orch = start_orchestrator(workdir, {"bench": model}, server_cores)
+        nginx = None
+        try:
+            _wait_ready(orch)
+            nginx = start_nginx(workdir, backend_port, server_cores)
+            pin(client_cores)
+            paths: dict[str, tuple[int, list[int]]] = {"direct": (backend_port, [])}
+            if nginx is not None:
+                paths["nginx"] = (nginx.port, nginx.pids())
+            paths["orchestrator"] = (int(orch.url.rsplit(":", 1)[1]), [orch.process.pid])
+            runs = _rounds(paths, names, rounds, duration)
+        finally:
+            if nginx is not None:
+                nginx.stop()
+            orch.stop()
+    return {"paths": list(paths), "runs": runs, "cores": {"servers": sorted(server_cores),
+                                                           "load_generator": sorted(client_cores)}}
+
+
+def _wait_ready(orch: Any) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while orch.status()["bench"]["state"] != "ready":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"backend did not start; see {orch.log}")
+        time.sleep(0.05)
+
+
+def _rounds(paths: dict[str, tuple[int, list[int]]], names: list[str], rounds: int, duration: float
+            ) -> dict[str, dict[str, list[dict[str, float]]]]:
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {p: {s: [] for s in names} for p in paths}
+    order = list(paths)
+    for path in order:  # warm every path's connections and code
+        measure(paths[path][0], "nonstream_c32", min(duration, 1.0), [])
+    for round_index in range(rounds):
+        for scenario in names:
+            rotated = order[round_index % len(order):] + order[: round_index % len(order)]
+            for path in rotated:
+                port, pids = paths[path]
+                runs[path][scenario].append(measure(port, scenario, duration, pids))
+        print(f"  round {round_index + 1}/{rounds} done", flush=True)
+    return runs
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Median of each figure over the rounds: {path: {scenario: {figure: value}}}."""
+    return {
+        path: {
+            scenario: {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for scenario, results in by_scenario.items() if results
+        }
+        for path, by_scenario in raw["runs"].items()
+    }

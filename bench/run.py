@@ -1,0 +1,121 @@
+"""Run the benchmarks and print each figure with its ratio to direct access and to nginx.
+
+    .venv/bin/python -m bench.run                 # full run: 3 interleaved rounds, ~3 minutes
+    .venv/bin/python -m bench.run --smoke         # seconds: checks the harness runs (used by the tests)
+    .venv/bin/python -m bench.run --out results.json --rounds 5 --duration 5
+
+Writes every figure of every round, the medians and the target checks to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench import proxy_bench, swap_bench
+
+# (label, scenario, figure, comparison, limit): the targets of the benchmarks issue.
+TARGETS = [
+    ("server CPU per non-stream request (us)", "nonstream_c32", "proxy_cpu_us_per_request", "<=", 300.0),
+    ("server CPU per streamed event (us)", "stream_c16", "proxy_cpu_us_per_event", "<=", 10.0),
+    ("streams/s at c=16 (x direct)", "stream_c16", "per_s@ratio", ">=", 0.5),
+    ("added per-chunk latency p50 (ms)", "paced_c1", "chunk_delay_p50_ms@added", "<=", 0.15),
+]
+ROWS = [
+    ("nonstream_c1", "per_s", "req/s, c=1"), ("nonstream_c1", "p50_ms", "p50 ms, c=1"),
+    ("nonstream_c1", "p99_ms", "p99 ms, c=1"), ("nonstream_c32", "per_s", "req/s, c=32"),
+    ("nonstream_c32", "p50_ms", "p50 ms, c=32"), ("nonstream_c32", "p99_ms", "p99 ms, c=32"),
+    ("nonstream_c32", "proxy_cpu_us_per_request", "proxy CPU us/request, c=32"),
+    ("stream_c1", "per_s", "streams/s, c=1"), ("stream_c1", "ttfb_p50_ms", "first chunk p50 ms, c=1"),
+    ("stream_c16", "per_s", "streams/s, c=16"), ("stream_c16", "ttfb_p50_ms", "first chunk p50 ms, c=16"),
+    ("stream_c16", "proxy_cpu_us_per_event", "proxy CPU us/event, c=16"),
+    ("paced_c1", "chunk_delay_p50_ms", "chunk delay p50 ms, paced c=1"),
+]
+
+
+def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    paths = list(summary)
+    header = f"{'figure':34}" + "".join(f"{p:>14}" for p in paths)
+    header += f"{'orch/direct':>13}" + (f"{'orch/nginx':>12}" if "nginx" in paths else "")
+    lines = [header, "-" * len(header)]
+    for scenario, key, label in ROWS:
+        values = {p: summary[p][scenario].get(key, math.nan) for p in paths}
+        line = f"{label:34}" + "".join(f"{values[p]:>14.3f}" for p in paths)
+        line += f"{_ratio(values['orchestrator'], values['direct']):>13}"
+        if "nginx" in paths:
+            line += f"{_ratio(values['orchestrator'], values['nginx']):>12}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base and not math.isnan(base) and base > 0 else "-"
+
+
+def check_targets(summary: dict[str, dict[str, dict[str, float]]], swap: dict[str, Any]) -> list[dict[str, Any]]:
+    orch, direct = summary["orchestrator"], summary["direct"]
+    checks = []
+    for label, scenario, figure, comparison, limit in TARGETS:
+        key, _, mode = figure.partition("@")
+        value = orch[scenario][key]
+        if mode == "ratio":
+            value /= direct[scenario][key]
+        elif mode == "added":
+            value -= direct[scenario][key]
+        checks.append(_check(label, value, comparison, limit))
+    checks.append(_check("swap overhead (ms)", swap["swap_overhead_ms"], "<=", 100.0))
+    checks.append(_check("cold-start overhead (ms)", swap["cold_overhead_ms"], "<=", 100.0))
+    return checks
+
+
+def _check(label: str, value: float, comparison: str, limit: float) -> dict[str, Any]:
+    met = value <= limit if comparison == "<=" else value >= limit
+    return {"target": label, "value": round(value, 3), "limit": f"{comparison} {limit:g}", "met": met}
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+            "versions": {name: version(name) for name in ("uvicorn", "uvloop", "httptools", "aiohttp")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per scenario and path per round")
+    parser.add_argument("--swap-repeats", type=int, default=7)
+    parser.add_argument("--smoke", action="store_true", help="1 short round: checks that everything runs")
+    parser.add_argument("--out", default="bench/results.json")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.duration, args.swap_repeats = 1, 0.3, 1
+    print(f"proxy benchmark: {args.rounds} rounds x {args.duration:g}s per scenario and path", flush=True)
+    raw = proxy_bench.run(args.rounds, args.duration)
+    summary = proxy_bench.summarize(raw)
+    print(table(summary), "\n", flush=True)
+    print("swap benchmark", flush=True)
+    swap = swap_bench.run(load_time=0.1 if args.smoke else 0.5, repeats=args.swap_repeats)
+    print(f"  service's own spawn-to-ready {swap['own_spawn_to_ready_ms']} ms, own stop {swap['own_stop_ms']} ms")
+    print(f"  cold first byte {swap['cold_first_byte_ms']} ms, swap first byte {swap['swap_first_byte_ms']} ms")
+    checks = check_targets(summary, swap)
+    print("\ntargets:")
+    for check in checks:
+        print(f"  [{'met ' if check['met'] else 'MISS'}] {check['target']}: {check['value']} ({check['limit']})")
+    result = {"machine": machine(), "settings": vars(args), "cores": raw["cores"], "summary": summary,
+              "rounds": raw["runs"], "swap": swap, "targets": checks}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

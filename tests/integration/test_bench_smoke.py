@@ -1,0 +1,32 @@
+"""The benchmark harness runs end to end (figures are not judged here: machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_benchmarks_run_in_smoke_mode(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert {"direct", "orchestrator"} <= set(summary)
+    for path in summary:
+        assert summary[path]["nonstream_c32"]["per_s"] > 0
+        assert summary[path]["stream_c16"]["errors"] == 0
+    assert summary["orchestrator"]["nonstream_c32"]["proxy_cpu_us_per_request"] > 0
+    assert len(result["targets"]) == 6 and all("met" in t for t in result["targets"])
+    assert result["swap"]["cold_first_byte_ms"][0] > result["swap"]["load_time_s"] * 1000
+    assert result["swap"]["own_load_ms"][0] >= result["swap"]["load_time_s"] * 1000
+    assert "targets:" in done.stdout and "orch/direct" in done.stdout

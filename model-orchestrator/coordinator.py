@@ -173,7 +173,8 @@ class Coordinator:
     def release(self, svc: ManagedService) -> None:
         svc.in_flight -= 1
         svc.last_used = time.monotonic()
-        if self._waiting_total:  # someone may wait for this slot or for this model to drain
+        # Wake waiters (this slot, or this model draining) and the TTL watch (idle from now).
+        if self._waiting_total or (svc.in_flight == 0 and svc.spec.ttl > 0):
             self.notify()
 
     # -- operator actions, preload, TTL -----------------------------------------------

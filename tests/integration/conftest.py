@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,46 @@ def write_config(directory: Path, models: dict[str, Any], **settings: Any) -> Pa
     path = directory / "models.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@contextmanager
+def running_service(script: str, *args: str, ready_timeout: float = 120.0, wait_ready: bool = True
+                    ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run ``python <script> --port <free port> *args`` from the repository; yield (process, base URL).
+
+    Waits until /health answers 200 (unless ``wait_ready`` is False: then until it answers at
+    all, or the process exits). The process is killed afterwards; its output is on proc.stdout.
+    """
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / script), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def answered() -> bool:
+        status = health_status(url)
+        return (status == 200 if wait_ready else status is not None) or proc.poll() is not None
+
+    try:
+        if not wait_until(answered, ready_timeout):
+            raise AssertionError(f"{script} did not become ready within {ready_timeout}s")
+        if wait_ready and proc.poll() is not None:
+            assert proc.stdout is not None
+            raise AssertionError(f"{script} exited with {proc.returncode}:\n{proc.stdout.read().decode()[-3000:]}")
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def health_status(url: str) -> int | None:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return None
 
 
 def processes_with(marker: str) -> list[psutil.Process]:

@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.conftest import FAKE, REPO, free_port, wait_until
+from tests.integration.conftest import FAKE, health_status, running_service, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-@contextmanager
-def service(*args: str, script: str = FAKE) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / script), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: _status(url) is not None or proc.poll() is not None, 15)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+def service(*args: str, script: str = FAKE) -> Any:
+    return running_service(script, *args, wait_ready=False, ready_timeout=15)
 
 
 def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code
-    except httpx.HTTPError:
-        return None
+    return health_status(url)
 
 
 def test_echo_service_runs_standalone() -> None:

@@ -1,0 +1,228 @@
+"""The OpenAI chat/completions layer shared by every text engine (vLLM, transformers).
+
+Requests are validated here (400s with the offending ``param``), turned into engine-neutral
+``GenerationParams``, and the engine's ``TextChunk`` stream is shaped into OpenAI's
+``chat.completion`` / ``text_completion`` objects or their SSE chunk streams.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import bad_request, error_body
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """Fields chat and completions share. Unknown fields are accepted and ignored, as OpenAI clients
+    send many (user, logprobs=false, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    stop: tuple[str, ...]
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """New output of one choice: text, how many tokens it took, and why it ended (once)."""
+
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+
+
+class TextEngine(Protocol):
+    max_model_len: int
+
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    def prompt_ids(self, prompt: str) -> list[int]: ...
+
+    def generate(self, prompt_ids: list[int], params: GenerationParams, request_id: str
+                 ) -> AsyncIterator[TextChunk]: ...
+
+    async def close(self) -> None: ...
+
+
+# --- validation -----------------------------------------------------------------------
+
+
+def check_supported(request: SamplingRequest) -> None:
+    if request.tools:
+        raise bad_request("Tool calls are not supported by this service yet.", "tools", "unsupported")
+    kind = (request.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise bad_request(f"response_format {kind!r} is not supported yet; only 'text'.", "response_format",
+                          "unsupported")
+
+
+def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    messages = []
+    for message in request.messages:
+        content = message.content
+        if isinstance(content, list):  # content parts: only text is understood by a text model
+            if any(part.get("type") != "text" for part in content):
+                raise bad_request("Only text content parts are supported.", "messages")
+            content = "".join(str(part.get("text", "")) for part in content)
+        messages.append({"role": "system" if message.role == "developer" else message.role,
+                         "content": content or ""})
+    return messages
+
+
+def completion_prompt(request: CompletionRequest) -> str:
+    prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+    if len(prompts) != 1:
+        raise bad_request("Send one prompt per request.", "prompt")
+    if not prompts[0]:
+        raise bad_request("'prompt' must not be empty.", "prompt")
+    return prompts[0]
+
+
+def generation_params(request: SamplingRequest, prompt_tokens: int, max_model_len: int) -> GenerationParams:
+    """Engine parameters; 400 when the prompt plus the requested tokens cannot fit the context."""
+    room = max_model_len - prompt_tokens
+    if room <= 0:
+        raise bad_request(f"The prompt is {prompt_tokens} tokens; this model's context is {max_model_len}.",
+                          "messages", "context_length_exceeded")
+    wanted = request.max_completion_tokens or request.max_tokens
+    if wanted is not None and wanted > room:
+        raise bad_request(f"max_tokens ({wanted}) plus the prompt ({prompt_tokens} tokens) exceeds the "
+                          f"context of {max_model_len} tokens.", "max_tokens", "context_length_exceeded")
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > MAX_STOP_SEQUENCES or any(not s for s in stop):
+        raise bad_request(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings.", "stop")
+    return GenerationParams(max_tokens=wanted or room, temperature=request.temperature, top_p=request.top_p,
+                            n=request.n, stop=stop, seed=request.seed, presence_penalty=request.presence_penalty,
+                            frequency_penalty=request.frequency_penalty)
+
+
+# --- responses ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Collected:
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    tokens: int = 0
+
+
+async def collect(chunks: AsyncIterator[TextChunk], n: int) -> _Collected:
+    result = _Collected(texts={i: [] for i in range(n)})
+    async for chunk in chunks:
+        result.texts[chunk.index].append(chunk.text)
+        result.tokens += chunk.tokens
+        if chunk.finish_reason:
+            result.finish[chunk.index] = chunk.finish_reason
+    return result
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(kind: Literal["chat", "text"], model: str, collected: _Collected, prompt_tokens: int
+                    ) -> dict[str, Any]:
+    choices = []
+    for index, parts in sorted(collected.texts.items()):
+        text = "".join(parts)
+        content: dict[str, Any] = ({"message": {"role": "assistant", "content": text}} if kind == "chat"
+                                   else {"text": text})
+        choices.append({"index": index, **content, "finish_reason": collected.finish.get(index, "stop"),
+                        "logprobs": None})
+    return {"id": _new_id(kind), "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(prompt_tokens, collected.tokens)}
+
+
+async def sse_stream(kind: Literal["chat", "text"], model: str, chunks: AsyncIterator[TextChunk],
+                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI's SSE: one event per chunk, the role first (chat), usage last if asked, then [DONE]."""
+    ident, created = _new_id(kind), int(time.time())
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    started: set[int] = set()
+    completion_tokens = 0
+    try:
+        async for chunk in chunks:
+            completion_tokens += chunk.tokens
+            delta: dict[str, Any] = {"content": chunk.text}
+            if kind == "chat" and chunk.index not in started:
+                delta["role"] = "assistant"
+                started.add(chunk.index)
+            choice = ({"index": chunk.index, "delta": delta} if kind == "chat"
+                      else {"index": chunk.index, "text": chunk.text})
+            choice.update(finish_reason=chunk.finish_reason, logprobs=None)
+            yield _event({"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]})
+    except Exception as exc:  # the engine broke mid-stream: say so instead of ending silently
+        yield _event(error_body(f"Generation failed: {type(exc).__name__}: {exc}", 500, "generation_failed"))
+        raise
+    if include_usage:
+        yield _event({"id": ident, "object": obj, "created": created, "model": model, "choices": [],
+                      "usage": usage(prompt_tokens, completion_tokens)})
+    yield b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def stop_cut(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop sequence starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None

@@ -60,6 +60,7 @@ class BaseService(ABC):
 
     name: ClassVar[str] = "service"
     default_port: ClassVar[int] = 8000
+    default_model: ClassVar[str | None] = None  # --model when none is given (hub id or folder)
     # Warm swapping (parking a model in host memory instead of stopping it) is a planned
     # orchestrator feature; services that can do it set this and implement the hooks.
     supports_offload: ClassVar[bool] = False
@@ -77,7 +78,11 @@ class BaseService(ABC):
 
     @abstractmethod
     async def load(self) -> None:
-        """Load the model (``self.model_path``, ``self.options``). Heavy imports go here."""
+        """Load the model (``self.model_path``, ``self.options``). Heavy imports go here.
+
+        Run blocking work (``from_pretrained``, moving weights) through ``asyncio.to_thread``:
+        the event loop must stay free so ``/health`` can answer 503 while the model loads.
+        """
 
     @abstractmethod
     def add_routes(self, app: FastAPI) -> None:
@@ -178,7 +183,7 @@ class BaseService(ABC):
     def run(self, argv: list[str] | None = None) -> None:
         """Parse the command line, serve until SIGTERM/SIGINT; exit 1 after a fatal error."""
         self.options = self.argument_parser().parse_args(argv)
-        self.model_path = self.options.model or self.model_path
+        self.model_path = self.options.model or self.model_path or self.default_model
         self.max_concurrency = self.options.max_concurrency
         configure_logging(self.options.log_level)
         config = uvicorn.Config(

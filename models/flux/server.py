@@ -1,0 +1,234 @@
+"""flux: text-to-image with a diffusers FluxPipeline behind the OpenAI images API.
+
+    python models/flux/server.py --port 8002 [--model black-forest-labs/FLUX.1-schnell]
+    python models/flux/tiny.py /tmp/flux-tiny && python models/flux/server.py --model /tmp/flux-tiny
+
+POST /v1/images/generations takes the OpenAI fields (prompt, n, size, response_format)
+plus the extensions num_inference_steps, guidance_scale and seed, and answers with
+base64 PNGs. One image batch renders at a time, in a worker thread, so /health stays
+responsive while the GPU is busy. See README.md for options, limits and memory notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import gc
+import io
+import logging
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.base_service import BaseService
+from core.errors import bad_request
+
+log = logging.getLogger("flux")  # not __name__: run as a script that is "__main__"
+
+SIZE_STEP = 16  # Flux packs 2x2 latent patches and the VAE downsamples 8x: sides must divide by 16
+MAX_STEPS = 50
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+class ImageRequest(BaseModel):
+    # OpenAI clients send fields this service does not use (quality, style, user, ...).
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str
+    n: int = Field(1, ge=1)
+    size: str | None = "1024x1024"
+    response_format: str | None = "b64_json"
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+@dataclass
+class Job:
+    """One validated request, as the worker thread renders it."""
+
+    prompt: str
+    width: int
+    height: int
+    n: int
+    steps: int
+    guidance: float
+    seed: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def parse_size(size: str | None, max_size: int) -> tuple[int, int]:
+    """'WxH' → (width, height); each side a positive multiple of 16, at most ``max_size``."""
+    if size is None or size == "auto":
+        size = "1024x1024"
+    match = _SIZE.match(size)
+    width, height = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not all(0 < side <= max_size and side % SIZE_STEP == 0 for side in (width, height)):
+        raise bad_request(f"'size' must be 'WIDTHxHEIGHT' with each side a positive multiple of {SIZE_STEP} "
+                          f"and at most {max_size} (got {size!r}).", "size")
+    return width, height
+
+
+def png_base64(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class FluxService(BaseService):
+    name = "flux"
+    default_port = 8002
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_path = "black-forest-labs/FLUX.1-schnell"
+        self.pipeline: Any = None
+        # One worker thread: the pipeline is not thread-safe, and unlike an asyncio.Lock a
+        # single thread keeps serialising even when a cancelled request's render runs on.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-render")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                            help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+        parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+        parser.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                            help="CPU offload to fit smaller GPUs (CUDA only; ignored with a warning otherwise)")
+        parser.add_argument("--default-steps", type=int, default=4, help="num_inference_steps when not sent")
+        parser.add_argument("--default-guidance", type=float, default=0.0, help="guidance_scale when not sent")
+        parser.add_argument("--max-size", type=int, default=1536, help="largest width or height in pixels")
+        parser.add_argument("--max-images", type=int, default=4, help="largest n per request")
+        parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 prompt tokens")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        # Loading reads gigabytes and builds modules: off the loop, so /health answers 503 meanwhile.
+        self.pipeline = await asyncio.to_thread(self._load_pipeline)
+
+    def _load_pipeline(self) -> Any:
+        import torch
+        from diffusers import FluxPipeline
+
+        device, dtype = self._device_and_dtype(torch)
+        log.info("loading %s (%s, %s, offload=%s)", self.model_path, device, dtype, self.options.offload)
+        began = time.monotonic()
+        pipe = FluxPipeline.from_pretrained(self.model_path, dtype=dtype)
+        offload = self.options.offload
+        if offload != "none" and device != "cuda":
+            # accelerate's offload hooks need an accelerator; on CPU there is nothing to offload to.
+            log.warning("--offload %s needs CUDA; running without offload on %s", offload, device)
+            offload = "none"
+        if offload == "model":
+            pipe.enable_model_cpu_offload()
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload()
+        else:
+            pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)  # one tqdm bar per request would flood the log
+        log.info("loaded in %.1fs", time.monotonic() - began)
+        return pipe
+
+    def _device_and_dtype(self, torch: Any) -> tuple[str, Any]:
+        cuda = bool(torch.cuda.is_available())
+        device = self.options.device
+        if device == "auto":
+            device = "cuda" if cuda else "cpu"
+        elif device == "cuda" and not cuda:
+            raise RuntimeError("--device cuda was requested but CUDA is not available")
+        name = self.options.dtype
+        if name == "auto":
+            name = "bfloat16" if device == "cuda" else "float32"  # CPU half precision is slow
+        return device, getattr(torch, name)
+
+    async def warmup(self) -> None:
+        # The first call pays for kernel selection and allocator growth; do it before reporting ready.
+        job = Job("warm up", 64, 64, 1, 1, self.options.default_guidance, 0)
+        began = time.monotonic()
+        await self.render(job)
+        log.info("warm-up generation took %.2fs", time.monotonic() - began)
+
+    async def unload(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self.pipeline is None:
+            return
+        self.pipeline = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- generation -----------------------------------------------------------------------
+
+    def job_for(self, request: ImageRequest) -> Job:
+        """Validate what pydantic cannot (limits set on the command line) and build the job."""
+        prompt = request.prompt.strip()
+        if not prompt:
+            raise bad_request("'prompt' must not be empty.", "prompt")
+        if request.n > self.options.max_images:
+            raise bad_request(f"'n' must be between 1 and {self.options.max_images}.", "n")
+        if request.response_format not in (None, "b64_json"):
+            detail = ("this service returns images inline only; use 'b64_json'" if request.response_format == "url"
+                      else "the only supported value is 'b64_json'")
+            raise bad_request(f"Unsupported 'response_format' {request.response_format!r}: {detail}.",
+                              "response_format")
+        width, height = parse_size(request.size, self.options.max_size)
+        steps = request.num_inference_steps or self.options.default_steps
+        guidance = self.options.default_guidance if request.guidance_scale is None else request.guidance_scale
+        # Without a seed, draw one so that every image can be reproduced from the log.
+        seed = random.randrange(2**63) if request.seed is None else request.seed
+        return Job(prompt, width, height, request.n, steps, guidance, seed)
+
+    async def render(self, job: Job) -> list[str]:
+        """Render on the worker thread; a cancelled request stops the pipeline at its next step."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._render, job)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # a job still queued is dropped by the executor itself
+            raise
+
+    def _render(self, job: Job) -> list[str]:
+        import torch
+
+        def stop_if_cancelled(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if job.cancelled.is_set():
+                pipe._interrupt = True  # FluxPipeline skips the remaining denoising steps
+            return tensors
+
+        began = time.monotonic()
+        # A CPU generator gives the same latents for a seed whatever the device.
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        result = self.pipeline(
+            prompt=job.prompt, width=job.width, height=job.height, num_images_per_prompt=job.n,
+            num_inference_steps=job.steps, guidance_scale=job.guidance, generator=generator,
+            max_sequence_length=self.options.max_sequence_length, callback_on_step_end=stop_if_cancelled)
+        if job.cancelled.is_set():
+            log.info("generation cancelled after %.2fs", time.monotonic() - began)
+            return []
+        images = [png_base64(image) for image in result.images]
+        log.info("%d image(s) %dx%d, %d steps, seed %d in %.2fs",
+                 job.n, job.width, job.height, job.steps, job.seed, time.monotonic() - began)
+        return images
+
+    def add_routes(self, app: FastAPI) -> None:
+        @app.post("/v1/images/generations")
+        async def generations(request: ImageRequest) -> dict[str, Any]:
+            job = self.job_for(request)
+            images = await self.render(job)
+            return {"created": int(time.time()), "data": [{"b64_json": image} for image in images]}
+
+
+__all__ = ["FluxService", "ImageRequest", "Job", "parse_size"]
+
+if __name__ == "__main__":
+    FluxService().run()

@@ -1,0 +1,266 @@
+"""musicgen: text-to-music with Meta's MusicGen, behind OpenAI's speech endpoint.
+
+``POST /v1/audio/speech`` takes the music prompt as ``input`` and answers with audio
+(WAV by default), so ``openai.OpenAI().audio.speech.create(...)`` works unchanged.
+``voice`` is required by the OpenAI client but means nothing to MusicGen: any string
+is accepted and ignored. Extensions: ``duration`` (seconds) and ``seed``.
+
+    python models/musicgen/server.py --port 8003 [--model facebook/musicgen-medium]
+
+The model runs on transformers' ``MusicgenForConditionalGeneration`` (audiocraft
+cannot be installed next to current torch; see README.md). Everything the service
+needs from it sits behind ``TransformersEngine.generate_audio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import gc
+import importlib.util
+import io
+import logging
+import math
+import secrets
+import threading
+import time
+import wave
+from typing import Any
+
+from fastapi import FastAPI, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.base_service import BaseService
+from core.errors import bad_request
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_CHARS = 4096  # OpenAI's own limit for this endpoint
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
+
+
+class SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use (instructions, ...)
+    model: str | None = None
+    input: str
+    voice: Any = None  # required by the OpenAI client; meaningless for music, so ignored
+    response_format: str = "wav"
+    speed: float = Field(1.0, ge=0.25, le=4.0)  # OpenAI's range; accepted and ignored
+    duration: float | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class GenerationCancelled(Exception):
+    """Raised inside generate() when the client has gone away."""
+
+
+def _abort_when(event: threading.Event) -> Any:
+    """A stopping criterion that aborts generate() once ``event`` is set.
+
+    Raising (rather than stopping) also skips decoding the partial audio. A streamer
+    would be the lighter hook, but MusicGen's generate() in transformers 5 hands the
+    streamer only the prompt, never the decoding steps.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AbortWhenCancelled(StoppingCriteria):  # type: ignore[misc]  # transformers is untyped here
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            if event.is_set():
+                raise GenerationCancelled
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([AbortWhenCancelled()])
+
+
+class TransformersEngine:
+    """MusicGen through transformers. The service talks to it only via ``generate_audio``,
+    so another engine (audiocraft, in its own environment) could replace it."""
+
+    def __init__(self, path: str, device: str, dtype: str, guidance_scale: float) -> None:
+        import torch
+        from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+        self.torch = torch
+        self.device = device
+        self.guidance_scale = guidance_scale
+        self.processor = AutoProcessor.from_pretrained(path)
+        model = MusicgenForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model = model.to(device).eval()
+        audio = self.model.config.audio_encoder
+        self.sampling_rate = int(audio.sampling_rate)
+        hop = math.prod(audio.upsampling_ratios)
+        self.frame_rate = int(getattr(audio, "frame_rate", None) or math.ceil(self.sampling_rate / hop))
+        self.num_codebooks = int(self.model.decoder.config.num_codebooks)
+        # The decoder's position table bounds how long one generation can be.
+        positions = int(self.model.decoder.config.max_position_embeddings)
+        self.max_duration = (positions - self.num_codebooks) / self.frame_rate
+
+    def tokens_for(self, duration: float) -> int:
+        # The delay pattern staggers the codebooks by one step each, so the first
+        # (num_codebooks - 1) steps produce no complete frame.
+        return max(1, round(duration * self.frame_rate)) + self.num_codebooks - 1
+
+    def generate_audio(self, prompt: str, duration: float, seed: int,
+                       cancelled: threading.Event | None = None) -> tuple[Any, int]:
+        """Mono float32 samples in [-1, 1] (a numpy array) and their sampling rate."""
+        torch = self.torch
+        inputs = self.processor(text=[prompt], padding=True, return_tensors="pt").to(self.device)
+        torch.manual_seed(seed)  # seeds CPU and every CUDA device: same seed, same audio
+        with torch.inference_mode():
+            audio = self.model.generate(
+                **inputs, max_new_tokens=self.tokens_for(duration), do_sample=True,
+                guidance_scale=self.guidance_scale, stopping_criteria=_abort_when(cancelled or threading.Event()))
+        samples = audio[0].float().mean(dim=0).cpu().numpy()  # (channels, n) → mono
+        return samples[: round(duration * self.sampling_rate)], self.sampling_rate
+
+    def close(self) -> None:
+        cuda = self.device.startswith("cuda")
+        del self.model, self.processor
+        gc.collect()
+        if cuda:
+            self.torch.cuda.empty_cache()
+
+
+def to_pcm16(samples: Any) -> bytes:
+    """Float samples → 16-bit signed little-endian PCM."""
+    import numpy as np
+
+    clipped = np.clip(samples, -1.0, 1.0)
+    return bytes((clipped * 32767.0).round().astype("<i2").tobytes())
+
+
+def encode(samples: Any, rate: int, fmt: str) -> bytes:
+    if fmt == "pcm":
+        return to_pcm16(samples)
+    buffer = io.BytesIO()
+    if fmt == "flac":
+        import soundfile
+
+        soundfile.write(buffer, samples, rate, format="FLAC", subtype="PCM_16")
+        return buffer.getvalue()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(to_pcm16(samples))
+    return buffer.getvalue()
+
+
+def supported_formats() -> list[str]:
+    # FLAC needs libsndfile through the optional soundfile package; offer it only if present.
+    flac = importlib.util.find_spec("soundfile") is not None
+    return ["wav", "pcm", *(["flac"] if flac else [])]
+
+
+def pick_device(choice: str, cpu_threads: int | None) -> str:
+    import torch
+
+    if cpu_threads:
+        # Process-wide; a tiny model on a shared CPU runs several times faster on one thread.
+        torch.set_num_threads(cpu_threads)
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+class MusicGenService(BaseService):
+    name = "musicgen"
+    default_port = 8003
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_path = "facebook/musicgen-medium"
+        self.engine: TransformersEngine | None = None
+        # One generation at a time, on one thread of our own: a cancelled request cannot
+        # release it while its generation is still running (a lock around
+        # asyncio.to_thread would), and queued work of a gone client never starts.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="musicgen")
+        self.formats: list[str] = []
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"],
+                            help="auto: float16 on CUDA, float32 on CPU")
+        parser.add_argument("--default-duration", type=float, default=5.0, help="seconds when a request gives none")
+        parser.add_argument("--max-duration", type=float, default=30.0, help="longest audio a request may ask for")
+        parser.add_argument("--guidance-scale", type=float, default=3.0,
+                            help="classifier-free guidance; 1.0 turns it off (half the compute)")
+        parser.add_argument("--cpu-threads", type=int, help="torch CPU threads (tiny models on a busy CPU: 1)")
+
+    async def load(self) -> None:
+        opts = self.options
+        device = pick_device(opts.device, opts.cpu_threads)
+        dtype = opts.dtype if opts.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+        log.info("musicgen: loading %s on %s (%s)", self.model_path, device, dtype)
+        path = str(self.model_path)
+        self.engine = await self.in_worker(TransformersEngine, path, device, dtype, opts.guidance_scale)
+        if opts.max_duration > self.engine.max_duration:
+            log.warning("musicgen: --max-duration %.1f s exceeds what the model can generate; using %.1f s",
+                        opts.max_duration, self.engine.max_duration)
+            opts.max_duration = self.engine.max_duration
+        opts.default_duration = min(opts.default_duration, opts.max_duration)
+        self.formats = supported_formats()
+
+    async def warmup(self) -> None:
+        # The first generate() pays for kernel selection and allocations; do it before ready.
+        assert self.engine is not None
+        began = time.monotonic()
+        await self.in_worker(self.engine.generate_audio, "warm up", 0.1, 0)
+        log.info("musicgen: warm-up generation took %.2f s", time.monotonic() - began)
+
+    async def unload(self) -> None:
+        engine, self.engine = self.engine, None
+        # Drop queued work, let a running generation end, without blocking the event loop.
+        await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+        if engine is not None:
+            engine.close()
+
+    async def in_worker(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def validate(self, request: SpeechRequest) -> tuple[str, float, int]:
+        """The prompt, duration and seed to generate with; 400 on bad values."""
+        prompt = request.input.strip()
+        if not prompt:
+            raise bad_request("'input' must be a non-empty music prompt.", "input")
+        if len(request.input) > MAX_INPUT_CHARS:
+            raise bad_request(f"'input' is longer than {MAX_INPUT_CHARS} characters.", "input")
+        if request.response_format not in self.formats:
+            raise bad_request(f"Unsupported response_format '{request.response_format}'; "
+                              f"supported: {', '.join(self.formats)}.", "response_format")
+        limit = self.options.max_duration
+        duration = self.options.default_duration if request.duration is None else request.duration
+        if not (0 < duration <= limit):
+            raise bad_request(f"'duration' must be more than 0 and at most {limit:g} seconds.", "duration")
+        seed = secrets.randbits(63) if request.seed is None else request.seed
+        return prompt, duration, seed
+
+    async def speech(self, request: SpeechRequest) -> Response:
+        prompt, duration, seed = self.validate(request)
+        assert self.engine is not None
+        cancelled = threading.Event()
+        began = time.monotonic()
+        try:
+            samples, rate = await self.in_worker(self.engine.generate_audio, prompt, duration, seed, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()  # the client went away: stop the running generation at its next step
+            log.info("musicgen: client went away; generation stopped")
+            raise
+        body = encode(samples, rate, request.response_format)
+        log.info("musicgen: %.1f s of audio in %.2f s (seed %d)", duration, time.monotonic() - began, seed)
+        headers = {"x-seed": str(seed), "x-sample-rate": str(rate)}
+        return Response(content=body, media_type=MEDIA_TYPES[request.response_format], headers=headers)
+
+    def add_routes(self, app: FastAPI) -> None:
+        @app.post("/v1/audio/speech")
+        async def speech(request: SpeechRequest) -> Response:
+            return await self.speech(request)
+
+
+__all__ = ["MusicGenService", "SpeechRequest", "TransformersEngine"]
+
+if __name__ == "__main__":
+    MusicGenService().run()

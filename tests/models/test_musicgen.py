@@ -1,0 +1,235 @@
+"""The musicgen service as a real process with a tiny random-weight MusicGen, over HTTP."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import REPO, health_status, running_service, wait_until
+
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = "models/musicgen/server.py"
+RATE = 32_000
+# One CPU thread: the tiny model is several times faster that way on a shared CPU.
+ARGS = ("--default-duration", "1.0", "--max-duration", "30", "--cpu-threads", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built in a child process: keeps torch (and its warnings) out of the test process.
+    out = tmp_path_factory.mktemp("musicgen-tiny")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "models.musicgen.tiny", str(out)], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=120)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def service(tiny: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    with running_service(SCRIPT, "--model", str(tiny), *ARGS) as running:
+        assert running[0].stdout is not None
+        os.set_blocking(running[0].stdout.fileno(), False)  # so service_log() can read what is there
+        yield running
+
+
+@pytest.fixture(scope="module")
+def url(service: tuple[subprocess.Popen[bytes], str]) -> str:
+    return service[1]
+
+
+_log = bytearray()
+
+
+def service_log(proc: subprocess.Popen[bytes]) -> str:
+    """Everything the service has logged so far (its stdout, read without blocking)."""
+    assert proc.stdout is not None
+    _log.extend(proc.stdout.read() or b"")
+    return _log.decode(errors="replace")
+
+
+def post(url: str, **body: Any) -> httpx.Response:
+    return httpx.post(url + "/v1/audio/speech", json=body, timeout=120)
+
+
+def speech(url: str, **body: Any) -> httpx.Response:
+    response = post(url, **{"model": "musicgen", "voice": "alloy", "input": "calm piano", **body})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def wav_info(data: bytes) -> tuple[int, int, int, float]:
+    """(channels, sample width, rate, seconds) of a WAV file."""
+    with wave.open(io.BytesIO(data)) as audio:
+        rate = audio.getframerate()
+        return audio.getnchannels(), audio.getsampwidth(), rate, audio.getnframes() / rate
+
+
+def assert_error(response: httpx.Response, param: str) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code", "param"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    return str(error["message"])
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.0])
+def test_wav_lasts_the_requested_duration(url: str, seconds: float) -> None:
+    response = speech(url, duration=seconds, seed=1, response_format="wav")
+    assert response.headers["content-type"] == "audio/wav"
+    channels, width, rate, duration = wav_info(response.content)
+    assert (channels, width, rate) == (1, 2, RATE)
+    assert abs(duration - seconds) <= 0.1
+
+
+def test_default_format_and_duration(url: str) -> None:
+    response = speech(url, seed=2)  # no response_format, no duration: WAV of --default-duration
+    assert response.headers["content-type"] == "audio/wav"
+    assert abs(wav_info(response.content)[3] - 1.0) <= 0.1
+
+
+def test_seed_makes_output_deterministic(url: str) -> None:
+    first = speech(url, duration=1.0, seed=7).content
+    again = speech(url, duration=1.0, seed=7).content
+    other = speech(url, duration=1.0, seed=8).content
+    assert first == again
+    assert first != other
+
+
+def test_unseeded_request_reports_a_seed_that_reproduces_it(url: str) -> None:
+    response = speech(url, duration=1.0)
+    seed = int(response.headers["x-seed"])
+    assert speech(url, duration=1.0, seed=seed).content == response.content
+
+
+def test_pcm_is_raw_16_bit_samples(url: str) -> None:
+    response = speech(url, duration=1.0, seed=1, response_format="pcm")
+    assert response.headers["content-type"] == "audio/pcm"
+    assert response.headers["x-sample-rate"] == str(RATE)
+    assert abs(len(response.content) - 2 * RATE * 1.0) <= 2 * RATE * 0.1
+    assert len(response.content) % 2 == 0
+    # The same samples as the WAV of the same seed, without the header.
+    wav = speech(url, duration=1.0, seed=1, response_format="wav").content
+    assert wav.endswith(response.content) and len(wav) - len(response.content) == 44
+
+
+def test_flac_only_with_soundfile(url: str) -> None:
+    response = post(url, input="calm piano", voice="alloy", duration=1.0, response_format="flac")
+    try:
+        import soundfile  # noqa: F401
+    except ImportError:
+        assert "wav" in assert_error(response, "response_format")
+    else:
+        assert response.status_code == 200
+        assert response.content.startswith(b"fLaC")
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": ""}, "input"),
+    ({"input": "   "}, "input"),
+    ({"voice": "alloy"}, "input"),
+    ({"input": "x" * 5000}, "input"),
+    ({"input": "calm piano", "duration": 0}, "duration"),
+    ({"input": "calm piano", "duration": -1}, "duration"),
+    ({"input": "calm piano", "duration": 30.5}, "duration"),
+    ({"input": "calm piano", "response_format": "mp3"}, "response_format"),
+    ({"input": "calm piano", "response_format": "opus"}, "response_format"),
+    ({"input": "calm piano", "speed": 10}, "speed"),
+    ({"input": "calm piano", "seed": -1}, "seed"),
+])
+def test_bad_requests_get_an_openai_400(url: str, body: dict[str, Any], param: str) -> None:
+    message = assert_error(post(url, **body), param)
+    if param == "response_format":
+        assert "wav" in message and "pcm" in message
+
+
+def test_still_healthy_after_errors(url: str) -> None:
+    assert_error(post(url, input=""), "input")
+    assert health_status(url) == 200
+    assert wav_info(speech(url, duration=1.0, seed=3).content)[2] == RATE
+
+
+def test_extra_fields_are_ignored(url: str) -> None:
+    plain = speech(url, duration=1.0, seed=4).content
+    extra = speech(url, duration=1.0, seed=4, voice="nova", speed=2.0, instructions="cheerful", user="u1",
+                   stream_format="audio", model="anything").content
+    assert plain == extra
+
+
+def test_health_answers_during_generation_and_requests_queue(url: str) -> None:
+    results: list[int] = []
+
+    def generate() -> None:
+        # 10 s: long enough (about a second even for the tiny model) to still be running at the probe.
+        results.append(post(url, input="slow jazz", voice="alloy", duration=10.0, seed=5).status_code)
+
+    workers = [threading.Thread(target=generate) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.2)
+    began = time.monotonic()
+    assert health_status(url) == 200
+    assert time.monotonic() - began < 1.0
+    assert any(worker.is_alive() for worker in workers)  # the probe really ran during a generation
+    for worker in workers:
+        worker.join(120)
+    assert results == [200, 200]
+
+
+def test_client_disconnect_stops_the_generation(service: tuple[subprocess.Popen[bytes], str]) -> None:
+    proc, url = service
+    with pytest.raises(httpx.TimeoutException):  # 30 s of audio takes seconds even for the tiny model
+        httpx.post(url + "/v1/audio/speech", json={"input": "long song", "voice": "a", "duration": 30}, timeout=0.3)
+    assert wait_until(lambda: "generation stopped" in service_log(proc), 10), service_log(proc)
+    began = time.monotonic()
+    speech(url, duration=1.0, seed=1)
+    assert time.monotonic() - began < 10  # not stuck behind the abandoned 30 s generation
+
+
+def test_official_openai_client(url: str) -> None:
+    # Closed explicitly: a pooled connection left to the garbage collector is a ResourceWarning (an error here).
+    with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+        audio = client.audio.speech.create(model="musicgen", voice="alloy", input="calm piano",
+                                           response_format="wav", extra_body={"duration": 1.0, "seed": 1})
+        data = audio.read()  # HttpxBinaryResponseContent: .read() / .content are the bytes
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.audio.speech.create(model="musicgen", voice="alloy", input="calm piano", response_format="mp3")
+    channels, _, rate, duration = wav_info(data)
+    assert (channels, rate) == (1, RATE)
+    assert abs(duration - 1.0) <= 0.1
+    assert caught.value.status_code == 400
+    assert caught.value.param == "response_format"
+
+
+def test_importing_the_server_does_not_import_torch() -> None:
+    code = ("import sys, models.musicgen.server, models.musicgen.tiny; "
+            "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=60)
+
+
+@pytest.mark.gpu
+def test_tiny_model_on_cuda(tiny: Path) -> None:
+    with running_service(SCRIPT, "--model", str(tiny), "--device", "cuda", *ARGS) as (_, base):
+        response = speech(base, duration=1.0, seed=1)
+        channels, width, rate, duration = wav_info(response.content)
+        assert (channels, width, rate) == (1, 2, RATE)
+        assert abs(duration - 1.0) <= 0.1
+        assert speech(base, duration=1.0, seed=1).content == response.content

@@ -32,7 +32,7 @@ ModelType = Literal["text", "image", "audio", "embedding", "custom"]
 
 # Placeholders a `command` or `args` entry may use; replaced literally (no str.format,
 # so JSON arguments with braces pass through untouched).
-PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}")
+PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}")
 
 
 class ConfigError(ValueError):
@@ -53,9 +53,10 @@ class ModelSpec(_Strict):
     command: str | list[str] | None = Field(
         None,
         description="Any OpenAI-compatible server command line instead of service_script "
-        "(e.g. `vllm serve MODEL --port {port}`). Placeholders: {port} {host} {model} {python}.",
+        "(e.g. `vllm serve MODEL --port {port}`). Placeholders: {port} {host} {model} {python} {base_dir}.",
     )
-    args: list[str] = Field(default_factory=list, description="Extra arguments appended to the command.")
+    args: list[str] = Field(default_factory=list, description="Extra arguments appended to the command "
+                            "(same placeholders; {base_dir} makes paths independent of the working directory).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables added for this service.")
     python: str | None = Field(
         None, description="Interpreter (path, name on PATH, or a venv folder) for service_script. "
@@ -277,7 +278,8 @@ def service_argv(spec: ModelSpec, python: str, base_dir: Path) -> list[str]:
         base = shlex.split(spec.command)
     else:
         base = list(spec.command or [])
-    values = {"{port}": str(spec.port), "{host}": spec.host, "{model}": spec.name, "{python}": python}
+    values = {"{port}": str(spec.port), "{host}": spec.host, "{model}": spec.name, "{python}": python,
+              "{base_dir}": str(base_dir)}
     return [_fill(token, values) for token in [*base, *spec.args]]
 
 

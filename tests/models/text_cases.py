@@ -69,7 +69,7 @@ def check_completions(url: str) -> None:
 
 
 def check_bad_requests(url: str) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"temperature": 5}, "temperature"),

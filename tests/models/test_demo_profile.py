@@ -1,0 +1,106 @@
+"""The shipped CPU demo profile through the orchestrator, with the official openai client.
+
+Runs model-orchestrator/models.demo.yaml as shipped, except for free ports and a temporary
+log folder: tiny text/image/music models and the real MiniLM embeddings model, swapped in
+and out of a pretend 4 GB GPU budget.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import wave
+from collections.abc import Iterator
+
+import openai
+import pytest
+import yaml
+
+from tests.integration.conftest import REPO, Orchestrator, free_port, start_orchestrator, stop_orchestrator
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sentence_transformers")
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def orch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
+    from models.build_tiny import DEFAULT_OUT, build_all
+
+    build_all(DEFAULT_OUT)  # what install.sh does; a no-op when they are already built
+    config = yaml.safe_load((REPO / "model-orchestrator" / "models.demo.yaml").read_text())
+    workdir = tmp_path_factory.mktemp("demo")
+    config["settings"].update(port=free_port(), log_dir=str(workdir / "logs"), base_dir=str(REPO))
+    for spec in config["models"].values():
+        spec["port"] = free_port()
+    path = workdir / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    running = start_orchestrator(path, workdir / "orchestrator.log")
+    yield running
+    stop_orchestrator(running)
+
+
+@pytest.fixture(scope="module")
+def client(orch: Orchestrator) -> openai.OpenAI:
+    return openai.OpenAI(base_url=orch.url + "/v1", api_key="demo", max_retries=0, timeout=300)
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    assert {m.id for m in client.models.list().data} == {"tiny-qwen", "tiny-flux", "tiny-musicgen", "all-minilm",
+                                                         "echo"}
+
+
+def test_chat_and_stream(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=5, temperature=0)
+    assert reply.model == "tiny-qwen" and reply.usage is not None and reply.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=6, stream=True, temperature=0)
+    chunks = [c for c in stream if c.choices]
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_image(client: openai.OpenAI) -> None:
+    from PIL import Image
+
+    result = client.images.generate(model="tiny-flux", prompt="a red fox", size="64x64",
+                                    response_format="b64_json")
+    assert result.data is not None and result.data[0].b64_json is not None
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_music(client: openai.OpenAI) -> None:
+    audio = client.audio.speech.create(model="tiny-musicgen", voice="alloy", input="calm piano",
+                                       response_format="wav", extra_body={"duration": 1.0})
+    with wave.open(io.BytesIO(audio.content)) as wav:
+        assert abs(wav.getnframes() / wav.getframerate() - 1.0) < 0.1
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    result = client.embeddings.create(model="text-embedding-3-small",
+                                      input=["A man is eating food.", "A man eats a piece of bread.",
+                                             "The movie is about aliens."])
+    vectors = [d.embedding for d in result.data]
+    assert len(vectors) == 3 and len(vectors[0]) == 384
+    assert _dot(vectors[0], vectors[1]) > _dot(vectors[0], vectors[2])
+
+
+def test_three_generators_do_not_fit_so_one_was_evicted(client: openai.OpenAI, orch: Orchestrator) -> None:
+    for call in (test_chat_and_stream, test_image, test_music):  # all three, in this order
+        call(client)
+    status = orch.status()
+    states = {name: entry["state"] for name, entry in status.items()}
+    loaded = [m for m in ("tiny-qwen", "tiny-flux", "tiny-musicgen") if states[m] == "ready"]
+    assert loaded == ["tiny-flux", "tiny-musicgen"], states  # 3 x 1.5 GB > 4 GB: the LRU one went
+    held = sum(entry["vram_gb"] for entry in status.values() if entry["state"] == "ready")
+    assert held <= 4, states  # the budget is never exceeded
+
+
+def test_unknown_model_is_a_not_found_error(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-model", input="x")
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))

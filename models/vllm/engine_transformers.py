@@ -13,13 +13,13 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from models.vllm.openai_text import GenerationParams, TextChunk, stop_cut
+from models.vllm.openai_text import GenerationParams, TextChunk, TokenizerPrompts, stop_cut
 
 log = logging.getLogger(__name__)
 _END = object()
 
 
-class TransformersEngine:
+class TransformersEngine(TokenizerPrompts):
     def __init__(self, model_path: str, device: str, dtype: str, max_model_len: int | None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,15 +32,6 @@ class TransformersEngine:
         configured = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_model_len = min(max_model_len or configured, configured)
         self._lock = asyncio.Lock()
-
-    # -- prompts ------------------------------------------------------------------------
-
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.prompt_ids(str(text))
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     # -- generation ----------------------------------------------------------------------
 

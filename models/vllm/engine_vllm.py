@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from models.vllm.openai_text import GenerationParams, TextChunk
+from models.vllm.openai_text import GenerationParams, TextChunk, TokenizerPrompts
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class VllmSettings:
     tensor_parallel_size: int = 1
 
 
-class VllmEngine:
+class VllmEngine(TokenizerPrompts):
     def __init__(self, engine: Any, tokenizer: Any, max_model_len: int) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -49,13 +49,6 @@ class VllmEngine:
         engine = AsyncLLM.from_engine_args(args)
         max_len = int(engine.model_config.max_model_len)
         return cls(engine, AutoTokenizer.from_pretrained(settings.model), max_len)
-
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.prompt_ids(str(text))
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams, request_id: str
                        ) -> AsyncIterator[TextChunk]:

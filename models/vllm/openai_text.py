@@ -96,6 +96,19 @@ class TextEngine(Protocol):
     async def close(self) -> None: ...
 
 
+class TokenizerPrompts:
+    """Prompt handling both engines share: the model's own chat template and tokenizer."""
+
+    tokenizer: Any
+
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.prompt_ids(str(text))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 # --- validation -----------------------------------------------------------------------
 
 

@@ -20,6 +20,16 @@ bash scripts/install.sh --venv "$VENV" --extras test --models cpu
     --config-settings editable_mode=strict -e . 2>/dev/null \
     || uv pip install --quiet --python "$VENV/bin/python" --no-deps --config-settings editable_mode=strict -e .
 
+# The provisioning tests run the real playbook; its tooling lives apart from the model stack.
+ANSIBLE_VENV="${AIO_ANSIBLE_VENV:-$REPO_ROOT/.venv-ansible}"
+if [[ ! -x "$ANSIBLE_VENV/bin/ansible-playbook" ]]; then
+    echo "==> installing Ansible tooling into $ANSIBLE_VENV"
+    "$VENV/bin/python" -m venv "$ANSIBLE_VENV"
+    "$ANSIBLE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "ansible-core>=2.17,<2.20" "ansible-lint>=25" "yamllint>=1.35"
+fi
+export AIO_ANSIBLE_BIN="$ANSIBLE_VENV/bin"
+
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 echo "==> mypy"

@@ -1,0 +1,146 @@
+"""The Ansible playbook, for real: lint, then a converge on this machine, then an idempotent re-run.
+
+Runs with the CPU profile into a temporary data folder (apt packages go onto this machine:
+CI runs as root, as a RunPod pod does). The GPU-only steps (per-service environments on CUDA
+torch, weight downloads from the hub, joining a tailnet) are covered by lint and syntax
+checks here and run on a pod; see docs/DEPLOYMENT.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_BIN = Path(os.environ.get("AIO_ANSIBLE_BIN", REPO / ".venv-ansible" / "bin"))
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (ANSIBLE_BIN / "ansible-playbook").exists(),
+                       reason=f"no Ansible tooling in {ANSIBLE_BIN} (scripts/test.sh creates it)"),
+]
+
+
+def run(tool: str, *args: str, env: dict[str, str] | None = None, timeout: float = 1500
+        ) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PATH": f"{ANSIBLE_BIN}{os.pathsep}{os.environ['PATH']}", "ANSIBLE_NOCOLOR": "1",
+                   "ANSIBLE_FORCE_COLOR": "0", **(env or {})}
+    environment.pop("TS_AUTHKEY", None)
+    return subprocess.run([str(ANSIBLE_BIN / tool), *args], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def recap(output: str) -> dict[str, int]:
+    line = next(line for line in output.splitlines() if line.startswith("localhost") and "ok=" in line)
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", line)}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("aio-data")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def converged(data_dir: Path) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    first = run("ansible-playbook", "playbook.yml", "-e", f"aio_data_dir={data_dir}")
+    second = run("ansible-playbook", "playbook.yml", "-e", f"aio_data_dir={data_dir}")
+    return first, second
+
+
+def test_yamllint() -> None:
+    done = run("yamllint", "-s", ".")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_syntax_check() -> None:
+    done = run("ansible-playbook", "playbook.yml", "--syntax-check")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ansible_lint_production_profile_offline() -> None:
+    done = run("ansible-lint")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Profile 'production' was required, and it passed" in done.stdout + done.stderr
+
+
+def test_first_run_converges(converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path) -> None:
+    first = converged[0]
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
+    assert recap(first.stdout)["failed"] == 0
+    flat = " ".join(first.stdout.split())  # the YAML callback wraps long messages
+    assert "Orchestrator healthy; models: tiny-qwen, tiny-flux, tiny-musicgen, all-minilm, echo" in flat
+    assert "SKIP tailscale: no tailscale binary" in flat
+
+
+def test_second_run_changes_nothing(converged: tuple[subprocess.CompletedProcess[str], ...]) -> None:
+    second = converged[1]
+    assert second.returncode == 0, second.stdout[-5000:]
+    counts = recap(second.stdout)
+    changed = [line for line in second.stdout.splitlines() if line.startswith("changed:")]
+    assert counts["changed"] == 0 and counts["failed"] == 0, changed
+
+
+def test_rendered_config_points_every_service_at_its_environment(
+    converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path
+) -> None:
+    config = load_config(data_dir / "models.yaml")  # validates: scripts and interpreters exist
+    assert config.base_dir == REPO
+    pythons = {name: spec.python for name, spec in config.models.items()}
+    assert pythons["tiny-flux"] == str(data_dir / "venvs" / "models-cpu" / "bin" / "python")
+    assert pythons["echo"] == str(data_dir / "venvs" / "orchestrator" / "bin" / "python")
+
+
+def test_tags_run_alone(converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path) -> None:
+    done = run("ansible-playbook", "playbook.yml", "--tags", "validate", "-e", f"aio_data_dir={data_dir}")
+    assert done.returncode == 0 and recap(done.stdout)["changed"] == 0, done.stdout[-3000:]
+    assert "Install the system packages" not in done.stdout
+
+
+def test_cleanup_runs_only_when_asked_and_keeps_what_is_in_use(
+    converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path
+) -> None:
+    stale = data_dir / "venvs" / "old-env"
+    stale.mkdir()
+    done = run("ansible-playbook", "playbook.yml", "--tags", "cleanup", "-e", f"aio_data_dir={data_dir}")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert not stale.exists()
+    assert (data_dir / "venvs" / "models-cpu" / "bin" / "python").exists()
+    assert (data_dir / "venvs" / "orchestrator" / "bin" / "python").exists()
+
+
+def test_models_tag_downloads_from_a_hub_endpoint_once(
+    converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path
+) -> None:
+    from tests.provisioning.hub_server import FakeRepo, HubServer
+
+    extra = ["--tags", "models", "-e", f"aio_data_dir={data_dir}",
+             "-e", '{"aio_models": {"cpu": ["acme/tiny"], "gpu": []}}']
+    with HubServer([FakeRepo.small("acme/tiny")]) as hub:
+        first = run("ansible-playbook", "playbook.yml", *extra, "-e", f"aio_hf_endpoint={hub.url}")
+        assert first.returncode == 0, first.stdout[-4000:]
+        assert recap(first.stdout)["changed"] == 1
+        downloads = [s for s in hub.seen if s.method == "GET" and "/resolve/" in s.path]
+        assert downloads  # the weights came from the local hub
+    # Complete in the cache: a second run changes nothing, and needs no hub at all.
+    second = run("ansible-playbook", "playbook.yml", *extra, "-e", "aio_hf_endpoint=http://127.0.0.1:9")
+    assert second.returncode == 0 and recap(second.stdout)["changed"] == 0, second.stdout[-4000:]
+    snapshots = list((data_dir / "hf" / "hub").glob("models--acme--tiny/snapshots/*/model.safetensors"))
+    assert len(snapshots) == 1
+
+
+def test_preflight_refuses_the_gpu_profile_without_a_gpu(data_dir: Path) -> None:
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine may have a GPU")
+    done = run("ansible-playbook", "playbook.yml", "--tags", "base", "-e", f"aio_data_dir={data_dir}",
+               "-e", "aio_profile=gpu")
+    assert done.returncode != 0
+    assert "finds no GPU" in done.stdout and "aio_profile=cpu" in done.stdout

@@ -45,8 +45,10 @@ def interpreter_for(script: str, venvs: Path, layout: Layout) -> Path:
     return venvs / env / "bin" / "python"
 
 
-def render(base: dict[str, Any], root: Path, venvs: Path, layout: Layout, log_dir: Path | None) -> dict[str, Any]:
-    """The base profile with absolute paths and a ``python:`` for every service_script model."""
+def render(base: dict[str, Any], root: Path, venvs: Path, layout: Layout, log_dir: Path | None,
+           hf_home: Path | None = None) -> dict[str, Any]:
+    """The base profile with absolute paths, a ``python:`` for every service_script model, and
+    ``HF_HOME`` for every model (where provisioning downloaded the weights) unless it sets one."""
     config = copy.deepcopy(base)
     settings = config.setdefault("settings", {})
     settings["base_dir"] = str(root)
@@ -55,6 +57,8 @@ def render(base: dict[str, Any], root: Path, venvs: Path, layout: Layout, log_di
     for spec in config.get("models", {}).values():
         if spec.get("service_script"):
             spec["python"] = str(interpreter_for(spec["service_script"], venvs, layout))
+        if hf_home is not None:
+            spec.setdefault("env", {}).setdefault("HF_HOME", str(hf_home))
     return config
 
 
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, help="the repository (base_dir of the output)")
     parser.add_argument("--venvs", type=Path)
     parser.add_argument("--log-dir", type=Path)
+    parser.add_argument("--hf-home", type=Path, help="HF_HOME for every model (where the weights are)")
     parser.add_argument("--no-check", action="store_true", help="skip validation (interpreters not built yet)")
     args = parser.parse_args(argv)
     base = yaml.safe_load(args.base.read_text())
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None or args.root is None or args.venvs is None:
         parser.error("--out, --root and --venvs are required unless --print-envs")
-    rendered = render(base, args.root.resolve(), args.venvs.resolve(), args.layout, args.log_dir)
+    rendered = render(base, args.root.resolve(), args.venvs.resolve(), args.layout, args.log_dir, args.hf_home)
     if not args.no_check:
         config_from_dict(rendered, args.out)  # raises ConfigError naming the key
     header = f"# Rendered by core.render_config from {args.base}; edit that file, not this one.\n"

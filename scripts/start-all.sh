@@ -17,12 +17,14 @@ Usage: $(basename "$0") [--config FILE] [--host H] [--port P] [--python PY] [--t
 Start the ai-orchestrator in the background and wait until GET /health answers 200.
 
 Options:
-  --config FILE   models.yaml to serve (default: \$AIO_CONFIG, else
-                  model-orchestrator/models.yaml when nvidia-smi sees a GPU,
-                  else the CPU demo profile model-orchestrator/models.demo.yaml)
+  --config FILE   models.yaml to serve (default: \$AIO_CONFIG, else the one
+                  scripts/install.sh rendered into the data folder (\$AIO_DATA_DIR or
+                  <repo>/.data), else model-orchestrator/models.yaml when nvidia-smi sees
+                  a GPU, else the CPU demo profile model-orchestrator/models.demo.yaml)
   --host H        listen address (default: settings.host from the config)
   --port P        listen port (default: settings.port from the config)
-  --python PY     interpreter (default: \$AIO_PYTHON, else <repo>/.venv/bin/python
+  --python PY     interpreter (default: \$AIO_PYTHON, else the orchestrator environment
+                  install.sh built in the data folder, else <repo>/.venv/bin/python
                   if it exists, else python3)
   --timeout S     seconds to wait for /health (default: 60)
   -h, --help      show this help and exit
@@ -39,8 +41,11 @@ EOF
 die() { echo "start-all: $*" >&2; exit 1; }
 usage_error() { echo "start-all: $*" >&2; echo "Try '$(basename "$0") --help'." >&2; exit 2; }
 
+DATA_DIR="${AIO_DATA_DIR:-$REPO_ROOT/.data}"
 default_config() {
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    if [[ -f "$DATA_DIR/models.yaml" ]]; then
+        echo "$DATA_DIR/models.yaml"  # rendered by the playbook: every service's interpreter set
+    elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "$REPO_ROOT/model-orchestrator/models.yaml"
     else
         echo "$REPO_ROOT/model-orchestrator/models.demo.yaml"
@@ -51,6 +56,8 @@ HOST=""
 PORT=""
 if [[ -n "${AIO_PYTHON:-}" ]]; then
     PY="$AIO_PYTHON"
+elif [[ -x "$DATA_DIR/venvs/orchestrator/bin/python" ]]; then
+    PY="$DATA_DIR/venvs/orchestrator/bin/python"
 elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
     PY="$REPO_ROOT/.venv/bin/python"
 else

@@ -14,7 +14,7 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     exit 0
 fi
 
-bash scripts/install.sh --venv "$VENV" --extras test --models cpu
+bash scripts/lib/dev-venv.sh --venv "$VENV" --extras test --models cpu
 # Strict editable mode lets mypy see model_orchestrator (the folder is model-orchestrator/).
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
     --config-settings editable_mode=strict -e . 2>/dev/null \

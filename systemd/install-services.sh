@@ -14,7 +14,9 @@ TEMPLATE="$SCRIPT_DIR/ai-orchestrator.service"
 UNIT_NAME="ai-orchestrator.service"
 
 PYTHON="$REPO_ROOT/.venv/bin/python"
+[[ -x "$REPO_ROOT/.data/venvs/orchestrator/bin/python" ]] && PYTHON="$REPO_ROOT/.data/venvs/orchestrator/bin/python"
 CONFIG="$REPO_ROOT/model-orchestrator/models.yaml"
+[[ -f "$REPO_ROOT/.data/models.yaml" ]] && CONFIG="$REPO_ROOT/.data/models.yaml"  # rendered by the playbook
 RUN_AS="root"
 UNIT_DIR="/etc/systemd/system"
 ENV_FILE="/etc/ai-orchestrator/orchestrator.env"
@@ -33,8 +35,10 @@ container start command to use instead (scripts/start-all.sh).
 
 Options:
   --python PY         interpreter that runs the orchestrator
-                      (default: <repo>/.venv/bin/python, made by scripts/install.sh)
-  --config FILE       models.yaml to serve (default: model-orchestrator/models.yaml)
+                      (default: the orchestrator environment scripts/install.sh built in
+                      <repo>/.data, else <repo>/.venv/bin/python)
+  --config FILE       models.yaml to serve (default: <repo>/.data/models.yaml rendered by
+                      scripts/install.sh, else model-orchestrator/models.yaml)
   --user NAME         account the service runs as (default: root)
   --unit-dir DIR      where the unit goes (default: /etc/systemd/system)
   --env-file FILE     environment file for secrets, created with mode 0600 if missing,

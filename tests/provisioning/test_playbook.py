@@ -137,6 +137,17 @@ def test_models_tag_downloads_from_a_hub_endpoint_once(
     assert len(snapshots) == 1
 
 
+def test_install_sh_runs_the_playbook(converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path) -> None:
+    env = {**os.environ, "AIO_ANSIBLE_VENV": str(ANSIBLE_BIN.parent), "ANSIBLE_NOCOLOR": "1"}
+    env.pop("TS_AUTHKEY", None)
+    done = subprocess.run([str(REPO / "scripts" / "install.sh"), "--data-dir", str(data_dir), "--profile", "cpu",
+                           "--tags", "validate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert recap(done.stdout)["failed"] == 0 and "Orchestrator healthy" in done.stdout
+    assert f"it serves {data_dir}/models.yaml" in done.stdout
+
+
 def test_preflight_refuses_the_gpu_profile_without_a_gpu(data_dir: Path) -> None:
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine may have a GPU")

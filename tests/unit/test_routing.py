@@ -11,7 +11,7 @@ from core.config import config_from_dict
 from core.errors import ServiceError
 from model_orchestrator.routing import ModelIndex, model_field, split_upstream_path
 
-SOURCE = Path("/tmp/x/models.yaml")
+SOURCE = Path("models.yaml")  # never read: these configs come from dicts
 
 
 def model(kind: str, port: int, **extra: Any) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from typing import IO
 
+from core import repo_pythonpath
+
 
 def serve(stream: IO[str]) -> set[int]:
     """Track groups from ``stream`` until EOF; return the ones still registered."""
@@ -56,7 +58,7 @@ class Reaper:
             stdin=subprocess.PIPE,
             text=True,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": _import_root()},
+            env={**os.environ, "PYTHONPATH": repo_pythonpath(os.environ.get("PYTHONPATH"))},
         )
         self._stdin = self._proc.stdin
 
@@ -89,13 +91,6 @@ class Reaper:
             self._stdin.flush()
         except OSError:  # the reaper died; services still have their parent-death signal
             self._stdin = None
-
-
-def _import_root() -> str:
-    """The folder holding the `core` package, prepended to any existing PYTHONPATH."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    existing = os.environ.get("PYTHONPATH")
-    return f"{root}{os.pathsep}{existing}" if existing else root
 
 
 if __name__ == "__main__":

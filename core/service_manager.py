@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from core import repo_pythonpath
 from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
 from core.log_capture import ServiceLog
 from core.process_tree import port_holder, spawn_group_leader, terminate_tree
@@ -330,7 +331,5 @@ def service_env(spec: ModelSpec) -> dict[str, str]:
     """The child's environment: ours, the spec's additions, unbuffered output, `core` importable."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
     if spec.service_script is not None:
-        root = str(Path(__file__).resolve().parent.parent)
-        existing = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = f"{root}{os.pathsep}{existing}" if existing else root
+        env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))
     return env

@@ -30,6 +30,7 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict
 
 from core.base_service import BaseService
+from core.devices import resolve_device
 from core.errors import bad_request
 
 if TYPE_CHECKING:
@@ -140,18 +141,12 @@ class EmbeddingsService(BaseService):
                  self.model.device, time.monotonic() - started)
 
     def load_model(self) -> SentenceTransformer:
-        import torch
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # no "Loading weights" bars in the service log
 
-        device = self.options.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but torch sees no CUDA device")
-        model = SentenceTransformer(str(self.model_path), device=device)
+        model = SentenceTransformer(str(self.model_path), device=resolve_device(self.options.device))
         model.eval()
         return model
 

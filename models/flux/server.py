@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
+from core.devices import resolve_device
 from core.errors import bad_request
 
 log = logging.getLogger("flux")  # not __name__: run as a script that is "__main__"
@@ -138,12 +139,7 @@ class FluxService(BaseService):
         return pipe
 
     def _device_and_dtype(self, torch: Any) -> tuple[str, Any]:
-        cuda = bool(torch.cuda.is_available())
-        device = self.options.device
-        if device == "auto":
-            device = "cuda" if cuda else "cpu"
-        elif device == "cuda" and not cuda:
-            raise RuntimeError("--device cuda was requested but CUDA is not available")
+        device = resolve_device(self.options.device)
         name = self.options.dtype
         if name == "auto":
             name = "bfloat16" if device == "cuda" else "float32"  # CPU half precision is slow

@@ -32,6 +32,7 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
+from core.devices import resolve_device
 from core.errors import bad_request
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,7 @@ def pick_device(choice: str, cpu_threads: int | None) -> str:
     if cpu_threads:
         # Process-wide; a tiny model on a shared CPU runs several times faster on one thread.
         torch.set_num_threads(cpu_threads)
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
+    return resolve_device(choice)
 
 
 class MusicGenService(BaseService):

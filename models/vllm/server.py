@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from core.base_service import BaseService
+from core.devices import resolve_device
 from core.errors import bad_request
 from models.vllm.openai_text import (
     ChatRequest,
@@ -88,11 +89,7 @@ class TextService(BaseService):
     async def _load_transformers(self) -> TextEngine:
         from models.vllm.engine_transformers import TransformersEngine
 
-        device = self.options.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(self.options.device)
         return await asyncio.to_thread(TransformersEngine, str(self.model_path), device, self.options.dtype,
                                        self.options.max_model_len)
 

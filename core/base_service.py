@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import sys
 from abc import ABC, abstractmethod
@@ -43,6 +44,7 @@ from fastapi.responses import JSONResponse
 
 from core.http_errors import install_error_handlers
 from core.log_setup import configure_logging
+from core.memory_share import VRAM_ENV, share_from_env
 from core.service_guard import ServiceGuard
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class BaseService(ABC):
     # Warm swapping (parking a model in host memory instead of stopping it) is a planned
     # orchestrator feature; services that can do it set this and implement the hooks.
     supports_offload: ClassVar[bool] = False
+    # The packages the service's engine imports in load() (e.g. "diffusers"): ``--check-imports``
+    # imports them without loading a model, so provisioning can prove an environment works.
+    engine_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self.options = argparse.Namespace()
@@ -71,6 +76,7 @@ class BaseService(ABC):
         self.health = Health.LOADING
         self.error: str | None = None
         self.max_concurrency: int | None = None
+        self.vram_gb: float | None = None  # share of the GPU (GiB); None: the whole GPU
         self._server: uvicorn.Server | None = None
         self._load_task: asyncio.Task[None] | None = None
 
@@ -105,6 +111,37 @@ class BaseService(ABC):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add service-specific command-line options (read them from ``self.options``)."""
+
+    def required_modules(self) -> tuple[str, ...]:
+        """What ``load()`` will import with these options (override when it depends on them)."""
+        return self.engine_modules
+
+    def check_imports(self) -> dict[str, Any]:
+        """Import the engine's packages (no model is loaded); their versions, or the first failure."""
+        import importlib
+        import importlib.metadata
+
+        found: dict[str, str] = {}
+        for module in self.required_modules():
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # ImportError, or a package that breaks while importing
+                return {"service": self.name, "ok": False, "modules": found,
+                        "error": f"import {module}: {type(exc).__name__}: {exc}"}
+            top = module.split(".")[0]
+            try:
+                found[module] = importlib.metadata.version(top.replace("_", "-"))
+            except importlib.metadata.PackageNotFoundError:
+                found[module] = "?"
+        report: dict[str, Any] = {"service": self.name, "ok": True, "modules": found}
+        if getattr(self.options, "device", None) is not None:  # a torch service: can it use its device?
+            from core.devices import resolve_device
+
+            try:
+                report["device"] = resolve_device(self.options.device)
+            except Exception as exc:
+                report.update(ok=False, error=f"--device {self.options.device}: {exc}")
+        return report
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -177,6 +214,11 @@ class BaseService(ABC):
         parser.add_argument("--drain-timeout", type=float, default=30.0,
                             help="seconds in-flight requests get to finish after SIGTERM")
         parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        parser.add_argument("--check-imports", action="store_true",
+                            help="import the engine's packages, print a JSON report and exit (no model is loaded)")
+        parser.add_argument("--vram-gb", type=float, default=share_from_env(),
+                            help=f"this service's share of the GPU in GiB (default: ${VRAM_ENV}, which the "
+                            "orchestrator sets from vram_gb; unset: the whole GPU)")
         self.add_arguments(parser)
         return parser
 
@@ -185,6 +227,11 @@ class BaseService(ABC):
         self.options = self.argument_parser().parse_args(argv)
         self.model_path = self.options.model or self.model_path or self.default_model
         self.max_concurrency = self.options.max_concurrency
+        self.vram_gb = self.options.vram_gb
+        if self.options.check_imports:
+            report = self.check_imports()
+            print(json.dumps(report), flush=True)
+            sys.exit(0 if report["ok"] else 1)
         configure_logging(self.options.log_level)
         config = uvicorn.Config(
             self.create_app(), host=self.options.host, port=self.options.port, log_config=None,

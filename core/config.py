@@ -32,7 +32,7 @@ ModelType = Literal["text", "image", "audio", "embedding", "custom"]
 
 # Placeholders a `command` or `args` entry may use; replaced literally (no str.format,
 # so JSON arguments with braces pass through untouched).
-PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}")
+PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}", "{weights}")
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,29 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightsSpec(_Strict):
+    """Where a model's weights come from: a hub repository, and which of its files the service loads.
+
+    Provisioning downloads exactly this (the playbook's `models` tag reads it from the served
+    profile), and ``{weights}`` in ``args``/``command`` passes the repo id to the service, which
+    resolves it from the HF cache.
+    """
+
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$",
+                      description="Hugging Face hub repo id, e.g. Qwen/Qwen2.5-7B-Instruct.")
+    revision: str = Field("main", min_length=1, description="Branch, tag or commit to download.")
+    allow_patterns: list[str] = Field(
+        default_factory=list, description="Only files matching these globs are downloaded (empty: every file)."
+    )
+    ignore_patterns: list[str] = Field(
+        default_factory=list, description="Files matching these globs are skipped (e.g. a second copy of the "
+        "weights in another format)."
+    )
+    size_gb: float | None = Field(
+        None, ge=0, description="Download size in GiB of the allowed files (for the disk check and the docs)."
+    )
 
 
 class ModelSpec(_Strict):
@@ -92,6 +115,9 @@ class ModelSpec(_Strict):
         3, ge=1, description="Failures within settings.restart_window after which the model is marked failed."
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free data shown in /v1/models.")
+    weights: WeightsSpec | None = Field(
+        None, description="Hub weights the model loads: downloaded by provisioning, passed as {weights}."
+    )
 
     _name: str = PrivateAttr("")
 
@@ -279,7 +305,7 @@ def service_argv(spec: ModelSpec, python: str, base_dir: Path) -> list[str]:
     else:
         base = list(spec.command or [])
     values = {"{port}": str(spec.port), "{host}": spec.host, "{model}": spec.name, "{python}": python,
-              "{base_dir}": str(base_dir)}
+              "{base_dir}": str(base_dir), "{weights}": spec.weights.repo if spec.weights else "{weights}"}
     return [_fill(token, values) for token in [*base, *spec.args]]
 
 

@@ -20,6 +20,16 @@ def cross_model_problems(config: OrchestratorConfig) -> list[str]:
     problems += _command_choice(config)
     problems += _defaults(config)
     problems += _vram_within_budget(config)
+    problems += _weights_placeholder(config)
+    return problems
+
+
+def _weights_placeholder(config: OrchestratorConfig) -> list[str]:
+    problems = []
+    for name, spec in config.models.items():
+        command = spec.command if isinstance(spec.command, list) else [spec.command or ""]
+        if spec.weights is None and any("{weights}" in token for token in [*command, *spec.args]):
+            problems.append(f"model {name!r}: key 'args': uses {{weights}} but the model has no 'weights' key")
     return problems
 
 

@@ -2,8 +2,10 @@
 
 Model servers fork: vLLM starts engine-core workers, torch starts compile workers.
 Killing only the direct child leaves orphans holding GPU memory and ports, so every
-service runs as the leader of its own process group, is stopped by signalling the
-group, and is swept with psutil afterwards for anything that escaped the group.
+service runs as the leader of its own process group. A stop signals the leader first,
+so the service can drain its requests and shut its own children down in order (vLLM's
+engine core must outlive the requests it serves); whatever is left of the group is then
+signalled, and swept with psutil for anything that escaped the group.
 """
 
 from __future__ import annotations
@@ -99,26 +101,77 @@ async def terminate_tree(
     timeout: float,
     on_escalate: Callable[[], None] | None = None,
 ) -> int | None:
-    """SIGTERM the group, wait ``timeout`` s, SIGKILL the group, sweep stragglers.
+    """SIGTERM the leader, wait ``timeout`` s, SIGKILL the group; then end what is left of it.
 
-    Returns the leader's exit status. Escaped descendants (that left the group with
-    setsid) are remembered before the first signal and killed at the end.
+    Returns the leader's exit status. Children that outlive a leader that exited on its own
+    get SIGTERM and a short grace before SIGKILL. Escaped descendants (that left the group
+    with setsid) are remembered before the first signal and killed at the end.
     """
     pgid = process.pid
     escaped = [p for p in descendants(pgid) if _pgid_of(p.pid) not in (pgid, None)]
-    signal_group(pgid, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(process.wait(), timeout)
-    except asyncio.TimeoutError:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pgid, signal.SIGTERM)
+    if not await leader_exited(process, timeout):
         if on_escalate is not None:
             on_escalate()
         signal_group(pgid, signal.SIGKILL)
-        await process.wait()
-    stragglers = group_members(pgid) + [p for p in escaped if p.is_running()]
+    await asyncio.to_thread(_end_group, pgid, escaped, min(timeout, _STRAGGLER_GRACE))
+    return await process.wait()  # returns once the group is gone and the output pipe has closed
+
+
+async def leader_exited(process: asyncio.subprocess.Process, timeout: float | None = None) -> bool:
+    """Wait until the leader itself has exited; False if ``timeout`` passed first.
+
+    Not ``process.wait()``: on Python < 3.12 that also waits for the output pipe to close,
+    which children that inherited it (vLLM's engine core, a stray ``sleep``) keep open after
+    the leader is gone. A pidfd becomes readable the moment the process terminates.
+    """
+    if process.returncode is not None:
+        return True
+    try:
+        fd = os.pidfd_open(process.pid)
+    except ProcessLookupError:  # exited and reaped in between
+        return True
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    # asyncio's child watcher reaps it and sets returncode a moment later (another thread).
+    for _ in range(200):
+        if _returncode(process) is not None:
+            break
+        await asyncio.sleep(0.005)
+    return True
+
+
+def _returncode(process: asyncio.subprocess.Process) -> int | None:
+    return process.returncode  # a call, so type checkers do not assume it cannot change across awaits
+
+
+_STRAGGLER_GRACE = 5.0  # seconds a leftover child gets after SIGTERM, once its leader is gone
+
+
+def _end_group(pgid: int, escaped: Sequence[psutil.Process], grace: float) -> None:
+    """SIGTERM the group's remaining members, wait up to ``grace``, SIGKILL the rest (and the escaped)."""
+    members = group_members(pgid)
+    if members and signal_group(pgid, signal.SIGTERM):
+        _, members = psutil.wait_procs(members, timeout=grace)
+    stragglers = [*members, *(p for p in escaped if p.is_running())]
     if stragglers:
         signal_group(pgid, signal.SIGKILL)
-        await asyncio.to_thread(kill_all, stragglers)
-    return process.returncode
+        kill_all(stragglers)
 
 
 def _pgid_of(pid: int) -> int | None:

@@ -29,7 +29,8 @@ import httpx
 from core import repo_pythonpath
 from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
 from core.log_capture import ServiceLog
-from core.process_tree import port_holder, spawn_group_leader, terminate_tree
+from core.memory_share import VRAM_ENV
+from core.process_tree import leader_exited, port_holder, spawn_group_leader, terminate_tree
 from core.reaper import Reaper
 from core.restart_policy import RestartPolicy, decide_restart
 from core.service_state import ServiceState, check_transition
@@ -85,7 +86,7 @@ class ManagedService:
         self.listeners: list[Callable[[], None]] = []
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
-        self._exit_task: asyncio.Task[int] | None = None
+        self._exit_task: asyncio.Task[int | None] | None = None
 
     @property
     def name(self) -> str:
@@ -195,10 +196,11 @@ class ManagedService:
 
     # -- exits and failures -------------------------------------------------------------
 
-    async def _watch_exit(self, process: asyncio.subprocess.Process) -> int:
+    async def _watch_exit(self, process: asyncio.subprocess.Process) -> int | None:
         assert process.stdout is not None
         pump = asyncio.create_task(self.log.pump(process.stdout))
-        returncode = await process.wait()
+        await leader_exited(process)  # not process.wait(): children may hold the pipe open
+        returncode = process.returncode
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(pump), _PIPE_DRAIN_TIMEOUT)
         pump.cancel()
@@ -328,8 +330,12 @@ class ServiceManager:
 
 
 def service_env(spec: ModelSpec) -> dict[str, str]:
-    """The child's environment: ours, the spec's additions, unbuffered output, `core` importable."""
+    """The child's environment: ours, the spec's additions, unbuffered output, `core` importable,
+    and its GPU share (``vram_gb``) for the engines to keep to (see core/memory_share.py)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+    env.pop(VRAM_ENV, None)  # never inherit another model's share
+    if spec.vram_gb:
+        env[VRAM_ENV] = f"{spec.vram_gb:g}"
     if spec.service_script is not None:
         env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))
     return env

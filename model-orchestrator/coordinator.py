@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from core.config import Settings
 from core.errors import ServiceError
+from core.memory_share import WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.service_state import ServiceState
 from model_orchestrator.scheduler import Decision, Join, ModelView, Reject, Serve, Start, Wait, plan
@@ -141,11 +142,21 @@ class Coordinator:
     def _begin_swap(self, svc: ManagedService, evict: tuple[str, ...]) -> None:
         """Stop the victims and start ``svc`` once they are gone. Synchronous: no await."""
         stops: list[Awaitable[object]] = [self.manager[v].stop(f"evicted for {svc.name}") for v in evict]
-        if evict and self._memory_released is not None and svc.spec.vram_gb is not None:
-            stops = [self._after(stops, self._memory_released(svc.spec.vram_gb))]
+        need = self._gpu_need(svc)
+        if need is not None and self._memory_released is not None:
+            # Before every start, not only after an eviction: a model stopped a moment ago (TTL,
+            # an operator's unload, a crash) may still be handing its memory back to the driver.
+            stops = [self._after(stops, self._memory_released(need))]
         if evict:
             log.info("swap: stopping %s to load %s", ", ".join(evict), svc.name)
         svc.start(after=stops)
+
+    def _gpu_need(self, svc: ManagedService) -> float | None:
+        """GiB that must be free on the GPU before ``svc`` starts (None: it uses no GPU, or no budget)."""
+        if svc.spec.vram_gb is not None:
+            return svc.spec.vram_gb or None
+        # A whole-GPU model: the share its engine takes by default (vLLM: 0.9 of the card).
+        return None if self.budget_gb is None else self.budget_gb * WHOLE_GPU_UTILIZATION
 
     @staticmethod
     async def _after(first: list[Awaitable[object]], then: Awaitable[None]) -> None:

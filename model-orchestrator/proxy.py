@@ -24,7 +24,7 @@ from core.config import ModelSpec
 from core.errors import ServiceError, error_body
 from model_orchestrator.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
 from model_orchestrator.coordinator import Coordinator
-from model_orchestrator.routing import ModelIndex, model_field, split_upstream_path
+from model_orchestrator.routing import ModelIndex, parse_model, split_upstream_path, upstream_body
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class Proxy:
         """POST /v1/...: the body's ``model`` (or the endpoint's default) picks the service."""
         try:
             body = await read_body(receive)
-            spec = self.index.resolve(model_field(body), scope["path"])
+            requested, data = parse_model(body)
+            spec = self.index.resolve(requested, scope["path"])
+            body = upstream_body(body, requested, data, spec)
         except ServiceError as exc:
             await send_error(send, exc)
             return

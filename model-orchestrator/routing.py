@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from core.config import ModelSpec, ModelType, OrchestratorConfig
 from core.errors import ServiceError
@@ -69,8 +70,13 @@ class ModelIndex:
 
 def model_field(body: bytes) -> str | None:
     """The ``model`` of a JSON request body; None if absent. 400 if the body is not a JSON object."""
+    return parse_model(body)[0]
+
+
+def parse_model(body: bytes) -> tuple[str | None, dict[str, Any]]:
+    """(the body's ``model`` or None, the parsed body). 400 if the body is not a JSON object."""
     if not body:
-        return None
+        return None, {}
     try:
         data = json.loads(body)
     except ValueError:
@@ -79,10 +85,22 @@ def model_field(body: bytes) -> str | None:
         raise ServiceError(400, "The request body must be a JSON object.", "invalid_json")
     model = data.get("model")
     if model is None:
-        return None
+        return None, data
     if not isinstance(model, str) or not model:
         raise ServiceError(400, "'model' must be a non-empty string.", "invalid_value", param="model")
-    return model
+    return model, data
+
+
+def upstream_body(body: bytes, requested: str | None, data: dict[str, Any], spec: ModelSpec) -> bytes:
+    """The body to send upstream: an alias is replaced by the model's own name.
+
+    Upstreams serve a model under its models.yaml name (``--served-model-name {model}``) and,
+    like vLLM's server, answer 404 to any other; the alias is the orchestrator's business.
+    Requests that use the name itself (or none) pass through byte for byte.
+    """
+    if requested is None or requested == spec.name:
+        return body
+    return json.dumps({**data, "model": spec.name}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def split_upstream_path(path: str, index: ModelIndex) -> tuple[ModelSpec, str]:

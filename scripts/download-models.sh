@@ -3,17 +3,14 @@
 # Resumable within a run, verified against the hub's hashes, and a no-op (no network) for
 # models that are already complete. A thin wrapper around scripts/download_models.py.
 #
-#   scripts/download-models.sh                         # the GPU profile's default set (below)
+#   scripts/download-models.sh                         # the weights of the GPU profile's models
 #   scripts/download-models.sh Qwen/Qwen2.5-7B-Instruct@main --json
-#   scripts/download-models.sh --check                 # exit 1 unless the default set is complete (offline)
+#   scripts/download-models.sh --check                 # exit 1 unless those are complete (offline)
 #   scripts/download-models.sh --dry-run               # what would be downloaded, with sizes
 #
-# Default set, with rough download sizes (run --dry-run for exact numbers):
-#   Qwen/Qwen2.5-7B-Instruct           ~15 GB  (4 safetensors shards, bf16)
-#   black-forest-labs/FLUX.1-schnell   ~34 GB  (diffusers layout; the single-file
-#                                               flux1-schnell.safetensors and ae.safetensors are skipped)
-#   facebook/musicgen-medium           ~8 GB   (transformers weights; audiocraft's state_dict.bin skipped)
-# Plan for ~60 GB free on the volume.
+# With no model named, it fetches the `weights` of every model in the GPU profile
+# (model-orchestrator/models.yaml, or --config FILE): only the files each service loads,
+# about 53 GiB (the table in that file; run --dry-run for exact numbers).
 #
 # Environment:
 #   HF_TOKEN       token for gated or private models (never printed)
@@ -26,9 +23,7 @@ set -euo pipefail
 
 REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
 CLI="$REPO_ROOT/scripts/download_models.py"
-DEFAULT_MODELS=(Qwen/Qwen2.5-7B-Instruct black-forest-labs/FLUX.1-schnell facebook/musicgen-medium)
-# Files of the default repos that their loaders (vLLM, diffusers FluxPipeline, transformers MusicGen) never read.
-DEFAULT_IGNORE=(flux1-schnell.safetensors ae.safetensors state_dict.bin compression_state_dict.bin)
+PROFILE="$REPO_ROOT/model-orchestrator/models.yaml"
 
 die() { echo "download-models.sh: $*" >&2; exit 1; }
 
@@ -70,6 +65,7 @@ for arg in "$@"; do
     if "$takes_value"; then takes_value=false; continue; fi
     case "$arg" in
         --cache-dir|--endpoint|--allow-patterns|--ignore-patterns|--token-env) takes_value=true ;;
+        --config) takes_value=true; has_models=true ;;
         -*) ;;
         *) has_models=true ;;
     esac
@@ -77,8 +73,7 @@ done
 
 args=("$@")
 if ! "$has_models"; then
-    for pattern in "${DEFAULT_IGNORE[@]}"; do args+=(--ignore-patterns "$pattern"); done
-    args+=("${DEFAULT_MODELS[@]}")
+    args+=(--config "$PROFILE")
 fi
 
 python="$(pick_python)" || die "no Python with huggingface_hub found: set AIO_PYTHON, or pip install huggingface_hub"

@@ -2,6 +2,10 @@
 """Download model repositories from the Hugging Face hub into the HF cache, verified and idempotent.
 
     python scripts/download_models.py [options] REPO_ID[@REVISION] ...
+    python scripts/download_models.py [options] --config model-orchestrator/models.yaml
+
+- ``--config`` downloads the ``weights`` of every model a models.yaml serves, each with its own
+  allow/ignore patterns (the playbook's `models` tag does this with the served profile).
 
 - A model whose snapshot is already complete in the cache is skipped without any network access
   (huggingface_hub's cached tree listing says which files the snapshot must hold). So a branch such
@@ -55,6 +59,8 @@ class ChecksumError(Exception):
 class Spec:
     repo_id: str
     revision: str
+    allow: tuple[str, ...] | None = None  # this repo's own patterns (from --config); else the options'
+    ignore: tuple[str, ...] | None = None
 
     @classmethod
     def parse(cls, text: str) -> Spec:
@@ -65,6 +71,23 @@ class Spec:
 
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.revision}"
+
+    def patterns(self, opts: Options) -> dict[str, list[str] | None]:
+        """snapshot_download's allow/ignore arguments for this repo."""
+        allow = list(self.allow) if self.allow else opts.allow
+        ignore = list(self.ignore) if self.ignore else opts.ignore
+        return {"allow_patterns": allow, "ignore_patterns": ignore}
+
+
+def specs_from_config(path: Path) -> list[Spec]:
+    """The ``weights`` of every model in a models.yaml (the one list of what a profile loads)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: `core`
+    import yaml
+
+    from core.render_config import downloads
+
+    return [Spec(d["repo"], d["revision"], tuple(d["allow_patterns"]) or None, tuple(d["ignore_patterns"]) or None)
+            for d in downloads(yaml.safe_load(path.read_text()))]
 
 
 @dataclass(frozen=True)
@@ -99,7 +122,7 @@ def local_snapshot(spec: Spec, opts: Options) -> str | None:
     """The snapshot folder if it holds every wanted file; no network. None when incomplete or unknown."""
     try:
         path = snapshot_download(spec.repo_id, revision=spec.revision, cache_dir=opts.cache_dir,
-                                 local_files_only=True, allow_patterns=opts.allow, ignore_patterns=opts.ignore)
+                                 local_files_only=True, **spec.patterns(opts))
     except LocalEntryNotFoundError:  # no snapshot, or the cached tree listing shows missing files
         return None
     # Without the cached tree listing huggingface_hub cannot tell a partial snapshot from a full one.
@@ -173,7 +196,7 @@ def ensure(spec: Spec, opts: Options) -> Outcome:
     remove_stale_partials(spec, opts)
     before = blob_sizes(spec, opts)
     path = snapshot_download(spec.repo_id, revision=spec.revision, cache_dir=opts.cache_dir, endpoint=opts.endpoint,
-                             token=opts.token, allow_patterns=opts.allow, ignore_patterns=opts.ignore)
+                             token=opts.token, **spec.patterns(opts))
     verify_snapshot(path)
     new = {name: size for name, size in blob_sizes(spec, opts).items() if name not in before}
     return Outcome("downloaded" if new else "present", path, sum(new.values()))
@@ -190,7 +213,7 @@ def check(spec: Spec, opts: Options) -> Outcome:
 
 def plan(spec: Spec, opts: Options) -> Outcome:
     files = snapshot_download(spec.repo_id, revision=spec.revision, cache_dir=opts.cache_dir, endpoint=opts.endpoint,
-                              token=opts.token, allow_patterns=opts.allow, ignore_patterns=opts.ignore, dry_run=True)
+                              token=opts.token, dry_run=True, **spec.patterns(opts))
     todo = [f for f in files if f.will_download]
     size = sum(f.file_size or 0 for f in todo)
     log(f"{spec}: {len(todo)} of {len(files)} files to download, {size / 1e9:.2f} GB")
@@ -234,7 +257,9 @@ def describe_http(exc: HfHubHTTPError, spec: Spec, opts: Options, where: str) ->
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("specs", nargs="+", type=Spec.parse, metavar="REPO_ID[@REVISION]")
+    parser.add_argument("specs", nargs="*", type=Spec.parse, metavar="REPO_ID[@REVISION]")
+    parser.add_argument("--config", type=Path, metavar="MODELS_YAML",
+                        help="download the weights every model of this models.yaml loads")
     parser.add_argument("--cache-dir", default=constants.HF_HUB_CACHE,
                         help="HF hub cache (default: $HF_HUB_CACHE, else $HF_HOME/hub; now %(default)s)")
     parser.add_argument("--endpoint", default=None, help="hub URL (default: $HF_ENDPOINT, else huggingface.co)")
@@ -248,7 +273,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="also re-hash files already in the cache")
     parser.add_argument("--refresh", action="store_true", help="ask the hub what the revision points to now")
     parser.add_argument("--json", action="store_true", help="print one JSON summary line on stdout")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        args.specs += specs_from_config(args.config)
+    if not args.specs and args.config is None:
+        parser.error("name models (REPO_ID[@REVISION]) or a models.yaml with --config")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
-from core.errors import bad_request
+from core.errors import ServiceError, bad_request
 
 
 class ChatMessage(BaseModel):
@@ -65,6 +65,8 @@ class EchoService(BaseService):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
         parser.add_argument("--served-name", default="echo", help="model name reported in responses")
+        parser.add_argument("--strict-model-name", action="store_true",
+                            help="answer 404 to a `model` other than --served-name, as vLLM's server does")
 
     async def load(self) -> None:
         self.token_delay: float = self.options.token_delay
@@ -80,6 +82,7 @@ class EchoService(BaseService):
     def add_routes(self, app: FastAPI) -> None:
         @app.post("/v1/chat/completions", response_model=None)
         async def chat(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
+            self.check_model(request.model)
             prompt = _text_of(request.messages[-1])
             tokens, finish = self.reply_tokens(prompt, request.token_limit())
             usage = _usage(sum(len(_text_of(m).split()) for m in request.messages), len(tokens))
@@ -91,6 +94,7 @@ class EchoService(BaseService):
 
         @app.post("/v1/completions", response_model=None)
         async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+            self.check_model(request.model)
             prompt = request.prompt if isinstance(request.prompt, str) else " ".join(request.prompt)
             if not prompt.strip():
                 raise bad_request("'prompt' must not be empty.", "prompt")
@@ -100,6 +104,10 @@ class EchoService(BaseService):
                 return self.stream("text_completion", tokens, finish, usage, request)
             return self.envelope("text_completion", [{"index": 0, "text": " ".join(tokens), "finish_reason": finish}],
                                  usage)
+
+    def check_model(self, model: str | None) -> None:
+        if self.options.strict_model_name and model is not None and model != self.served_name:
+            raise ServiceError(404, f"The model `{model}` does not exist.", "model_not_found", param="model")
 
     def envelope(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
         return {"id": f"echo-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),

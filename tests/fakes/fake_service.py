@@ -38,6 +38,10 @@ class FakeService(EchoService):
         parser.add_argument("--ignore-sigterm", action="store_true", help="ignore SIGTERM (needs SIGKILL)")
         parser.add_argument("--stream-chunks", type=int, help="answer with exactly N tokens")
         parser.add_argument("--spawn-child", action="store_true", help="start a grandchild `sleep` process")
+        parser.add_argument("--child-reports-to", metavar="FILE",
+                            help="start a grandchild that writes, on SIGTERM, whether this service was still alive")
+        parser.add_argument("--drain-delay", type=float, default=0.0,
+                            help="seconds shutdown takes after SIGTERM (like a service draining requests)")
 
     async def load(self) -> None:
         await super().load()
@@ -47,11 +51,18 @@ class FakeService(EchoService):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if opts.spawn_child:
             self.child = await asyncio.create_subprocess_exec("sleep", "600")
+        if opts.child_reports_to:
+            self.child = await asyncio.create_subprocess_exec(sys.executable, "-c", _REPORTING_CHILD,
+                                                              str(os.getpid()), opts.child_reports_to)
         await asyncio.sleep(opts.start_delay)
         if opts.fail_load:
             raise RuntimeError("fake load failure (--fail-load)")
         if opts.fail_health:
             await asyncio.Event().wait()
+
+    async def unload(self) -> None:
+        await asyncio.sleep(self.options.drain_delay)
+        await super().unload()
 
     def reply_tokens(self, prompt: str, limit: int | None) -> tuple[list[str], str]:
         if self.options.stream_chunks is not None:
@@ -89,6 +100,27 @@ class FakeService(EchoService):
         async def route() -> dict[str, Any]:
             return self.identity(path)
         return route
+
+
+# A grandchild like vLLM's engine core: on SIGTERM it records whether its parent service
+# was still running then ("parent-alive" means the group was signalled before the service
+# had finished shutting down).
+_REPORTING_CHILD = """
+import os, signal, sys, time
+parent, report = int(sys.argv[1]), sys.argv[2]
+def on_term(*_):
+    try:
+        os.kill(parent, 0)
+        state = "parent-alive"
+    except ProcessLookupError:
+        state = "parent-gone"
+    with open(report, "w") as f:
+        f.write(state)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+while True:
+    time.sleep(60)
+"""
 
 
 if __name__ == "__main__":

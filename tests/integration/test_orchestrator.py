@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openai import OpenAI
 
 from tests.integration.conftest import fake_model, processes_with, wait_until
 
@@ -171,6 +172,21 @@ def test_endpoint_defaults_and_aliases(orchestrator: Any) -> None:
     assert no_model.json()["model"] == "chat"
     generated = httpx.post(orch.url + "/v1/images/generations", json={"prompt": "a cat"}, timeout=30)
     assert generated.json()["service"] == "img" and generated.json()["path"] == "/v1/images/generations"
+
+
+def test_aliases_work_against_an_upstream_that_rejects_unknown_names(orchestrator: Any) -> None:
+    """Like vLLM's server, the upstream knows only its own name: the orchestrator sends that name."""
+    orch = orchestrator({"qwen": fake_model("qwen", "--strict-model-name", aliases=["gpt-4o-mini", "qwen-7b"])})
+    client = OpenAI(base_url=orch.url + "/v1", api_key="unused")
+    for name in ("gpt-4o-mini", "qwen-7b", "qwen"):
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "one two"}])
+        assert reply.model == "qwen" and reply.choices[0].message.content == "one two"
+    direct = httpx.post(f"http://127.0.0.1:{orch.models['qwen']['port']}/v1/chat/completions", timeout=30,
+                        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+    assert direct.status_code == 404 and direct.json()["error"]["code"] == "model_not_found"  # it is strict
+    stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                            messages=[{"role": "user", "content": "a b c"}])
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == "a b c"
 
 
 def test_upstream_passthrough_and_logs(orchestrator: Any) -> None:

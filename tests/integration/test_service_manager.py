@@ -108,6 +108,22 @@ def test_stop_kills_grandchildren(tmp_path: Path) -> None:
     run(scenario, tmp_path, args=["--spawn-child"])
 
 
+def test_stop_lets_the_service_shut_down_before_its_children_are_signalled(tmp_path: Path) -> None:
+    """vLLM's engine core is a child of the text service: it must outlive the requests the service
+    drains after SIGTERM, so the stop signals the service first and its children only after."""
+    report = tmp_path / "child-report"
+
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        await svc.start()
+        assert svc.pid is not None
+        (child,) = psutil.Process(svc.pid).children()
+        await svc.stop()
+        assert report.read_text() == "parent-gone"
+        assert not _alive(child.pid)
+    run(scenario, tmp_path, args=["--child-reports-to", str(report), "--drain-delay", "1"], stop_timeout=10)
+
+
 def test_crash_is_detected_and_counted(tmp_path: Path) -> None:
     async def scenario(manager: ServiceManager) -> None:
         svc = manager["m"]

@@ -1,13 +1,13 @@
 """The Ansible playbook, for real: lint, then a converge on this machine, then an idempotent re-run.
 
 Runs with the CPU profile into a temporary data folder (apt packages go onto this machine:
-CI runs as root, as a RunPod pod does). The GPU-only steps (per-service environments on CUDA
-torch, weight downloads from the hub, joining a tailnet) are covered by lint and syntax
-checks here and run on a pod; see docs/DEPLOYMENT.md.
+CI runs as root, as a RunPod pod does). The GPU profile is rehearsed end to end in
+test_gpu_rehearsal.py; joining a tailnet is covered by lint, syntax and the SKIP path here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.config import load_config
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_BIN = Path(os.environ.get("AIO_ANSIBLE_BIN", REPO / ".venv-ansible" / "bin"))
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.timeout(1200),  # a converge builds the CPU model environment: minutes on 2 cores
     pytest.mark.skipif(not (ANSIBLE_BIN / "ansible-playbook").exists(),
                        reason=f"no Ansible tooling in {ANSIBLE_BIN} (scripts/test.sh creates it)"),
 ]
@@ -122,8 +124,12 @@ def test_models_tag_downloads_from_a_hub_endpoint_once(
 ) -> None:
     from tests.provisioning.hub_server import FakeRepo, HubServer
 
+    profile = data_dir / "one-model.yaml"  # a served profile whose one model loads acme/tiny's weights
+    profile.write_text(yaml.safe_dump({"models": {"tiny": {
+        "type": "text", "service_script": "models/echo/server.py", "port": 8999,
+        "weights": {"repo": "acme/tiny", "allow_patterns": ["*.json", "*.safetensors"]}}}}))
     extra = ["--tags", "models", "-e", f"aio_data_dir={data_dir}",
-             "-e", '{"aio_models": {"cpu": ["acme/tiny"], "gpu": []}}']
+             "-e", json.dumps({"aio_base_config": {"cpu": str(profile), "gpu": str(profile)}})]
     with HubServer([FakeRepo.small("acme/tiny")]) as hub:
         first = run("ansible-playbook", "playbook.yml", *extra, "-e", f"aio_hf_endpoint={hub.url}")
         assert first.returncode == 0, first.stdout[-4000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from core.config import config_from_dict
 from core.errors import ServiceError
-from model_orchestrator.routing import ModelIndex, model_field, split_upstream_path
+from model_orchestrator.routing import ModelIndex, model_field, parse_model, split_upstream_path, upstream_body
 
 SOURCE = Path("models.yaml")  # never read: these configs come from dicts
 
@@ -137,6 +138,27 @@ def test_model_field_rejects_non_object_bodies(body: bytes) -> None:
 def test_model_field_rejects_non_string_model(body: bytes) -> None:
     err = service_error(model_field, body)
     assert (err.status, err.code, err.param) == (400, "invalid_value", "model")
+
+
+# --- upstream_body: aliases become the model's own name -------------------------------------
+
+
+def test_an_alias_is_replaced_by_the_model_name_and_everything_else_is_kept() -> None:
+    idx = ModelIndex(config_from_dict({"models": {"qwen": model("text", 8001, aliases=["gpt-4o-mini"])}}, SOURCE))
+    sent_by_client = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hé"}], "stream": True}
+    body = json.dumps(sent_by_client).encode()
+    requested, data = parse_model(body)
+    spec = idx.resolve(requested, "/v1/chat/completions")
+    sent = json.loads(upstream_body(body, requested, data, spec))
+    assert sent == {"model": "qwen", "messages": [{"role": "user", "content": "hé"}], "stream": True}
+
+
+@pytest.mark.parametrize("body", [b'{"model": "qwen", "x": [1,  2]}', b'{"messages": []}', b""])
+def test_the_model_name_itself_or_none_passes_byte_for_byte(body: bytes) -> None:
+    idx = ModelIndex(config_from_dict({"models": {"qwen": model("text", 8001, aliases=["q"])}}, SOURCE))
+    requested, data = parse_model(body)
+    spec = idx.resolve(requested, "/v1/chat/completions")
+    assert upstream_body(body, requested, data, spec) is body
 
 
 # --- split_upstream_path --------------------------------------------------------------------

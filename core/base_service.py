@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse
 
 from core.http_errors import install_error_handlers
 from core.log_setup import configure_logging
-from core.memory_share import VRAM_ENV, share_from_env
+from core.memory_share import VRAM_ENV, ShareError, share_from_env
 from core.service_guard import ServiceGuard
 
 log = logging.getLogger(__name__)
@@ -216,11 +216,18 @@ class BaseService(ABC):
         parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
         parser.add_argument("--check-imports", action="store_true",
                             help="import the engine's packages, print a JSON report and exit (no model is loaded)")
-        parser.add_argument("--vram-gb", type=float, default=share_from_env(),
+        parser.add_argument("--vram-gb", type=float, default=self._share_or_exit(parser),
                             help=f"this service's share of the GPU in GiB (default: ${VRAM_ENV}, which the "
                             "orchestrator sets from vram_gb; unset: the whole GPU)")
         self.add_arguments(parser)
         return parser
+
+    @staticmethod
+    def _share_or_exit(parser: argparse.ArgumentParser) -> float | None:
+        try:
+            return share_from_env()
+        except ShareError as exc:
+            parser.error(str(exc))  # exits 2 with the message: a bad AIO_VRAM_GB is a usage error
 
     def run(self, argv: list[str] | None = None) -> None:
         """Parse the command line, serve until SIGTERM/SIGINT; exit 1 after a fatal error."""

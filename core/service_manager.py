@@ -334,7 +334,7 @@ def service_env(spec: ModelSpec) -> dict[str, str]:
     and its GPU share (``vram_gb``) for the engines to keep to (see core/memory_share.py)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
     env.pop(VRAM_ENV, None)  # never inherit another model's share
-    if spec.vram_gb:
+    if spec.vram_gb is not None:  # 0 too: a service told it has no GPU share refuses to use the GPU
         env[VRAM_ENV] = f"{spec.vram_gb:g}"
     if spec.service_script is not None:
         env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import gc
 import io
 import logging
 import random
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
+from core.memory_share import cap_torch_memory, release_cached_memory
 
 log = logging.getLogger("flux")  # not __name__: run as a script that is "__main__"
 
@@ -86,6 +86,7 @@ def png_base64(image: Any) -> str:
 
 class FluxService(BaseService):
     name = "flux"
+    engine_modules = ("torch", "diffusers", "transformers")
     default_port = 8002
 
     def __init__(self) -> None:
@@ -120,9 +121,16 @@ class FluxService(BaseService):
         from diffusers import FluxPipeline
 
         device, dtype = self._device_and_dtype(torch)
+        cap_torch_memory(self.vram_gb, device)  # before any weights reach the GPU
         log.info("loading %s (%s, %s, offload=%s)", self.model_path, device, dtype, self.options.offload)
         began = time.monotonic()
         pipe = FluxPipeline.from_pretrained(self.model_path, dtype=dtype)
+        # Decode the images of a batch one at a time, and large images in overlapping tiles: 4 images
+        # of 1536x1536 in one VAE pass would need tens of GB at the very end of a render. Tiling starts
+        # above the VAE's sample_size (1024 px for FLUX.1), so smaller images are decoded whole.
+        # diffusers 0.42 has these switches on the VAE only (the pipeline's enable_vae_* are gone).
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
         offload = self.options.offload
         if offload != "none" and device != "cuda":
             # accelerate's offload hooks need an accelerator; on CPU there is nothing to offload to.
@@ -157,11 +165,7 @@ class FluxService(BaseService):
         if self.pipeline is None:
             return
         self.pipeline = None
-        gc.collect()
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_cached_memory()
 
     # -- generation -----------------------------------------------------------------------
 
@@ -194,6 +198,14 @@ class FluxService(BaseService):
             raise
 
     def _render(self, job: Job) -> list[str]:
+        try:
+            return self._render_pngs(job)
+        finally:
+            # The job's tensors are out of scope now: hand the cached blocks back so that the memory
+            # NVML shows free is really free for the other models between requests.
+            release_cached_memory(full_collection=False)
+
+    def _render_pngs(self, job: Job) -> list[str]:
         import torch
 
         def stop_if_cancelled(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

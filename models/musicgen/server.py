@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import gc
 import importlib.util
 import io
 import logging
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
+from core.memory_share import cap_torch_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,15 @@ class TransformersEngine:
     def generate_audio(self, prompt: str, duration: float, seed: int,
                        cancelled: threading.Event | None = None) -> tuple[Any, int]:
         """Mono float32 samples in [-1, 1] (a numpy array) and their sampling rate."""
+        try:
+            return self._generate(prompt, duration, seed, cancelled)
+        finally:
+            # The generation's tensors are gone by now (the samples are a numpy copy): give back the
+            # blocks torch still caches, so that what NVML shows free between requests really is.
+            release_cached_memory(full_collection=False)
+
+    def _generate(self, prompt: str, duration: float, seed: int, cancelled: threading.Event | None
+                  ) -> tuple[Any, int]:
         torch = self.torch
         inputs = self.processor(text=[prompt], padding=True, return_tensors="pt").to(self.device)
         torch.manual_seed(seed)  # seeds CPU and every CUDA device: same seed, same audio
@@ -117,11 +126,8 @@ class TransformersEngine:
         return samples[: round(duration * self.sampling_rate)], self.sampling_rate
 
     def close(self) -> None:
-        cuda = self.device.startswith("cuda")
         del self.model, self.processor
-        gc.collect()
-        if cuda:
-            self.torch.cuda.empty_cache()
+        release_cached_memory()
 
 
 def to_pcm16(samples: Any) -> bytes:
@@ -166,6 +172,7 @@ def pick_device(choice: str, cpu_threads: int | None) -> str:
 
 class MusicGenService(BaseService):
     name = "musicgen"
+    engine_modules = ("torch", "transformers")
     default_port = 8003
 
     def __init__(self) -> None:
@@ -191,7 +198,7 @@ class MusicGenService(BaseService):
 
     async def load(self) -> None:
         opts = self.options
-        device = pick_device(opts.device, opts.cpu_threads)
+        device = await self.in_worker(self.device_within_share)
         dtype = opts.dtype if opts.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
         log.info("musicgen: loading %s on %s (%s)", self.model_path, device, dtype)
         path = str(self.model_path)
@@ -202,6 +209,15 @@ class MusicGenService(BaseService):
             opts.max_duration = self.engine.max_duration
         opts.default_duration = min(opts.default_duration, opts.max_duration)
         self.formats = supported_formats()
+
+    def device_within_share(self) -> str:
+        """The device, with torch held to this service's GPU share before any weights reach it.
+
+        On the worker thread: importing torch and creating the CUDA context take seconds.
+        """
+        device = pick_device(self.options.device, self.options.cpu_threads)
+        cap_torch_memory(self.vram_gb, device)
+        return device
 
     async def warmup(self) -> None:
         # The first generate() pays for kernel selection and allocations; do it before ready.

@@ -8,13 +8,16 @@ import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from models.embeddings.server import HUB_MODEL, packaged_model
 from tests.integration.conftest import REPO, running_service
+from tests.models.hf_cache import hub_snapshot
 
 pytest.importorskip("sentence_transformers")
 
@@ -169,14 +172,34 @@ def test_still_healthy_after_errors(url: str) -> None:
     assert len(embed(url, ["still", "working"])) == 2
 
 
-def test_options_no_normalize_and_limits() -> None:
+def test_options_no_normalize_and_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIO_VRAM_GB", "1")  # as the orchestrator sets it from vram_gb: unused on CPU
     with running_service(SCRIPT, "--no-normalize", "--max-batch", "2", "--max-input-chars", "50",
-                         "--device", "cpu") as (_, url):
+                         "--device", "cpu") as (proc, url):
         [short] = embed(url, FOOD, dimensions=128)
         assert len(short) == 128 and dot(short, short) < 0.99  # truncated, not re-normalized
         assert post(url, input=["a", "b", "c"]).json()["error"]["param"] == "input"
         assert post(url, input="x" * 51).status_code == 400
         assert len(embed(url, ["a", "x" * 50])) == 2
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        assert "GPU share 1 GiB not applied: the model runs on cpu" in proc.stdout.read().decode()
+
+
+def test_hub_id_from_the_hf_cache_offline(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU profile passes the hub id with HF_HUB_OFFLINE=1 and a cache the playbook filled; here the
+    # cache holds the packaged model's files (the hub repo's, less its other weight formats).
+    packaged = packaged_model()
+    assert packaged is not None
+    hf_home = tmp_path / "hf"
+    hub_snapshot(hf_home, HUB_MODEL, packaged)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    with running_service(SCRIPT, "--model", HUB_MODEL) as (_, hub_url):
+        assert httpx.get(hub_url + "/health", timeout=10).json()["model"] == HUB_MODEL
+        from_hub = embed(hub_url, [FOOD, BREAD])
+    for a, b in zip(from_hub, embed(url, [FOOD, BREAD]), strict=True):  # the packaged default: same model
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
 
 
 def test_import_does_not_load_torch() -> None:

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import REPO, health_status, running_service, wait_until
+from tests.models.hf_cache import hub_snapshot
 
 pytest.importorskip("diffusers")
 
@@ -90,9 +91,25 @@ def test_seed_is_deterministic(url: str) -> None:
 
 
 def test_n_images(url: str) -> None:
+    # The VAE decodes them one by one (slicing) and in tiles (the tiny VAE tiles from 33 px up).
     pngs = generate(url, n=2, seed=1)
     assert len(pngs) == 2
     assert all(image(png).size == (64, 64) for png in pngs)
+    assert image(pngs[0]).tobytes() != image(pngs[1]).tobytes()
+    assert generate(url, n=2, seed=1) == pngs
+
+
+def test_vae_decodes_in_slices_and_tiles(tiny: Path) -> None:
+    # Loaded in this process, as the service loads it: filterwarnings=error turns any deprecated
+    # switch into a failure here.
+    from models.flux.server import FluxService
+
+    flux = FluxService()
+    flux.options = flux.argument_parser().parse_args(["--model", str(tiny), "--device", "cpu"])
+    flux.model_path = str(tiny)
+    vae = flux._load_pipeline().vae
+    assert vae.use_slicing and vae.use_tiling
+    assert vae.tile_latent_min_size < 64  # so the 64x64 requests above run the tiled decode
 
 
 def test_non_square_is_width_by_height(url: str) -> None:
@@ -194,15 +211,33 @@ def test_service_module_imports_without_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_offload_without_cuda_falls_back(tiny: Path) -> None:
+def test_cuda_only_options_are_ignored_on_cpu(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if _cuda_available():
-        pytest.skip("CUDA present: offload would really be used")
+        pytest.skip("CUDA present: offload and the GPU share would really be used")
+    monkeypatch.setenv("AIO_VRAM_GB", "36")  # as the orchestrator sets it from vram_gb
     with running_service(SCRIPT, "--model", str(tiny), "--offload", "model", "--default-steps", "1") as (proc, url):
         assert image(generate(url)[0]).size == (64, 64)
         proc.kill()
         proc.wait()
         assert proc.stdout is not None
-        assert "needs CUDA" in proc.stdout.read().decode()
+        log = proc.stdout.read().decode()
+    assert "needs CUDA" in log
+    assert "GPU share 36 GiB not applied: the model runs on cpu" in log
+
+
+def test_hub_id_from_the_hf_cache_offline(url: str, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    # The GPU profile passes the hub id and HF_HUB_OFFLINE=1; the playbook filled HF_HOME with the
+    # diffusers folders only (model_index.json and the component folders, no single-file weights).
+    hf_home = tmp_path / "hf"
+    hub_snapshot(hf_home, "black-forest-labs/FLUX.1-schnell", tiny)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    args = ("--model", "black-forest-labs/FLUX.1-schnell", "--default-steps", "1")
+    with running_service(SCRIPT, *args) as (_, hub_url):
+        assert httpx.get(hub_url + "/health", timeout=10).json()["model"] == "black-forest-labs/FLUX.1-schnell"
+        from_hub = generate(hub_url, seed=9, num_inference_steps=1)
+    assert image(from_hub[0]).size == (64, 64)
+    assert from_hub == generate(url, seed=9, num_inference_steps=1)  # the same weights as the local folder
 
 
 def test_cuda_requested_without_cuda_fails(tiny: Path) -> None:

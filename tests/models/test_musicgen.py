@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import REPO, health_status, running_service, wait_until
+from tests.models.hf_cache import hub_snapshot
 
 pytest.importorskip("transformers")
 
@@ -42,7 +45,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(tiny: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    with running_service(SCRIPT, "--model", str(tiny), *ARGS) as running:
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as patch:  # only while it starts: later services get no share
+            patch.setenv("AIO_VRAM_GB", "6")  # as the orchestrator sets it from vram_gb; on CPU logged, unused
+            running = stack.enter_context(running_service(SCRIPT, "--model", str(tiny), *ARGS))
         assert running[0].stdout is not None
         os.set_blocking(running[0].stdout.fileno(), False)  # so service_log() can read what is there
         yield running
@@ -215,6 +221,29 @@ def test_official_openai_client(url: str) -> None:
     assert abs(duration - 1.0) <= 0.1
     assert caught.value.status_code == 400
     assert caught.value.param == "response_format"
+
+
+def test_share_is_logged_and_left_alone_on_cpu(service: tuple[subprocess.Popen[bytes], str]) -> None:
+    assert "GPU share 6 GiB not applied: the model runs on cpu" in service_log(service[0])
+
+
+def test_hub_id_from_the_hf_cache_offline(url: str, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    # The GPU profile passes the hub id with HF_HUB_OFFLINE=1, and the playbook downloads transformers'
+    # pytorch_model.bin (with the *.json files): the same layout here, weights converted from the tiny model.
+    hf_home = tmp_path / "hf"
+    snapshot = hub_snapshot(hf_home, "facebook/musicgen-medium")
+    for path in tiny.glob("*.json"):
+        shutil.copy(path, snapshot)
+    convert = "import sys, torch, safetensors.torch as st; torch.save(st.load_file(sys.argv[1]), sys.argv[2])"
+    weights = [str(tiny / "model.safetensors"), str(snapshot / "pytorch_model.bin")]
+    subprocess.run([sys.executable, "-c", convert, *weights], check=True, capture_output=True, timeout=120)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    with running_service(SCRIPT, "--model", "facebook/musicgen-medium", *ARGS) as (_, hub_url):
+        assert httpx.get(hub_url + "/health", timeout=10).json()["model"] == "facebook/musicgen-medium"
+        from_hub = speech(hub_url, duration=1.0, seed=5).content
+    assert wav_info(from_hub)[2] == RATE
+    assert from_hub == speech(url, duration=1.0, seed=5).content  # the same weights as the local folder
 
 
 def test_importing_the_server_does_not_import_torch() -> None:

@@ -33,6 +33,7 @@ import contextlib
 import enum
 import json
 import logging
+import signal
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -222,6 +223,9 @@ class BaseService(ABC):
         self.add_arguments(parser)
         return parser
 
+    def _exit_after_signal(self, signum: int, frame: object) -> None:
+        raise SystemExit(1 if self.health is Health.FAILED else 0)
+
     @staticmethod
     def _share_or_exit(parser: argparse.ArgumentParser) -> float | None:
         try:
@@ -245,6 +249,10 @@ class BaseService(ABC):
             access_log=False, lifespan="on", timeout_graceful_shutdown=max(1, int(self.options.drain_timeout)),
         )
         self._server = uvicorn.Server(config)
+        # uvicorn drains on SIGTERM, then raises the signal again once it has stopped. By then the
+        # requests and the model have been shut down cleanly, so end with this service's own status
+        # (0, or 1 after a fatal error) instead of dying of the signal.
+        signal.signal(signal.SIGTERM, self._exit_after_signal)
         self._server.run()
         if self.health is Health.FAILED or not self._server.started:
             sys.exit(1)

@@ -88,9 +88,20 @@ def vllm_utilization(share_gb: float | None, total_bytes: int) -> float:
 
 
 def device_total_bytes(device: str) -> int | None:
-    """Total memory of a CUDA ``device`` (None for CPU)."""
+    """Total memory of a CUDA ``device`` (None for CPU).
+
+    Read through NVML when it can name the same device: asking torch creates a CUDA context
+    in this process (~0.5 GiB outside any share), which vLLM's API process never needs.
+    """
     if not device.startswith("cuda"):
         return None
+    index = device.partition(":")[2]
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):  # else NVML's numbering differs from torch's
+        from core.gpu import gpu_memory_gb
+
+        memory = gpu_memory_gb(int(index or 0))
+        if memory is not None:
+            return int(memory[0] * GIB)
     import torch
 
     return int(torch.cuda.get_device_properties(_cuda_index(torch, device)).total_memory)

@@ -267,3 +267,4 @@ while :; do
 done
 
 echo "ai-orchestrator running (pid $PID) at $URL — logs: $LOGFILE"
+echo "serving $check_out"  # which file, and the models in it

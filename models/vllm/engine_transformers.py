@@ -1,4 +1,4 @@
-"""A transformers text engine behind the same OpenAI layer as vLLM: for machines without vLLM.
+"""A transformers text engine behind the hand-written OpenAI layer: for machines without vLLM.
 
 One generation at a time (transformers' generate is not made for concurrent calls on one
 model); tokens stream from the generating thread into the event loop through a queue.
@@ -72,7 +72,11 @@ class TransformersEngine(TokenizerPrompts):
     def _finish(self, decoder: _IncrementalDecoder, params: GenerationParams) -> str:
         if decoder.stopped or (decoder.ids and decoder.ids[-1] in self._eos_ids()):
             return "stop"
-        return "length" if len(decoder.ids) >= params.max_tokens else "stop"
+        if len(decoder.ids) >= params.max_tokens:
+            return "length"
+        # Neither the end of the text nor the limit: the answer was cut off, which "stop" would hide.
+        raise RuntimeError(f"the generation ended after {len(decoder.ids)} of {params.max_tokens} tokens "
+                           "without an end-of-text token")
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -96,6 +100,7 @@ class TransformersEngine(TokenizerPrompts):
                 torch.tensor([prompt_ids], device=self.device), max_new_tokens=params.max_tokens,
                 do_sample=sample, temperature=params.temperature if sample else None,
                 top_p=params.top_p if sample else None, streamer=_QueueStreamer(queue, loop),
+                min_new_tokens=params.max_tokens if params.ignore_eos else None,
                 stopping_criteria=StoppingCriteriaList([Cancelled()]),
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             )

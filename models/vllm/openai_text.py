@@ -1,4 +1,6 @@
-"""The OpenAI chat/completions layer shared by every text engine (vLLM, transformers).
+"""The hand-written OpenAI chat/completions layer of the transformers engine.
+
+(The vLLM engine is served by vLLM's own OpenAI layer instead: models/vllm/vllm_openai.py.)
 
 Requests are validated here (400s with the offending ``param``), turned into engine-neutral
 ``GenerationParams``, and the engine's ``TextChunk`` stream is shaped into OpenAI's
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import bad_request, error_body
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+_USE_VLLM = "the vLLM engine supports it (--engine vllm, with --enable-auto-tool-choice for tools)."
 
 
 class ChatMessage(BaseModel):
@@ -49,6 +52,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end-of-text token
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -71,6 +75,7 @@ class GenerationParams:
     seed: int | None
     presence_penalty: float
     frequency_penalty: float
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class TextEngine(Protocol):
 
 
 class TokenizerPrompts:
-    """Prompt handling both engines share: the model's own chat template and tokenizer."""
+    """Prompt handling from the model's own chat template and tokenizer."""
 
     tokenizer: Any
 
@@ -113,12 +118,14 @@ class TokenizerPrompts:
 
 
 def check_supported(request: SamplingRequest) -> None:
+    """Refuse what this layer cannot do rather than ignore it: vLLM's layer does these."""
     if request.tools:
-        raise bad_request("Tool calls are not supported by this service yet.", "tools", "unsupported")
+        raise bad_request(f"Tool calls are not supported by the transformers engine; {_USE_VLLM}", "tools",
+                          "unsupported")
     kind = (request.response_format or {}).get("type", "text")
     if kind != "text":
-        raise bad_request(f"response_format {kind!r} is not supported yet; only 'text'.", "response_format",
-                          "unsupported")
+        raise bad_request(f"response_format {kind!r} is not supported by the transformers engine (only 'text'); "
+                          f"{_USE_VLLM}", "response_format", "unsupported")
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
@@ -158,7 +165,7 @@ def generation_params(request: SamplingRequest, prompt_tokens: int, max_model_le
         raise bad_request(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings.", "stop")
     return GenerationParams(max_tokens=wanted or room, temperature=request.temperature, top_p=request.top_p,
                             n=request.n, stop=stop, seed=request.seed, presence_penalty=request.presence_penalty,
-                            frequency_penalty=request.frequency_penalty)
+                            frequency_penalty=request.frequency_penalty, ignore_eos=request.ignore_eos)
 
 
 # --- responses ---------------------------------------------------------------------------

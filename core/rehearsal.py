@@ -47,8 +47,9 @@ DIFFERENCES = (
                "`--device cpu`, one torch thread per service (OMP_NUM_THREADS=1)"),
     Difference("GPU size", "`gpu_memory_gb: auto` (NVML)",
                f"`gpu_memory_gb: {PRETEND_GPU_GB}` (no NVML without a GPU)"),
-    Difference("preflight", "checks the GPU and that the driver runs the image's CUDA",
-               "checks the torch version only (no driver)"),
+    Difference("preflight", "checks the GPU, that the driver runs the image's CUDA, and 65 GiB of free disk",
+               "checks the torch version and C headers only (no driver), and the cpu profile's 8 GiB of "
+               "disk (the stand-ins are tiny)"),
 )
 
 # Where a rehearsed render may differ from a real one (tests/unit/test_rehearsal.py holds it to this).

@@ -102,8 +102,10 @@ class ModelSpec(_Strict):
     pinned: bool = Field(False, description="Never evicted to make room for another model.")
     preload: bool = Field(False, description="Start at orchestrator boot instead of on the first request.")
     health_path: str = Field("/health", description="Path that answers 200 once the service can serve.")
-    max_concurrency: int | None = Field(
-        None, ge=1, description="Requests proxied to this service at once; more wait in the queue."
+    max_concurrency: int = Field(
+        32, ge=1, description="Requests proxied to this service at once; more wait in the queue (up to "
+        "settings.max_queue, then 503 with Retry-After). Bounded by default so a single-worker service "
+        "never has an unbounded backlog inside it."
     )
     stop_timeout: float = Field(
         15, gt=0, description="Seconds between SIGTERM and SIGKILL when stopping the service."
@@ -147,6 +149,26 @@ class ModelSpec(_Strict):
         return [self.name, *self.aliases]
 
 
+class Limits(_Strict):
+    """Per-client bounds (the `settings.limits:` section): a public port must not let one client
+    take the orchestrator's memory, file descriptors or event loop."""
+
+    json_body_mb: float = Field(16, gt=0, description="Largest JSON request body (MiB) on the OpenAI routes; "
+                                "larger gets 413.")
+    upload_body_mb: float = Field(64, gt=0, description="Largest body (MiB) on upload routes (multipart: "
+                                  "audio transcriptions, image edits) and /upstream.")
+    json_max_depth: int = Field(64, ge=2, description="Deepest JSON nesting accepted; deeper gets 400.")
+    body_timeout: float = Field(60, gt=0, description="Seconds a client may take to send a whole request body "
+                                "(stalled uploads get 408).")
+    header_timeout: float = Field(10, gt=0, description="Seconds a new connection may take to send its request "
+                                  "headers before it is closed (slowloris).")
+    keep_alive_timeout: float = Field(5, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_requests: int = Field(512, ge=1, description="Requests handled at once across all models; more get "
+                              "503 with Retry-After.")
+    max_connections: int = Field(2048, ge=1, description="Open client connections at once; more are refused.")
+    max_log_followers: int = Field(8, ge=1, description="Clients following a log (/logs?follow) at once.")
+
+
 class Settings(_Strict):
     """Global settings (the `settings:` section)."""
 
@@ -179,10 +201,35 @@ class Settings(_Strict):
     )
     drain_timeout: float = Field(30, ge=0, description="Seconds in-flight requests get to finish on shutdown.")
     api_key_env: str | None = Field(
-        None, description="Name of an environment variable holding comma-separated API keys. When it is set "
-        "and not empty, every route but /health needs `Authorization: Bearer <key>`."
+        "AIO_API_KEYS", description="Environment variable holding comma-separated client API keys: they reach "
+        "the OpenAI routes and /v1/models (`Authorization: Bearer <key>`). Admin keys work there too."
     )
+    admin_key_env: str | None = Field(
+        "AIO_ADMIN_KEYS", description="Environment variable holding comma-separated admin keys: only they reach "
+        "/admin, /logs, /upstream, the full /status, /docs and /openapi.json."
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without any key on a non-loopback address. Without it the orchestrator "
+        "refuses to start when it listens beyond 127.0.0.1 and no key is configured."
+    )
+    env_passthrough: list[str] = Field(
+        default_factory=list, description="Extra variables of the orchestrator's environment passed to every "
+        "service (names, or prefixes ending in '*'), beyond the built-in allowlist (PATH, HOME, locale, "
+        "CUDA_*, HF_HOME, ...). Secrets such as HF_TOKEN are passed only if named here or in a model's env."
+    )
+    health_interval: float = Field(
+        10, ge=0, description="Seconds between health probes of a ready service; 0 turns probing off."
+    )
+    health_failures: int = Field(
+        3, ge=1, description="Consecutive failed health probes (or upstream timeouts) after which a ready "
+        "service counts as hung and is restarted."
+    )
+    limits: Limits = Field(default_factory=Limits, description="Bounds on what clients may use.")
     log_lines: int = Field(2000, ge=10, description="Recent log lines kept in memory per service (/logs).")
+    log_max_mb: float = Field(
+        50, gt=0, description="A service's log file is rotated (NAME.log.1, ...) when it grows past this size."
+    )
+    log_backups: int = Field(3, ge=0, description="Rotated log files kept per service.")
 
 
 class OrchestratorConfig(_Strict):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,10 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from core import repo_pythonpath
+from core.child_env import new_service_token, service_env
 from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
 from core.log_capture import ServiceLog
-from core.memory_share import VRAM_ENV
 from core.process_tree import leader_exited, port_holder, spawn_group_leader, terminate_tree
 from core.reaper import Reaper
 from core.restart_policy import RestartPolicy, decide_restart
@@ -65,8 +63,10 @@ class ManagedService:
         health: httpx.AsyncClient,
         reaper: Reaper | None,
         max_log_lines: int,
+        service_token: str | None = None,
     ) -> None:
         self.spec = spec
+        self.service_token = service_token  # the proxy sends it as the upstream's Authorization
         self.argv = argv
         self._env = env
         self._policy = policy
@@ -295,6 +295,7 @@ class ServiceManager:
         self.config = config
         self._health = httpx.AsyncClient(timeout=5.0, trust_env=False)
         self.reaper = Reaper() if use_reaper else None
+        self.service_token = new_service_token()
         settings = config.settings
         policy = RestartPolicy(
             settings.restart_backoff, settings.restart_backoff_max, settings.restart_window,
@@ -309,8 +310,9 @@ class ServiceManager:
         argv = service_argv(spec, python, self.config.base_dir)
         log_file = self.config.log_dir() / f"{spec.name.replace('/', '_')}.log"
         return ManagedService(
-            spec, argv=argv, env=service_env(spec), log_file=log_file, policy=policy, health=self._health,
-            reaper=self.reaper, max_log_lines=self.config.settings.log_lines,
+            spec, argv=argv, env=service_env(spec, self.service_token), log_file=log_file, policy=policy,
+            health=self._health, reaper=self.reaper, max_log_lines=self.config.settings.log_lines,
+            service_token=self.service_token,
         )
 
     def open(self) -> None:
@@ -327,15 +329,3 @@ class ServiceManager:
         if self.reaper is not None:
             self.reaper.close()
         await self._health.aclose()
-
-
-def service_env(spec: ModelSpec) -> dict[str, str]:
-    """The child's environment: ours, the spec's additions, unbuffered output, `core` importable,
-    and its GPU share (``vram_gb``) for the engines to keep to (see core/memory_share.py)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
-    env.pop(VRAM_ENV, None)  # never inherit another model's share
-    if spec.vram_gb is not None:  # 0 too: a service told it has no GPU share refuses to use the GPU
-        env[VRAM_ENV] = f"{spec.vram_gb:g}"
-    if spec.service_script is not None:
-        env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))
-    return env

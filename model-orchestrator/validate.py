@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
+from core.child_env import service_env
 from core.config import ModelSpec, OrchestratorConfig, load_config, resolve_python, service_argv
-from core.service_manager import service_env
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def test_settings_defaults() -> None:
     assert (s.host, s.port, s.gpu_memory_gb, s.log_dir, s.base_dir) == ("127.0.0.1", 9000, "auto", "logs", None)
     assert (s.defaults, s.max_queue, s.max_wait, s.batch_window) == ({}, 64, 600, 5)
     assert (s.restart_backoff, s.restart_backoff_max, s.restart_window, s.failed_cooldown) == (1, 60, 300, 300)
-    assert (s.drain_timeout, s.api_key_env, s.log_lines) == (30, None, 2000)
+    assert (s.drain_timeout, s.api_key_env, s.log_lines) == (30, "AIO_API_KEYS", 2000)
 
 
 def test_model_spec_defaults(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_model_spec_defaults(tmp_path: Path) -> None:
     assert (spec.service_script, spec.args, spec.env, spec.python) == (None, [], {}, None)
     assert (spec.host, spec.startup_time, spec.endpoint, spec.aliases) == ("127.0.0.1", 120, None, [])
     assert (spec.vram_gb, spec.ttl, spec.pinned, spec.preload) == (None, 0, False, False)
-    assert (spec.health_path, spec.max_concurrency, spec.stop_timeout) == ("/health", None, 15)
+    assert (spec.health_path, spec.max_concurrency, spec.stop_timeout) == ("/health", 32, 15)
     assert (spec.request_timeout, spec.max_restarts, spec.metadata) == (600, 3, {})
 
 

@@ -83,6 +83,7 @@ class ManagedService:
         self.not_before = 0.0  # earliest monotonic time of the next start (backoff)
         self.failed_until = 0.0
         self.last_error: str | None = None
+        self.upstream_timeouts = 0  # consecutive; see upstream_timed_out()
         self.listeners: list[Callable[[], None]] = []
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -267,6 +268,16 @@ class ManagedService:
         if self._reaper is not None:
             self._reaper.unregister(process.pid)
         self.process = None
+
+    # -- hang detection (fed by the proxy) --------------------------------------------------
+
+    def upstream_timed_out(self) -> None:
+        """The proxy's request to this service got no byte within request_timeout."""
+        self.upstream_timeouts += 1
+
+    def upstream_answered(self) -> None:
+        """The proxy's request to this service got a response (any status)."""
+        self.upstream_timeouts = 0
 
     def reset(self) -> None:
         """Operator reset: forget failures; a FAILED service may start again at once."""

@@ -22,7 +22,8 @@ model loads in the background, 200 once ``load()`` (and ``warmup()``) returned, 
 503 again while stopping or after a fatal error. A load failure or a ``fatal()``
 call makes the process exit non-zero so the orchestrator restarts it. SIGTERM stops
 accepting, lets in-flight requests finish within ``--drain-timeout``, then runs
-``unload()``.
+``unload()``. Started by an orchestrator, a service takes its service token out of the
+environment at startup and requires it on every route but ``/health`` (core/service_guard.py).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from fastapi.responses import JSONResponse
 from core.http_errors import install_error_handlers
 from core.log_setup import configure_logging
 from core.memory_share import VRAM_ENV, ShareError, share_from_env
-from core.service_guard import ServiceGuard
+from core.service_guard import ServiceGuard, take_service_token
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class BaseService(ABC):
         self.error: str | None = None
         self.max_concurrency: int | None = None
         self.vram_gb: float | None = None  # share of the GPU (GiB); None: the whole GPU
+        self.service_token: str | None = None  # required as "Authorization: Bearer" when set
         self._server: uvicorn.Server | None = None
         self._load_task: asyncio.Task[None] | None = None
 
@@ -202,7 +204,7 @@ class BaseService(ABC):
 
         install_error_handlers(app)
         self.add_routes(app)
-        return ServiceGuard(app, self.not_ready_reason, self.max_concurrency)
+        return ServiceGuard(app, self.not_ready_reason, self.max_concurrency, self.service_token)
 
     # -- command line -------------------------------------------------------------------
 
@@ -235,6 +237,7 @@ class BaseService(ABC):
 
     def run(self, argv: list[str] | None = None) -> None:
         """Parse the command line, serve until SIGTERM/SIGINT; exit 1 after a fatal error."""
+        self.service_token = take_service_token()  # before anything can start a child process
         self.options = self.argument_parser().parse_args(argv)
         self.model_path = self.options.model or self.model_path or self.default_model
         self.max_concurrency = self.options.max_concurrency

@@ -26,6 +26,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# errnos meaning this process (EMFILE) or the whole system (ENFILE) has no file descriptor left
+OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 def _die_with_parent() -> None:
@@ -101,7 +103,7 @@ async def terminate_tree(
     timeout: float,
     on_escalate: Callable[[], None] | None = None,
 ) -> int | None:
-    """SIGTERM the leader, wait ``timeout`` s, SIGKILL the group; then end what is left of it.
+    """SIGTERM (+SIGCONT) the leader, wait ``timeout`` s, SIGKILL the group; then end what is left of it.
 
     Returns the leader's exit status. Children that outlive a leader that exited on its own
     get SIGTERM and a short grace before SIGKILL. Escaped descendants (that left the group
@@ -112,6 +114,9 @@ async def terminate_tree(
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pgid, signal.SIGTERM)
+            # A stopped leader (SIGSTOP, a hung service) acts on SIGTERM only once continued:
+            # without this it would always take the SIGKILL path. systemd does the same.
+            os.kill(pgid, signal.SIGCONT)
     if not await leader_exited(process, timeout):
         if on_escalate is not None:
             on_escalate()
@@ -133,6 +138,10 @@ async def leader_exited(process: asyncio.subprocess.Process, timeout: float | No
         fd = os.pidfd_open(process.pid)
     except ProcessLookupError:  # exited and reaped in between
         return True
+    except OSError as exc:
+        if exc.errno not in OUT_OF_FDS:
+            raise
+        return await _poll_exit(process, timeout)  # we are out of file descriptors: no pidfd, so poll
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[None] = loop.create_future()
 
@@ -142,17 +151,28 @@ async def leader_exited(process: asyncio.subprocess.Process, timeout: float | No
 
     loop.add_reader(fd, on_exit)
     try:
-        await asyncio.wait_for(exited, timeout)
-    except asyncio.TimeoutError:
-        return False
+        # Not asyncio.wait_for: before Python 3.12 it can swallow the caller's cancellation
+        # when the exit lands at the same moment, and a stop must never be swallowed.
+        done, _ = await asyncio.wait({exited}, timeout=timeout)
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+    if not done:
+        return False
     # asyncio's child watcher reaps it and sets returncode a moment later (another thread).
     for _ in range(200):
         if _returncode(process) is not None:
             break
         await asyncio.sleep(0.005)
+    return True
+
+
+async def _poll_exit(process: asyncio.subprocess.Process, timeout: float | None) -> bool:
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    while _returncode(process) is None:
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
     return True
 
 
@@ -167,11 +187,27 @@ def _end_group(pgid: int, escaped: Sequence[psutil.Process], grace: float) -> No
     """SIGTERM the group's remaining members, wait up to ``grace``, SIGKILL the rest (and the escaped)."""
     members = group_members(pgid)
     if members and signal_group(pgid, signal.SIGTERM):
+        signal_group(pgid, signal.SIGCONT)  # stopped members act on SIGTERM only once continued
         _, members = psutil.wait_procs(members, timeout=grace)
     stragglers = [*members, *(p for p in escaped if p.is_running())]
     if stragglers:
         signal_group(pgid, signal.SIGKILL)
         kill_all(stragglers)
+
+
+def out_of_fds(exc: BaseException) -> OSError | None:
+    """The EMFILE/ENFILE error that ``exc`` is, or was raised from; None if it is something else.
+
+    Follows ``__cause__``/``__context__``: an HTTP client wraps the OSError of a failed connect.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in OUT_OF_FDS:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _pgid_of(pid: int) -> int | None:
@@ -194,6 +230,29 @@ def port_holder(host: str, port: int) -> str | None:
         else:
             return None
     return _describe_listener(port) or "another process"
+
+
+async def tcp_connects(host: str, port: int, timeout: float) -> bool:
+    """Whether a bare TCP connect to ``host:port`` succeeds within ``timeout`` seconds.
+
+    Raises only if we are out of file descriptors: then the answer says nothing about the
+    port. Not ``asyncio.wait_for``, which may swallow the caller's cancellation (core/aio.py).
+    """
+    connect = asyncio.ensure_future(asyncio.open_connection(host, port))
+    connect.add_done_callback(_close_connection)
+    try:
+        done, _ = await asyncio.wait({connect}, timeout=timeout)
+    finally:
+        connect.cancel()  # a no-op once done
+    error = connect.exception() if done else None
+    if error is not None and out_of_fds(error):
+        raise error
+    return bool(done) and error is None
+
+
+def _close_connection(connect: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+    if not connect.cancelled() and connect.exception() is None:
+        connect.result()[1].close()
 
 
 def _describe_listener(port: int) -> str | None:

@@ -1,5 +1,9 @@
-"""ASGI middleware every model service runs behind: readiness gate, concurrency cap, disconnects.
+"""ASGI middleware every model service runs behind: service token, readiness gate, concurrency cap, disconnects.
 
+* With a service token (``AIO_SERVICE_TOKEN``, set by the orchestrator for each run) every
+  route but ``/health`` requires ``Authorization: Bearer <token>``, else 401. The service
+  port listens on loopback, but loopback is not private: other local users, and tailnet
+  peers when Tailscale runs in userspace networking mode, reach it too (see core/child_env.py).
 * Before the model is ready (or after a fatal error) requests get 503 + Retry-After;
   ``/health`` always passes through.
 * Past ``max_concurrency`` requests in progress, new ones get 429 at once (shed load
@@ -11,10 +15,13 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from core.child_env import SERVICE_TOKEN_ENV
 from core.errors import ServiceError, error_bytes
 
 log = logging.getLogger(__name__)
@@ -22,16 +29,27 @@ log = logging.getLogger(__name__)
 ASGIApp = Callable[..., Any]
 
 
+def take_service_token(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """The service token from the environment, removed from it so that whatever this
+    service starts (engine workers, compilers) does not inherit it. Read once, at startup."""
+    return environ.pop(SERVICE_TOKEN_ENV, None) or None
+
+
 class ServiceGuard:
     def __init__(
-        self, app: ASGIApp, is_ready: Callable[[], str | None], max_concurrency: int | None
+        self, app: ASGIApp, is_ready: Callable[[], str | None], max_concurrency: int | None,
+        service_token: str | None = None,
     ) -> None:
         self.app = app
         self.is_ready = is_ready  # returns None when ready, else why not
         self.max_concurrency = max_concurrency
         self.active = 0
+        self._expected = None if service_token is None else f"Bearer {service_token}".encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"] != "/health" and not self._authorized(scope):
+            await _refuse(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["path"] in ("/health", "/docs", "/openapi.json"):
             await self.app(scope, receive, send)
             return
@@ -49,6 +67,22 @@ class ServiceGuard:
             await _run_cancelling_on_disconnect(self.app, scope, receive, send)
         finally:
             self.active -= 1
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        if self._expected is None:
+            return True
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        return hmac.compare_digest(given, self._expected)  # constant time: no guessing byte by byte
+
+
+async def _refuse(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect; closing before accept answers it with 403
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await _reject(send, ServiceError(
+        401, "This service answers its orchestrator only: send the orchestrator's service token "
+        "as 'Authorization: Bearer <token>'.", "invalid_service_token"), {"www-authenticate": "Bearer"})
 
 
 async def _run_cancelling_on_disconnect(app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -107,9 +141,9 @@ async def _read_body_messages(receive: Any) -> list[dict[str, Any]] | None:
             return messages
 
 
-async def _reject(send: Any, exc: ServiceError) -> None:
+async def _reject(send: Any, exc: ServiceError, extra_headers: dict[str, str] | None = None) -> None:
     body = error_bytes(exc.message, exc.status, exc.code)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
+    headers += [(k.encode(), v.encode()) for k, v in {**exc.headers(), **(extra_headers or {})}.items()]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

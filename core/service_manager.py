@@ -10,28 +10,48 @@ scheduler); this module only carries the decisions out, reliably:
   ``startup_time`` deadline; a failure reports the last log lines;
 * stop is SIGTERM to the group, ``stop_timeout``, SIGKILL to the group, then a sweep;
 * crashes are detected, counted by the restart policy, and after repeated failures the
-  service is FAILED until its cooldown passes or an operator resets it.
+  service is FAILED until its cooldown passes or an operator resets it; so are hangs,
+  found by a health watch while READY (core/health_watch.py) or by the proxy's timeouts.
+
+No stuck states: whatever a start raises ends it (core/start_errors.py), and a stop wins
+over the start it interrupts however that start ends. The stop cancels it; as a cancellation
+can be swallowed on its way (core/aio.py), the start also checks after its awaits, and right
+before READY, that it is still the current start. ``start()`` and ``stop()`` hand out
+shielded futures: a waiter giving up never cancels the start or the stop itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 import httpx
 
+from core.aio import done_future, joined, retrieve_exception, wait_all
 from core.child_env import new_service_token, service_env
 from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
+from core.health_watch import start_health_watch
 from core.log_capture import ServiceLog
-from core.process_tree import leader_exited, port_holder, spawn_group_leader, terminate_tree
+from core.process_tree import (
+    leader_exited,
+    out_of_fds,
+    port_holder,
+    signal_group,
+    spawn_group_leader,
+    tcp_connects,
+    terminate_tree,
+)
 from core.reaper import Reaper
+from core.redact import redact_argv
 from core.restart_policy import RestartPolicy, decide_restart
 from core.service_state import ServiceState, check_transition
+from core.start_errors import StartFailed, os_errors_as, start_failure
+
+__all__ = ["ManagedService", "ServiceManager", "StartFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +65,12 @@ _PIPE_DRAIN_TIMEOUT = 1.0  # a grandchild may keep the pipe open after the leade
 _POLL_MIN, _POLL_MAX = 0.005, 0.1
 
 
-class StartFailed(Exception):
-    """A start did not reach READY; the message says why and ends with recent log lines."""
-
-
 class ManagedService:
     """One model service process and its lifecycle. Create through ``ServiceManager``."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        *,
-        argv: list[str],
-        env: dict[str, str],
-        log_file: Path | None,
-        policy: RestartPolicy,
-        health: httpx.AsyncClient,
-        reaper: Reaper | None,
-        max_log_lines: int,
-        service_token: str | None = None,
-    ) -> None:
+    def __init__(self, spec: ModelSpec, *, argv: list[str], env: dict[str, str], service_log: ServiceLog,
+                 policy: RestartPolicy, health: httpx.AsyncClient, reaper: Reaper | None,
+                 service_token: str | None = None, health_interval: float = 0.0, health_failures: int = 3) -> None:
         self.spec = spec
         self.service_token = service_token  # the proxy sends it as the upstream's Authorization
         self.argv = argv
@@ -72,7 +78,9 @@ class ManagedService:
         self._policy = policy
         self._health = health
         self._reaper = reaper
-        self.log = ServiceLog(spec.name, log_file, max_log_lines)
+        self._health_interval = health_interval  # seconds between probes while READY; 0: off
+        self._health_failures = health_failures  # failed probes / upstream timeouts in a row = hung
+        self.log = service_log
         self.state = State.STOPPED
         self.process: asyncio.subprocess.Process | None = None
         self.in_flight = 0
@@ -88,6 +96,7 @@ class ManagedService:
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._exit_task: asyncio.Task[int | None] | None = None
+        self._health_watch: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -107,52 +116,99 @@ class ManagedService:
         check_transition(self.name, self.state, new)
         old, self.state = self.state, new
         log.info("%s: %s -> %s%s", self.name, old.value, new.value, f" ({reason})" if reason else "")
+        self._watch_health_while_ready()
         for listener in self.listeners:
             listener()
 
+    def _watch_health_while_ready(self) -> None:
+        watch, self._health_watch = self._health_watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+        if self.state is State.READY:
+            self._health_watch = start_health_watch(self, self._health_interval, self._health_failures)
+
     # -- start ------------------------------------------------------------------------
 
-    def start(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Task[None]:
-        """Begin a start now (STARTING at once) and return the task that completes it.
+    def start(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
+        """Begin a start now (STARTING at once) and return a future of its end.
 
         ``after`` are awaited before spawning (e.g. evicted services stopping). While a
-        start is under way, calling again joins it. The task raises StartFailed.
+        start is under way, calling again joins it. The future raises StartFailed, or is
+        cancelled when a stop aborted the start; cancelling it only gives up the wait.
         """
         if self.state is State.STARTING and self._start_task is not None:
-            return self._start_task
+            return joined(self._start_task)
         if self.state is State.FAILED:
             self.failures.clear()  # the cooldown is over or an operator asked: a fresh budget
         self._transition(State.STARTING)
         self._start_task = asyncio.create_task(self._run_start(list(after)), name=f"start:{self.name}")
-        self._start_task.add_done_callback(_retrieve_exception)
-        return self._start_task
+        self._start_task.add_done_callback(retrieve_exception)
+        return joined(self._start_task)
 
     async def _run_start(self, after: list[Awaitable[object]]) -> None:
-        await asyncio.gather(*after, return_exceptions=True)
+        try:
+            await wait_all(after)
+            await self._backoff()
+            await self._spawn()
+            await self._wait_healthy()
+            self._check_still_starting()
+        except asyncio.CancelledError:
+            if self._is_current_start():  # not cancelled by a stop (which takes over): clean up
+                self.stop("start cancelled")
+            raise
+        except Exception as exc:
+            if not self._is_current_start():  # a stop took over meanwhile and finishes the job
+                log.info("%s: start ended during a stop: %s", self.name, exc)
+                raise asyncio.CancelledError from exc
+            failure = await self._start_failed(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        self.started_at = time.time()
+        self.last_used = time.monotonic()
+        self.upstream_timeouts = 0  # counts for this process only
+        self._transition(State.READY, f"pid {self.pid}")
+
+    def _is_current_start(self) -> bool:
+        return self.state is State.STARTING and self._start_task is asyncio.current_task()
+
+    def _check_still_starting(self) -> None:
+        """Raise CancelledError once a stop has taken this start over, should its cancellation
+        have been swallowed on the way (asyncio.wait_for before 3.12, an HTTP client's timeouts)."""
+        if not self._is_current_start():
+            raise asyncio.CancelledError
+
+    async def _backoff(self) -> None:
         delay = self.not_before - time.monotonic()
         if delay > 0:
             log.info("%s: restarting in %.1fs (backoff)", self.name, delay)
             await asyncio.sleep(delay)
-        try:
-            await self._spawn()
-            await self._wait_healthy()
-        except StartFailed as exc:
-            await self._fail(str(exc))
-            raise
-        self.started_at = time.time()
-        self.last_used = time.monotonic()
-        self._transition(State.READY, f"pid {self.pid}")
+
+    async def _start_failed(self, exc: Exception) -> StartFailed:
+        """Clean up after a start that raised ``exc`` and settle the state; return what waiters get."""
+        failure, counts = start_failure(exc)
+        if not counts:  # no failure on record, no backoff: STOPPED, and the next request tries again
+            log.error("%s: start failed: %s", self.name, failure)
+            await self._kill_process(self.spec.stop_timeout)
+            self._check_still_starting()
+            self._transition(State.STOPPED, "orchestrator out of file descriptors")
+            return failure
+        if failure is not exc:
+            log.error("%s: unexpected error during start", self.name, exc_info=exc)
+            failure = StartFailed(self._with_logs(str(failure)))
+        await self._fail(str(failure))
+        return failure
 
     async def _spawn(self) -> None:
-        holder = port_holder(self.spec.host, self.spec.port)
+        with os_errors_as(f"cannot check port {self.spec.port}"):
+            holder = port_holder(self.spec.host, self.spec.port)
         if holder is not None:
             raise StartFailed(f"port {self.spec.port} is already in use by {holder}")
         self.starts += 1
-        self.log.open(" ".join(self.argv))
-        try:
+        with os_errors_as(f"cannot open log file {self.log.path}"):
+            self.log.open(" ".join(redact_argv(self.argv)))
+        with os_errors_as(f"cannot run {self.argv[0]!r}"):
             self.process = await spawn_group_leader(self.argv, self._env)
-        except OSError as exc:
-            raise StartFailed(f"cannot run {self.argv[0]!r}: {exc.strerror or exc}") from exc
         if self._reaper is not None:
             self._reaper.register(self.process.pid)
         self._exit_task = asyncio.create_task(self._watch_exit(self.process), name=f"exit:{self.name}")
@@ -163,35 +219,39 @@ class ManagedService:
         deadline = time.monotonic() + self.spec.startup_time
         interval = _POLL_MIN
         while True:
+            self._check_still_starting()
             if self._exit_task.done():
                 raise StartFailed(self._with_logs(f"exited with status {self._exit_task.result()} during start"))
-            if await self._port_accepts():
+            if await tcp_connects(self.spec.host, self.spec.port, 1.0):
                 if await self.probe(timeout=2.0):
                     return
                 interval = min(interval * 1.5, _POLL_MAX)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StartFailed(self._with_logs(f"not healthy after {self.spec.startup_time:g}s (startup_time)"))
-            self.log.activity.clear()
-            activity = asyncio.ensure_future(self.log.activity.wait())
-            await asyncio.wait({self._exit_task, activity}, timeout=min(interval, remaining),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await self._output_or_exit(min(interval, remaining))
+
+    async def _output_or_exit(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds; wake early when the child prints a line or exits."""
+        assert self._exit_task is not None
+        self.log.activity.clear()
+        activity = asyncio.ensure_future(self.log.activity.wait())
+        try:
+            await asyncio.wait({self._exit_task, activity}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
             activity.cancel()
 
-    async def _port_accepts(self) -> bool:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self.spec.host, self.spec.port), 1.0)
-        except (OSError, asyncio.TimeoutError):
-            return False
-        writer.close()
-        return True
-
     async def probe(self, timeout: float = 5.0) -> bool:
-        """True if the health endpoint answers 200 within ``timeout`` seconds."""
+        """True if the health endpoint answers 200 within ``timeout`` seconds.
+
+        Raises only when the orchestrator is out of file descriptors: that is no verdict on the service.
+        """
         url = self.spec.base_url() + self.spec.health_path
         try:
             response = await self._health.get(url, timeout=timeout)
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            if out_of_fds(exc):
+                raise
             return False
         return response.status_code == 200
 
@@ -200,11 +260,13 @@ class ManagedService:
     async def _watch_exit(self, process: asyncio.subprocess.Process) -> int | None:
         assert process.stdout is not None
         pump = asyncio.create_task(self.log.pump(process.stdout))
-        await leader_exited(process)  # not process.wait(): children may hold the pipe open
+        pump.add_done_callback(retrieve_exception)
+        try:
+            await leader_exited(process)  # not process.wait(): children may hold the pipe open
+            await asyncio.wait({pump}, timeout=_PIPE_DRAIN_TIMEOUT)  # not wait_for: see core/aio.py
+        finally:
+            pump.cancel()
         returncode = process.returncode
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(pump), _PIPE_DRAIN_TIMEOUT)
-        pump.cancel()
         self.log.write(f"=== exited with status {returncode} ===")
         self.log.close()
         if self.state is State.READY and process is self.process:
@@ -214,11 +276,18 @@ class ManagedService:
     async def _fail(self, reason: str) -> None:
         """Record a failure, clean up what is left of the process, go STOPPED or FAILED."""
         log.error("%s: %s", self.name, reason)
+        self.last_error = reason  # before the await: kept even if a stop cuts the clean-up short
         await self._kill_process(self.spec.stop_timeout)
+        self._record_failure(reason)
+
+    def _record_failure(self, reason: str) -> None:
+        """Count a failure; the restart policy says STOPPED (retry after a backoff) or FAILED."""
         now = time.monotonic()
         self.failures.append(now)
         self.last_error = reason
         decision = decide_restart(self._policy, self.failures, now, self.spec.max_restarts)
+        if self.state in (State.STOPPED, State.FAILED):
+            return  # already settled by whichever path finished first
         if decision.give_up:
             self.failed_until = decision.not_before
             self._transition(State.FAILED, f"{len(self.failures)} failures; cooling down")
@@ -232,24 +301,34 @@ class ManagedService:
 
     # -- stop -------------------------------------------------------------------------------
 
-    def stop(self, reason: str = "requested") -> asyncio.Task[None]:
-        """Begin a stop (STOPPING at once); returns the task. Joins a stop under way."""
-        if self.state is State.STOPPING and self._stop_task is not None:
-            return self._stop_task
-        if self.state in (State.STOPPED, State.FAILED):
-            return _done_task()
-        self._transition(State.STOPPING, reason)
-        self._stop_task = asyncio.create_task(self._run_stop(), name=f"stop:{self.name}")
-        return self._stop_task
+    def stop(self, reason: str = "requested", *, failure: str | None = None) -> asyncio.Future[None]:
+        """Begin a stop (STOPPING at once); return a future of its end. Joins a stop under way.
 
-    async def _run_stop(self) -> None:
-        if self._start_task is not None and not self._start_task.done():
-            self._start_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StartFailed):
-                await self._start_task
+        With ``failure`` the stop counts as a failure with that reason (a hung service) and
+        ends STOPPED or FAILED per the restart policy, as after a crash. Cancelling the
+        future only gives up the wait: a stop cut short would leave its process running.
+        """
+        if self.state in (State.STOPPED, State.FAILED):
+            return done_future()
+        if self.state is not State.STOPPING:
+            self._transition(State.STOPPING, reason)
+        if self._stop_task is None or self._stop_task.done():  # done while STOPPING: a stop was lost
+            self._stop_task = asyncio.create_task(self._run_stop(failure), name=f"stop:{self.name}")
+            self._stop_task.add_done_callback(retrieve_exception)
+        return joined(self._stop_task)
+
+    async def _run_stop(self, failure: str | None) -> None:
+        start = self._start_task
+        if start is not None and not start.done():
+            start.cancel()
+            await asyncio.wait({start})  # however the start ends, this stop finishes the job
         await self._kill_process(self.spec.stop_timeout)
-        if self.state is State.STOPPING:
+        if self.state is not State.STOPPING:
+            return  # a crash noticed meanwhile has settled it
+        if failure is None:
             self._transition(State.STOPPED, "stopped")
+        else:
+            self._record_failure(self._with_logs(failure))
 
     async def _kill_process(self, timeout: float) -> None:
         """Terminate the process tree (a no-op wait if the leader already exited) and reap it."""
@@ -260,24 +339,42 @@ class ManagedService:
         def escalate() -> None:
             log.warning("%s: still running %gs after SIGTERM; sending SIGKILL", self.name, timeout)
 
-        # With the leader gone this only sweeps what is left of its group.
-        await terminate_tree(process, timeout if process.returncode is None else 0, on_escalate=escalate)
+        try:  # with the leader gone this only sweeps what is left of its group
+            await terminate_tree(process, timeout if process.returncode is None else 0, on_escalate=escalate)
+        except Exception:  # e.g. out of fds while sweeping /proc: a stop must still end
+            log.exception("%s: could not stop the process tree in order; killing its group", self.name)
+            signal_group(process.pid, signal.SIGKILL)
         exit_task = self._exit_task
         if exit_task is not None and exit_task is not asyncio.current_task():
-            await asyncio.shield(exit_task)
+            await asyncio.wait({exit_task})  # the log is drained, and a crash it saw is settled
         if self._reaper is not None:
             self._reaper.unregister(process.pid)
-        self.process = None
+        if self.process is process:
+            self.process = None
 
-    # -- hang detection (fed by the proxy) --------------------------------------------------
+    # -- hang detection: the health watch (core/health_watch.py) and the proxy ----------------
 
     def upstream_timed_out(self) -> None:
-        """The proxy's request to this service got no byte within request_timeout."""
+        """The proxy's request to this service got no byte within request_timeout.
+
+        ``health_failures`` of them in a row mean it is hung, whatever its health endpoint
+        says (a wedged engine behind a live HTTP server).
+        """
         self.upstream_timeouts += 1
+        if self.upstream_timeouts >= self._health_failures:
+            self.hung(f"hung: {self.upstream_timeouts} requests in a row got no answer within "
+                      f"request_timeout ({self.spec.request_timeout:g}s)")
 
     def upstream_answered(self) -> None:
         """The proxy's request to this service got a response (any status)."""
         self.upstream_timeouts = 0
+
+    def hung(self, reason: str) -> None:
+        """Kill a READY service that stopped answering, counting it as a failure as a crash is."""
+        if self.state is not State.READY:
+            return
+        log.error("%s: %s; killing it", self.name, reason)
+        self.stop(reason, failure=reason)
 
     def reset(self) -> None:
         """Operator reset: forget failures; a FAILED service may start again at once."""
@@ -285,18 +382,6 @@ class ManagedService:
         self.not_before = self.failed_until = 0.0
         if self.state is State.FAILED:
             self._transition(State.STOPPED, "reset")
-
-
-def _retrieve_exception(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()  # mark as retrieved: failures are reported through state and waiters
-
-
-def _done_task() -> asyncio.Task[None]:
-    async def nothing() -> None:
-        return None
-
-    return asyncio.create_task(nothing())
 
 
 class ServiceManager:
@@ -308,22 +393,24 @@ class ServiceManager:
         self.reaper = Reaper() if use_reaper else None
         self.service_token = new_service_token()
         settings = config.settings
-        policy = RestartPolicy(
-            settings.restart_backoff, settings.restart_backoff_max, settings.restart_window,
-            settings.failed_cooldown,
-        )
-        self.services = {
-            name: self._build(spec, policy) for name, spec in config.models.items()
-        }
+        policy = RestartPolicy(settings.restart_backoff, settings.restart_backoff_max, settings.restart_window,
+                               settings.failed_cooldown)
+        self.services = {name: self._build(spec, policy) for name, spec in config.models.items()}
 
     def _build(self, spec: ModelSpec, policy: RestartPolicy) -> ManagedService:
+        settings = self.config.settings
         python = resolve_python(spec.python, self.config.base_dir, sys.executable) or sys.executable
         argv = service_argv(spec, python, self.config.base_dir)
-        log_file = self.config.log_dir() / f"{spec.name.replace('/', '_')}.log"
+        service_log = ServiceLog(
+            spec.name, self.config.log_dir() / f"{spec.name.replace('/', '_')}.log", settings.log_lines,
+            max_bytes=int(settings.log_max_mb * 1024 * 1024), backups=settings.log_backups,
+            max_followers=settings.limits.max_log_followers,
+        )
         return ManagedService(
-            spec, argv=argv, env=service_env(spec, self.service_token), log_file=log_file, policy=policy,
-            health=self._health, reaper=self.reaper, max_log_lines=self.config.settings.log_lines,
-            service_token=self.service_token,
+            spec, argv=argv, env=service_env(spec, self.service_token, passthrough=settings.env_passthrough),
+            service_log=service_log, policy=policy, health=self._health, reaper=self.reaper,
+            service_token=self.service_token, health_interval=settings.health_interval,
+            health_failures=settings.health_failures,
         )
 
     def open(self) -> None:

@@ -6,6 +6,7 @@ Every error leaves as an OpenAI envelope, as on the data path.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from core.errors import ServiceError
 from core.http_errors import install_error_handlers
+from core.log_capture import TooManyFollowers
+from core.redact import redact_argv
 from core.service_manager import ManagedService
 
 if TYPE_CHECKING:
@@ -27,7 +31,7 @@ def build_control_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": {n: s.state.value for n, s in runtime.manager.services.items()}}
+        return {"status": "ok"}  # public: says only that we are up (states are in /v1/models, /status)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -52,7 +56,12 @@ def build_control_app(runtime: Runtime) -> FastAPI:
         history = "".join(line + "\n" for line in svc.log.tail(lines))
         if not follow:
             return PlainTextResponse(history)
-        return StreamingResponse(_follow(svc, history), media_type="text/plain",
+        try:  # before the response starts: a refusal must still be able to send its status
+            queue = svc.log.follow()
+        except TooManyFollowers as exc:
+            raise ServiceError(429, f"{exc}; retry later or read without follow.", "too_many_followers",
+                               retry_after=10) from None
+        return StreamingResponse(_follow(svc, queue, history), media_type="text/plain",
                                  headers={"x-accel-buffering": "no"})
 
     @app.post("/admin/models/{model:path}/load")
@@ -94,12 +103,11 @@ def _status_entry(runtime: Runtime, svc: ManagedService) -> dict[str, Any]:
         "in_flight": svc.in_flight, "waiting": runtime.coordinator.waiting(svc.name),
         "idle_seconds": None if idle_for is None else round(idle_for, 1), "started_at": svc.started_at,
         "restarts": svc.restarts, "failures": len(svc.failures), "last_error": svc.last_error,
-        "pinned": svc.spec.pinned, "ttl": svc.spec.ttl, "command": svc.argv,
+        "pinned": svc.spec.pinned, "ttl": svc.spec.ttl, "command": redact_argv(svc.argv),
     }
 
 
-async def _follow(svc: ManagedService, history: str) -> AsyncIterator[str]:
-    queue = svc.log.follow()
+async def _follow(svc: ManagedService, queue: asyncio.Queue[str], history: str) -> AsyncIterator[str]:
     try:
         yield history
         while True:

@@ -45,9 +45,11 @@ from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.log_setup import configure_logging
 from core.process_tree import port_holder
 from core.service_manager import ServiceManager
+from model_orchestrator import auth
 from model_orchestrator.asgi import Receive, Scope, Send, send_error
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
+from model_orchestrator.http_server import RequestCap, server_options
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ModelIndex
 
@@ -67,7 +69,7 @@ class Runtime:
         budget = resolve_budget(config.settings.gpu_memory_gb)
         released = wait_for_free_memory if gpu_memory_gb() is not None else None
         self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released)
-        self.proxy = Proxy(self.coordinator, self.index)
+        self.proxy = Proxy(self.coordinator, self.index, limits=config.settings.limits)
         self._preload: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -90,22 +92,28 @@ class Runtime:
 
 
 class OrchestratorApp:
-    """The ASGI app: POST /v1/* and /upstream/* on the lean data path, the rest to the control app."""
+    """The ASGI app: POST /v1/* and /upstream/* on the lean data path, the rest to the control app.
 
-    def __init__(self, config: OrchestratorConfig, *, use_reaper: bool = True) -> None:
+    Every request is checked against its route's scope first (model_orchestrator.auth).
+    """
+
+    def __init__(self, config: OrchestratorConfig, *, host: str | None = None, use_reaper: bool = True) -> None:
         self.runtime = Runtime(config, use_reaper=use_reaper)
         self.control = build_control_app(self.runtime)
-        self._keys = _api_keys(config.settings.api_key_env)
+        self._keys = auth.Keys.from_env(config.settings)
+        self._loopback = auth.is_loopback_host(host or config.settings.host)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
         path: str = scope["path"]
-        if self._keys and path != "/health" and not self._authorized(scope):
-            if scope["type"] == "http":
-                await send_error(send, ServiceError(401, "Missing or invalid API key (Authorization: Bearer ...).",
-                                                    "invalid_api_key"))
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await send_error(send, refusal)
+                return
+        elif self._keys.configured:  # websockets: no route takes them; refuse before any work
             return
         if scope["type"] == "http" and scope["method"] == "POST" and path.startswith("/v1/"):
             await self.runtime.proxy.openai_route(scope, receive, send)
@@ -114,12 +122,12 @@ class OrchestratorApp:
         else:
             await self.control(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and token.strip() in self._keys
-        return False
+    def _refusal(self, scope: Scope) -> ServiceError | None:
+        needed = auth.route_access(scope["method"], scope["path"])
+        refusal = auth.check_access(self._keys, needed, scope["headers"])
+        if refusal is None and needed is auth.Access.ADMIN:
+            refusal = auth.cross_site_problem(scope["headers"], self._loopback)
+        return refusal
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -138,12 +146,6 @@ class OrchestratorApp:
                 return
 
 
-def _api_keys(env_name: str | None) -> frozenset[str]:
-    if not env_name:
-        return frozenset()
-    return frozenset(key.strip() for key in os.environ.get(env_name, "").split(",") if key.strip())
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ai-orchestrator", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.environ.get(CONFIG_ENV, str(DEFAULT_CONFIG)),
@@ -152,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="listen port (overrides settings.port)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    parser.add_argument("--log-file", help="log to this file (mode 0600, rotated by settings.log_max_mb and "
+                        "log_backups) instead of stderr")
     parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
     return parser.parse_args(argv)
 
@@ -168,15 +172,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{config.source}: OK, {len(config.models)} models: {', '.join(config.models)}")
         return
     settings = config.settings
+    if args.log_file:
+        configure_logging(args.log_level, args.log_file, max_bytes=int(settings.log_max_mb * 1024 * 1024),
+                          backups=settings.log_backups)
     host, port = args.host or settings.host, args.port or settings.port
+    keys = auth.Keys.from_env(settings)
+    problem = auth.exposure_problem(host, keys, settings)
+    if problem is not None:
+        print(f"ai-orchestrator: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    for warning in auth.startup_warnings(host, keys, settings):
+        log.warning("%s", warning)
     holder = port_holder(host, port)
     if holder is not None:  # uvicorn would run startup (preloads) before finding out
         print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
         raise SystemExit(1)
     uvicorn.run(
-        OrchestratorApp(config), host=host, port=port,
+        RequestCap(OrchestratorApp(config, host=host), settings.limits.max_requests), host=host, port=port,
         log_config=None, access_log=args.access_log, lifespan="on", server_header=False, proxy_headers=False,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout)),
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout)), **server_options(settings.limits),
     )
 
 

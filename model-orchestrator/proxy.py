@@ -4,10 +4,21 @@ Kept deliberately lean (it is benchmarked against direct access and nginx): raw 
 instead of a framework, one pooled aiohttp session, the body read once and parsed
 only for ``model``, response chunks passed on as they arrive without re-parsing.
 
-Failure mapping: upstream refused → 502, silent past ``request_timeout`` → 504,
-died mid-stream → an SSE error event for event streams, or an aborted connection
-for other bodies (never a silently truncated 200). A client that disconnects
-cancels the upstream request.
+Client bounds (``settings.limits``): bodies up to json_body_mb (upload routes and
+/upstream: upload_body_mb), refused at once from Content-Length or counted as they
+arrive (413), and in full within body_timeout (408); both close the connection. JSON
+nests at most json_max_depth levels (400); bodies over 64 KiB are parsed in a helper
+process (json_worker), so a hostile one cannot stall the event loop.
+
+Failure mapping: any failure before the upstream answers → 502 (refused, reset, not
+HTTP), silent past ``request_timeout`` → 504, died mid-stream → an SSE error event for
+event streams, or an aborted connection for other bodies (never a silently truncated
+200). A client that disconnects cancels the upstream request. Timeouts and answers are
+reported to the service (``upstream_timed_out``/``upstream_answered``: hang detection).
+
+Headers: hop-by-hop ones (the fixed set and any named in ``Connection:``) stay on their
+side; the client's credentials never reach a service, which gets the per-run service
+token as ``Authorization`` instead; no header the client did not send is added.
 """
 
 from __future__ import annotations
@@ -20,32 +31,46 @@ from typing import Any
 
 import aiohttp
 
-from core.config import ModelSpec
+from core.config import Limits, ModelSpec
 from core.errors import ServiceError, error_body
-from model_orchestrator.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
+from core.service_manager import ManagedService
+from model_orchestrator.asgi import ClientGone, Receive, Scope, Send, content_length, read_body, send_error
 from model_orchestrator.coordinator import Coordinator
-from model_orchestrator.routing import ModelIndex, parse_model, split_upstream_path, upstream_body
+from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker
+from model_orchestrator.routing import (
+    ModelIndex,
+    body_limit,
+    parse_model,
+    problem_error,
+    split_upstream_path,
+    upstream_body,
+)
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus those the client library recomputes.
+# RFC 9110 §7.6.1 hop-by-hop headers, plus those the client library recomputes, plus the
+# client's credentials: the upstream gets the service token instead (core/child_env.py).
 _DROP_REQUEST = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer trailers "
-    b"transfer-encoding upgrade host content-length expect".split()
+    b"transfer-encoding upgrade host content-length expect authorization cookie".split()
 )
 _DROP_RESPONSE = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer trailers "
     b"transfer-encoding upgrade date server".split()
 )
+# Headers aiohttp would invent; the upstream sees only what the client sent.
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _NO_BUFFERING = (b"x-accel-buffering", b"no")  # tells nginx in front of us not to buffer SSE
-_UPSTREAM_DOWN = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
 _WATCH_AFTER = 0.05  # seconds before a request's client starts being watched for a disconnect
 
 
 class Proxy:
-    def __init__(self, coordinator: Coordinator, index: ModelIndex) -> None:
+    def __init__(self, coordinator: Coordinator, index: ModelIndex, *, limits: Limits | None = None) -> None:
         self.coordinator = coordinator
         self.index = index
+        self.limits = limits or Limits()
+        self._renames = index.renames()
+        self._json = JsonWorker()
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
 
@@ -53,22 +78,21 @@ class Proxy:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent",), trust_env=False,
+            skip_auto_headers=_NO_AUTO_HEADERS, trust_env=False,
         )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        await self._json.close()
 
     # -- entry points --------------------------------------------------------------
 
     async def openai_route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/...: the body's ``model`` (or the endpoint's default) picks the service."""
         try:
-            body = await read_body(receive)
-            requested, data = parse_model(body)
-            spec = self.index.resolve(requested, scope["path"])
-            body = upstream_body(body, requested, data, spec)
+            body = await self._read_body(scope, receive)
+            spec, body = await self._route_json(scope["path"], body)
         except ServiceError as exc:
             await send_error(send, exc)
             return
@@ -80,7 +104,7 @@ class Proxy:
         """/upstream/<model>/<path>: any method, passed through to the model's own API."""
         try:
             spec, path = split_upstream_path(scope["path"], self.index)
-            body = await read_body(receive)
+            body = await self._read_body(scope, receive)
         except ServiceError as exc:
             await send_error(send, exc)
             return
@@ -93,8 +117,8 @@ class Proxy:
     ) -> None:
         watcher = _DisconnectWatcher(receive)
         try:
-            async with self.coordinator.lease(spec.name):
-                await self._exchange(spec, scope, send, body, path)
+            async with self.coordinator.lease(spec.name) as svc:
+                await self._exchange(svc, spec, scope, send, body, path)
         except ServiceError as exc:
             await send_error(send, exc)
         except asyncio.CancelledError:
@@ -104,9 +128,31 @@ class Proxy:
         finally:
             watcher.stop()
 
+    # -- the request body -------------------------------------------------------------
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        headers = scope["headers"]
+        return await read_body(receive, body_limit(scope["path"], headers, self.limits),
+                               self.limits.body_timeout, content_length(headers))
+
+    async def _route_json(self, path: str, body: bytes) -> tuple[ModelSpec, bytes]:
+        """(the model's spec, the body to send it). Large bodies are parsed in the JSON worker
+        process, so a hostile one cannot stall the event loop (see json_worker)."""
+        if len(body) <= INLINE_MAX:
+            requested, data = parse_model(body, self.limits.json_max_depth)
+            spec = self.index.resolve(requested, path)
+            return spec, upstream_body(body, requested, data, spec)
+        try:
+            requested, renamed = await self._json.inspect(body, self.limits.json_max_depth, self._renames)
+        except BodyProblem as exc:
+            raise problem_error(exc) from None
+        return self.index.resolve(requested, path), renamed or body
+
     # -- the exchange ----------------------------------------------------------------
 
-    async def _exchange(self, spec: ModelSpec, scope: Scope, send: Send, body: bytes, path: str) -> None:
+    async def _exchange(
+        self, svc: ManagedService, spec: ModelSpec, scope: Scope, send: Send, body: bytes, path: str
+    ) -> None:
         assert self._session is not None, "Proxy.open() was not called"
         query = scope.get("query_string", b"")
         url = spec.base_url() + path + ("?" + query.decode("latin-1") if query else "")
@@ -116,19 +162,23 @@ class Proxy:
                 total=None, connect=10, sock_connect=10, sock_read=spec.request_timeout)
         try:
             upstream = await self._session.request(
-                scope["method"], url, data=body or None, headers=_request_headers(scope["headers"]),
-                timeout=timeout, allow_redirects=False,
+                scope["method"], url, data=body or None, timeout=timeout, allow_redirects=False,
+                headers=_request_headers(scope["headers"], svc.service_token),
             )
-        except _UPSTREAM_DOWN as exc:
-            raise ServiceError(502, f"Model {spec.name!r} is not reachable: {exc}", "upstream_unavailable") from None
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # before the aiohttp errors: its timeouts are ClientErrors too
+            svc.upstream_timed_out()
             raise ServiceError(504, f"Model {spec.name!r} did not answer within {spec.request_timeout:g}s "
                                "(request_timeout).", "upstream_timeout") from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # refused, reset, garbage for a status line
+            raise _upstream_failed(spec, exc) from None
+        svc.upstream_answered()
         async with upstream:
-            await self._relay(spec, upstream, send)
+            await self._relay(svc, spec, upstream, send)
 
-    async def _relay(self, spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send) -> None:
-        headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE]
+    async def _relay(
+        self, svc: ManagedService, spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send
+    ) -> None:
+        headers = _response_headers(upstream.raw_headers)
         event_stream = upstream.content_type == "text/event-stream"
         if event_stream:
             headers.append(_NO_BUFFERING)
@@ -137,6 +187,8 @@ class Proxy:
             async for chunk in upstream.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                svc.upstream_timed_out()  # a stream silent for request_timeout: as hung as no answer
             reason = _describe_break(spec, exc)
             log.warning("%s", reason)
             if not event_stream:
@@ -178,8 +230,36 @@ class _DisconnectWatcher:
             self._task.cancel()
 
 
-def _request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.lower() not in _DROP_REQUEST]
+def _request_headers(raw: Iterable[tuple[bytes, bytes]], token: str | None) -> list[tuple[str, str]]:
+    drop = _DROP_REQUEST
+    for key, value in raw:
+        if key == b"connection":  # ASGI servers lower-case request header names
+            drop = drop | _connection_options(value)
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k not in drop]
+    if token:
+        headers.append(("Authorization", f"Bearer {token}"))
+    return headers
+
+
+def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    drop = _DROP_RESPONSE
+    for key, value in raw:
+        if key.lower() == b"connection":
+            drop = drop | _connection_options(value)
+    return [(k, v) for k, v in raw if k.lower() not in drop]
+
+
+def _connection_options(value: bytes) -> frozenset[bytes]:
+    """Header names listed in a ``Connection:`` header: hop-by-hop too (RFC 9110 §7.6.1)."""
+    return frozenset(token.strip().lower() for token in value.split(b","))
+
+
+def _upstream_failed(spec: ModelSpec, exc: BaseException) -> ServiceError:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ServiceError(502, f"Model {spec.name!r} is not reachable: {exc}", "upstream_unavailable")
+    log.warning("%s: request failed before an answer: %s: %s", spec.name, type(exc).__name__, exc)
+    return ServiceError(502, f"Model {spec.name!r} failed before answering: {type(exc).__name__}: {exc}",
+                        "upstream_error")
 
 
 def _describe_break(spec: ModelSpec, exc: BaseException) -> str:

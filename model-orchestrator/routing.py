@@ -8,12 +8,12 @@ is this path, else the only model of the endpoint's type.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from core.config import ModelSpec, ModelType, OrchestratorConfig
+from core.config import Limits, ModelSpec, ModelType, OrchestratorConfig
 from core.errors import ServiceError
+from model_orchestrator.json_worker import BodyProblem, parse_object, requested_model, with_model
 
 # The OpenAI routes the orchestrator dispatches by model, and the model type each serves.
 ENDPOINT_TYPES: Mapping[str, ModelType] = {
@@ -23,6 +23,11 @@ ENDPOINT_TYPES: Mapping[str, ModelType] = {
     "/v1/images/generations": "image",
     "/v1/audio/speech": "audio",
 }
+
+# Routes whose bodies are uploads (multipart files), allowed the larger upload_body_mb.
+UPLOAD_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits",
+                          "/v1/images/variations"})
+_MIB = 1024 * 1024
 
 
 class ModelIndex:
@@ -34,6 +39,10 @@ class ModelIndex:
         for spec in config.models.values():
             for name in spec.names():
                 self.by_name[name] = spec
+
+    def renames(self) -> dict[str, str]:
+        """Alias → model name, for every alias (what upstream_body rewrites)."""
+        return {alias: spec.name for alias, spec in self.by_name.items() if alias != spec.name}
 
     def known(self) -> list[str]:
         return list(self.config.models)
@@ -68,27 +77,37 @@ class ModelIndex:
         return self.default_for(path) if model is None else self.lookup(model)
 
 
+def body_limit(path: str, headers: Iterable[tuple[bytes, bytes]], limits: Limits) -> int:
+    """The largest body (bytes) a request may send: upload_body_mb for uploads and /upstream,
+    json_body_mb for the JSON routes."""
+    if path.startswith("/upstream/") or path in UPLOAD_PATHS:
+        return int(limits.upload_body_mb * _MIB)
+    for name, value in headers:
+        if name == b"content-type" and value[:19].lower() == b"multipart/form-data":
+            return int(limits.upload_body_mb * _MIB)
+    return int(limits.json_body_mb * _MIB)
+
+
 def model_field(body: bytes) -> str | None:
     """The ``model`` of a JSON request body; None if absent. 400 if the body is not a JSON object."""
     return parse_model(body)[0]
 
 
-def parse_model(body: bytes) -> tuple[str | None, dict[str, Any]]:
-    """(the body's ``model`` or None, the parsed body). 400 if the body is not a JSON object."""
+def parse_model(body: bytes, max_depth: int = 64) -> tuple[str | None, dict[str, Any]]:
+    """(the body's ``model`` or None, the parsed body). 400 if the body is not a JSON object
+    or nests deeper than ``max_depth``. On the event loop: for small bodies only (see json_worker)."""
     if not body:
         return None, {}
     try:
-        data = json.loads(body)
-    except ValueError:
-        raise ServiceError(400, "The request body is not valid JSON.", "invalid_json") from None
-    if not isinstance(data, dict):
-        raise ServiceError(400, "The request body must be a JSON object.", "invalid_json")
-    model = data.get("model")
-    if model is None:
-        return None, data
-    if not isinstance(model, str) or not model:
-        raise ServiceError(400, "'model' must be a non-empty string.", "invalid_value", param="model")
-    return model, data
+        data = parse_object(body, max_depth)
+        return requested_model(data), data
+    except BodyProblem as exc:
+        raise problem_error(exc) from None
+
+
+def problem_error(problem: BodyProblem) -> ServiceError:
+    retry_after = 1 if problem.status == 503 else None
+    return ServiceError(problem.status, problem.message, problem.code, param=problem.param, retry_after=retry_after)
 
 
 def upstream_body(body: bytes, requested: str | None, data: dict[str, Any], spec: ModelSpec) -> bytes:
@@ -100,7 +119,7 @@ def upstream_body(body: bytes, requested: str | None, data: dict[str, Any], spec
     """
     if requested is None or requested == spec.name:
         return body
-    return json.dumps({**data, "model": spec.name}, ensure_ascii=False, separators=(",", ":")).encode()
+    return with_model(data, spec.name)
 
 
 def split_upstream_path(path: str, index: ModelIndex) -> tuple[ModelSpec, str]:

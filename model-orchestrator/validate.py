@@ -26,6 +26,7 @@ import httpx
 
 from core.child_env import service_env
 from core.config import ModelSpec, OrchestratorConfig, load_config, resolve_python, service_argv
+from model_orchestrator.auth import read_keys
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ async def check_service(spec: ModelSpec, config: OrchestratorConfig) -> Check:
         found = shutil.which(argv[0])
         return Check(spec.name, found is not None, f"command {argv[0]}: {found or 'not found on PATH'}")
     process = await asyncio.create_subprocess_exec(
-        *argv, "--check-imports", env=service_env(spec), cwd=config.base_dir,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *argv, "--check-imports", env=service_env(spec, passthrough=config.settings.env_passthrough),
+        cwd=config.base_dir, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await process.communicate()
     lines = out.decode(errors="replace").strip().splitlines()
     try:
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", metavar="URL", help="also send one request per model to this orchestrator")
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    keys = os.environ.get(config.settings.api_key_env or "", "")
-    checks = asyncio.run(run(config, args.requests, keys.split(",")[0].strip() or None))
+    # A client key is enough for requests; an admin key works too.
+    keys = read_keys(config.settings.api_key_env, os.environ) or read_keys(config.settings.admin_key_env, os.environ)
+    checks = asyncio.run(run(config, args.requests, keys[0] if keys else None))
     for check in checks:
         print(f"{'ok  ' if check.ok else 'FAIL'} {check.model}: {check.detail}", flush=True)
     return 0 if all(check.ok for check in checks) else 1

@@ -24,18 +24,20 @@ or an image built from it): stop the orchestrator and remove runtime state, logs
 caches and secrets. Model weights and virtual environments are kept.
 
 Removed (those that exist):
-  <root>/run                       pidfiles, the orchestrator's own log (with \$AIO_RUN_DIR
+  <root>/run                       pidfiles, the orchestrator's own logs (with \$AIO_RUN_DIR
                                    set: only those files in it)
   <root>/logs                      model service logs
-  \$AIO_DATA_DIR/logs, /run         the same in the playbook's data dir (when AIO_DATA_DIR is set),
-  \$AIO_DATA_DIR/tailscale          and Tailscale's node state (a clone must join as a new node)
+  <data>/logs, /run, /state/validate  the same in the playbook's data dir (\$AIO_DATA_DIR,
+                                   default <root>/.data),
+  <data>/tailscale                 and Tailscale's node state: its private key (a clone must
+                                   join as a new node) and any auth key file left behind
   __pycache__ folders in <root>    (not inside virtual environments)
   ~/.cache/pip, ~/.cache/uv        package caches (\$PIP_CACHE_DIR, \$UV_CACHE_DIR too)
   ~/.bash_history, ~/.python_history
   the environment file             secrets (API keys, HF token); a template must not
                                    carry them: give them to new pods as RunPod secrets
   Hugging Face token files         token and stored_tokens in \$HF_HOME, ~/.cache/huggingface
-                                   and \$AIO_DATA_DIR/hf, and \$HF_TOKEN_PATH
+                                   and <data>/hf, and \$HF_TOKEN_PATH
 Kept: the Hugging Face cache (hub/, model weights), virtual environments, the repository.
 
 Options:
@@ -72,6 +74,9 @@ ROOT="$(cd -- "$ROOT" && pwd -P)"
     || die "not an ai-orchestrator checkout: $ROOT (no model-orchestrator/orchestrator.py)"
 [[ -n "${HOME:-}" && -d "$HOME" ]] || die "HOME is not set to a folder"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}"
+# The playbook's data dir: its default (aio_data_dir in roles/aio/defaults/main.yml, and
+# start-all.sh's) is .data in the checkout, so it is cleaned even when AIO_DATA_DIR is unset.
+DATA_DIR="${AIO_DATA_DIR:-$ROOT/.data}"
 HF_DEFAULT="$CACHE/huggingface"
 RUN_DIR="${AIO_RUN_DIR:-$ROOT/run}"
 
@@ -92,9 +97,7 @@ PROTECTED=(/ /bin /boot /dev /etc /home /lib /opt /proc /root /run /srv /sys /tm
            "$HOME" "$ROOT" "$HF_DEFAULT" "$HF_DEFAULT/hub" "$ROOT/.venv")
 if [[ -n "${HF_HOME:-}" ]]; then PROTECTED+=("$HF_HOME" "$HF_HOME/hub"); fi
 if [[ -n "${HF_HUB_CACHE:-}" ]]; then PROTECTED+=("$HF_HUB_CACHE"); fi
-if [[ -n "${AIO_DATA_DIR:-}" ]]; then
-    PROTECTED+=("$AIO_DATA_DIR" "$AIO_DATA_DIR/hf" "$AIO_DATA_DIR/venvs" "$AIO_DATA_DIR/bin")
-fi
+PROTECTED+=("$DATA_DIR" "$DATA_DIR/hf" "$DATA_DIR/hf/hub" "$DATA_DIR/venvs" "$DATA_DIR/bin")
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then PROTECTED+=("$VIRTUAL_ENV"); fi
 for i in "${!PROTECTED[@]}"; do PROTECTED[i]="$(canon "${PROTECTED[i]}")"; done
 
@@ -133,19 +136,19 @@ add() {  # add PATH REASON: queue PATH if it exists (a symlink is removed, not f
 collect() {
     TARGETS=() REASONS=() SKIPPED=() SEEN=()
     if [[ -n "${AIO_RUN_DIR:-}" ]]; then  # a folder of the operator's choosing: only our files
-        local name
-        for name in orchestrator.pid orchestrator.url orchestrator.log start.lock; do
-            add "$RUN_DIR/$name" "runtime state (AIO_RUN_DIR)"
+        local path
+        for path in "$RUN_DIR"/{orchestrator.pid,orchestrator.url,start.lock} \
+                    "$RUN_DIR"/orchestrator.log* "$RUN_DIR"/orchestrator.out*; do
+            add "$path" "runtime state (AIO_RUN_DIR)"  # an unmatched pattern names no file: skipped
         done
     else
-        add "$RUN_DIR" "runtime state: pidfiles, orchestrator log"
+        add "$RUN_DIR" "runtime state: pidfiles, orchestrator logs"
     fi
     add "$ROOT/logs" "model service logs"
-    if [[ -n "${AIO_DATA_DIR:-}" ]]; then
-        add "$AIO_DATA_DIR/logs" "logs in AIO_DATA_DIR"
-        add "$AIO_DATA_DIR/run" "runtime state in AIO_DATA_DIR"
-        add "$AIO_DATA_DIR/tailscale" "Tailscale node state: its private key; each pod joins as its own node"
-    fi
+    add "$DATA_DIR/logs" "logs in the data dir"
+    add "$DATA_DIR/run" "runtime state in the data dir"
+    add "$DATA_DIR/state/validate" "the validation run's pidfiles and log"
+    add "$DATA_DIR/tailscale" "Tailscale node state: its private key; each pod joins as its own node"
     add "$CACHE/pip" "pip cache"
     add "$CACHE/uv" "uv cache"
     if [[ -n "${PIP_CACHE_DIR:-}" ]]; then add "$PIP_CACHE_DIR" "pip cache (PIP_CACHE_DIR)"; fi
@@ -154,7 +157,7 @@ collect() {
     add "$HOME/.python_history" "Python shell history"
     add "$ENV_FILE" "secrets: API keys, tokens; new pods get them from RunPod secrets"
     local hf
-    for hf in "$HF_DEFAULT" ${HF_HOME:+"$HF_HOME"} ${AIO_DATA_DIR:+"$AIO_DATA_DIR/hf"}; do
+    for hf in "$HF_DEFAULT" ${HF_HOME:+"$HF_HOME"} "$DATA_DIR/hf"; do
         add "$hf/token" "Hugging Face token"
         add "$hf/stored_tokens" "Hugging Face stored tokens"
     done
@@ -225,7 +228,7 @@ if [[ -n "${HF_TOKEN:-}" || -n "${AIO_API_KEYS:-}" ]]; then
 fi
 
 echo "==> kept"
-for kept in "$ROOT/.venv" "${AIO_DATA_DIR:+$AIO_DATA_DIR/venvs}" "${HF_HOME:-$HF_DEFAULT}"; do
+for kept in "$ROOT/.venv" "$DATA_DIR/venvs" "${HF_HOME:-$HF_DEFAULT}"; do
     if [[ -n "$kept" && -e "$kept" ]]; then printf '  %-8s %s\n' "$(size_of "$kept")" "$kept"; fi
 done
 echo "==> disk usage left"

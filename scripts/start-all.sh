@@ -29,9 +29,15 @@ Options:
   --timeout S     seconds to wait for /health (default: 60)
   -h, --help      show this help and exit
 
-Files (runtime dir: \$AIO_RUN_DIR, else <repo>/run):
+Files (runtime dir: \$AIO_RUN_DIR, else <repo>/run; created private, mode 0700/0600):
   orchestrator.pid   pid of the running orchestrator
-  orchestrator.log   its output (appended)
+  orchestrator.log   its log, rotated by size (orchestrator.log.1, ...: settings.log_max_mb,
+                     settings.log_backups)
+  orchestrator.out   what it prints outside its log: a crash's traceback, startup errors
+                     (moved to orchestrator.out.1 at a start when over 10 MB)
+
+The open-file limit is raised to the hard limit (65536 at least, where allowed): every
+proxied request holds two sockets.
 
 Exit status: 0 when running (started now or already), 1 when it could not start,
 2 on bad usage or an invalid config.
@@ -93,11 +99,12 @@ CONFIG="$(cd -- "$(dirname -- "$CONFIG")" && pwd -P)/$(basename -- "$CONFIG")"
 
 # shellcheck source=scripts/lib/common.sh
 source "$REPO_ROOT/scripts/lib/common.sh"
-mkdir -p "$RUN_DIR"
+(umask 077 && mkdir -p "$RUN_DIR")  # private if we create it: logs may hold prompts or tokens
 RUN_DIR="$(cd -- "$RUN_DIR" && pwd -P)"
 PIDFILE="$RUN_DIR/orchestrator.pid"
 URLFILE="$RUN_DIR/orchestrator.url"
 LOGFILE="$RUN_DIR/orchestrator.log"
+OUTFILE="$RUN_DIR/orchestrator.out"
 
 # --- helpers --------------------------------------------------------------------------
 
@@ -150,9 +157,41 @@ PYEOF
 }
 
 show_log_tail() {
-    echo "---- last 30 lines of $LOGFILE ----" >&2
-    tail -n 30 "$LOGFILE" >&2 2>/dev/null || true
+    local file
+    for file in "$LOGFILE" "$OUTFILE"; do
+        if [[ -s "$file" ]]; then
+            echo "---- last 30 lines of $file ----" >&2
+            tail -n 30 "$file" >&2 2>/dev/null || true
+        fi
+    done
     echo "----" >&2
+}
+
+# Every proxied request holds two sockets (client and service), and a soft limit of 1024 is
+# common: raise it to the hard limit, and the hard limit to 65536 first where we may (root).
+raise_open_files() {
+    local want=65536 hard soft
+    hard="$(ulimit -Hn)"
+    if [[ "$hard" != unlimited ]] && ((hard < want)) && ulimit -Hn "$want" 2>/dev/null; then
+        hard="$want"
+    fi
+    if [[ "$hard" == unlimited ]]; then
+        hard="$(cat /proc/sys/fs/nr_open 2>/dev/null || echo 1048576)"
+    fi
+    ulimit -Sn "$hard" 2>/dev/null || true
+    soft="$(ulimit -Sn)"
+    if [[ "$soft" != unlimited ]] && ((soft < want)); then
+        echo "start-all: note: open-file limit set to $soft, not $want (the hard limit is $(ulimit -Hn));" \
+            "many concurrent requests may fail with 'Too many open files'." \
+            "Raise the hard limit (docker run --ulimit nofile=$want, LimitNOFILE= under systemd)." >&2
+    fi
+}
+
+# A file written only by crashes stays small; one that is not (a loop of warnings printed
+# outside logging) is moved aside at the next start instead of growing forever.
+rotate_outfile() {
+    [[ -f "$OUTFILE" ]] || return 0
+    if (($(wc -c <"$OUTFILE") > 10 * 1024 * 1024)); then mv -f -- "$OUTFILE" "$OUTFILE.1"; fi
 }
 
 # --- one start at a time --------------------------------------------------------------
@@ -216,14 +255,23 @@ else  # e.g. macOS: let python start the new session, then exec the orchestrator
     SESSION=("$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])')
 fi
 
-{ echo; echo "=== $(date '+%Y-%m-%d %H:%M:%S') start-all: $PY $ORCHESTRATOR --config $CONFIG --host $HOST --port $PORT"; } >>"$LOGFILE"
+raise_open_files
+rotate_outfile
+(
+    umask 077  # only for the files created here; the orchestrator keeps the caller's umask
+    echo "=== $(date '+%Y-%m-%d %H:%M:%S') start-all: $PY $ORCHESTRATOR --config $CONFIG --host $HOST --port $PORT" \
+        | tee -a "$OUTFILE" >>"$LOGFILE"
+)
+chmod 600 "$OUTFILE"  # one from before this change may be world-readable; the log is the orchestrator's
 
 # The background subshell execs nohup, which execs setsid, which execs python: $! is the
 # orchestrator's own pid and no shell stays in between. fd 9 (the start lock) is closed.
+# The orchestrator writes its log itself (--log-file: it rotates it); stdout and stderr
+# keep only what bypasses logging, such as a crash's traceback.
 (
     cd "$REPO_ROOT"
     exec nohup "${SESSION[@]}" "$PY" "$ORCHESTRATOR" --config "$CONFIG" --host "$HOST" --port "$PORT" \
-        </dev/null >>"$LOGFILE" 2>&1 9>&-
+        --log-file "$LOGFILE" </dev/null >>"$OUTFILE" 2>&1 9>&-
 ) &
 PID=$!
 echo "$PID" >"$PIDFILE"

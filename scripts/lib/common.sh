@@ -5,6 +5,7 @@ RUN_DIR="${AIO_RUN_DIR:-$REPO_ROOT/run}"
 PIDFILE="$RUN_DIR/orchestrator.pid"
 URLFILE="$RUN_DIR/orchestrator.url"
 LOGFILE="$RUN_DIR/orchestrator.log"
+OUTFILE="$RUN_DIR/orchestrator.out"
 
 # Alive and not a zombie (a zombie has exited; PID 1 in containers may never reap it).
 alive() {

@@ -117,12 +117,17 @@ class Orchestrator:
     url: str
     models: dict[str, Any] = field(default_factory=dict)
     log_path: Path | None = None
+    admin_key: str | None = None  # the first of AIO_ADMIN_KEYS when the test gave it some
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
 
     def status(self) -> dict[str, Any]:
-        return dict(httpx.get(self.url + "/status", timeout=10).json()["models"])
+        return dict(httpx.get(self.url + "/status", headers=self.admin_headers, timeout=10).json()["models"])
 
     def state(self, model: str) -> str:
         return str(self.status()[model]["state"])
@@ -141,7 +146,8 @@ def start_orchestrator(config: Path, log_path: Path, env: dict[str, str] | None 
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, str(ORCHESTRATOR), "--config", str(config)],
                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    orch = Orchestrator(config, process, url, settings["models"], log_path)
+    admin_keys = (env or {}).get("AIO_ADMIN_KEYS", "").split(",")
+    orch = Orchestrator(config, process, url, settings["models"], log_path, admin_keys[0] or None)
 
     def healthy() -> bool:
         try:

@@ -9,8 +9,11 @@ from contextlib import suppress
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
+from core.child_env import SERVICE_TOKEN_ENV
+from core.service_guard import take_service_token
 from tests.integration.conftest import FAKE, health_status, running_service, wait_until
 
 pytestmark = pytest.mark.integration
@@ -84,6 +87,45 @@ def test_failed_load_exits_nonzero_with_the_reason() -> None:
         assert proc.wait(15) == 1
         assert proc.stdout is not None
         assert b"fake load failure" in proc.stdout.read()
+
+
+def test_service_token_is_required_on_every_route_but_health(monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "per-run-service-token"
+    monkeypatch.setenv(SERVICE_TOKEN_ENV, token)  # what the orchestrator gives each service
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    with service("--spawn-child") as (proc, url):
+        assert wait_until(lambda: _status(url) == 200, 10)  # /health needs no token: readiness probes
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token},
+                        {"Authorization": f"Bearer {token}x"}):
+            refused = httpx.post(url + "/v1/chat/completions", json=chat, headers=headers, timeout=5)
+            assert refused.status_code == 401, headers
+            error = refused.json()["error"]
+            assert error["type"] == "authentication_error" and error["code"] == "invalid_service_token"
+            assert token not in refused.text
+        assert httpx.get(url + "/docs", timeout=5).status_code == 401
+        ok = httpx.post(url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {token}"},
+                        timeout=10)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "hi"
+        (child,) = psutil.Process(proc.pid).children()  # --spawn-child: what an engine worker would inherit
+        try:
+            assert SERVICE_TOKEN_ENV not in child.environ()
+        finally:
+            child.kill()
+
+
+def test_without_a_token_every_route_is_open() -> None:
+    with service() as (_, url):
+        assert wait_until(lambda: _status(url) == 200, 10)
+        reply = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert reply.status_code == 200
+
+
+def test_take_service_token_removes_it_from_the_environment() -> None:
+    environ = {SERVICE_TOKEN_ENV: "t", "PATH": "/bin"}
+    assert take_service_token(environ) == "t"
+    assert environ == {"PATH": "/bin"}
+    assert take_service_token(environ) is None
+    assert take_service_token({SERVICE_TOKEN_ENV: ""}) is None  # empty: no token, not an empty one
 
 
 def _ignore_errors(url: str, seconds: float) -> None:

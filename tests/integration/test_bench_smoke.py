@@ -33,3 +33,15 @@ def test_benchmarks_run_in_smoke_mode(tmp_path: Path) -> None:
     assert result["swap"]["cold_first_byte_ms"][0] > result["swap"]["load_time_s"] * 1000
     assert result["swap"]["own_load_ms"][0] >= result["swap"]["load_time_s"] * 1000
     assert "targets:" in done.stdout and "orch/direct" in done.stdout
+
+
+def test_soak_runs_for_a_few_seconds(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, "-m", "bench.soak", "--minutes", "0.05", "--warmup", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr  # 1 means a request failed
+    result = json.loads(out.read_text())
+    assert result["failed"] == {} and result["requests"]["stream"] > 0, result
+    assert [s["label"] for s in result["samples"]] == ["start", "end", "idle"]
+    assert all(s["rss_mib"] > 0 and s["fds"] > 0 for s in result["samples"])
+    assert "| failed requests (target 0) | **0** |" in done.stdout

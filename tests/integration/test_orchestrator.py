@@ -181,9 +181,13 @@ def test_aliases_work_against_an_upstream_that_rejects_unknown_names(orchestrato
     for name in ("gpt-4o-mini", "qwen-7b", "qwen"):
         reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "one two"}])
         assert reply.model == "qwen" and reply.choices[0].message.content == "one two"
-    direct = httpx.post(f"http://127.0.0.1:{orch.models['qwen']['port']}/v1/chat/completions", timeout=30,
+    # /upstream passes the body through untouched: the alias reaches the service, which refuses it
+    direct = httpx.post(orch.url + "/upstream/qwen/v1/chat/completions", timeout=30,
                         json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
     assert direct.status_code == 404 and direct.json()["error"]["code"] == "model_not_found"  # it is strict
+    bypass = httpx.post(f"http://127.0.0.1:{orch.models['qwen']['port']}/v1/chat/completions", timeout=30,
+                        json={"model": "qwen", "messages": [{"role": "user", "content": "x"}]})
+    assert bypass.status_code == 401  # the service answers only the orchestrator (its service token)
     stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
                                             messages=[{"role": "user", "content": "a b c"}])
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == "a b c"
@@ -233,10 +237,21 @@ def test_wait_bound_and_queue_bound(orchestrator: Any) -> None:
     assert "retry-after" in results[0].headers
 
 
-def test_api_keys_guard_everything_but_health(orchestrator: Any) -> None:
-    orch = orchestrator({"a": fake_model("a")}, env={"TEST_AIO_KEYS": "k1,k2"}, api_key_env="TEST_AIO_KEYS")
-    assert httpx.get(orch.url + "/health").status_code == 200
-    denied = httpx.get(orch.url + "/v1/models")
-    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
-    allowed = httpx.get(orch.url + "/v1/models", headers={"Authorization": "Bearer k2"})
-    assert allowed.status_code == 200
+def test_log_followers_are_capped_and_commands_redacted(orchestrator: Any) -> None:
+    secret = {"type": "custom", "command": ["sleep", "--hf-token", "hf_s3cret", "--api-key=sk-s3cret"],
+              "port": fake_model("x")["port"]}
+    orch = orchestrator({"a": fake_model("a"), "s": secret}, limits={"max_log_followers": 1})
+    command = orch.status()["s"]["command"]
+    assert command == ["sleep", "--hf-token", "***", "--api-key=***"]
+    with httpx.stream("GET", orch.url + "/logs/a", params={"follow": "true"}, timeout=10) as first:
+        assert first.status_code == 200
+        second = httpx.get(orch.url + "/logs/a", params={"follow": "true"}, timeout=10)
+        assert second.status_code == 429 and second.json()["error"]["code"] == "too_many_followers"
+        assert "retry-after" in second.headers
+    # the first follower's slot is released when it disconnects
+    assert wait_until(lambda: _follow_status(orch) == 200, 5)
+
+
+def _follow_status(orch: Any) -> int:
+    with httpx.stream("GET", orch.url + "/logs/a", params={"follow": "true"}, timeout=10) as reply:
+        return reply.status_code

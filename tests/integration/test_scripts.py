@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -83,6 +84,12 @@ class Setup:
     def start(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.script(START, "--config", str(self.config), "--timeout", "30", *args)
 
+    def start_with_soft_nofile(self, soft: int) -> subprocess.CompletedProcess[str]:
+        """start-all.sh from a shell whose open-file soft limit is ``soft`` (a common default)."""
+        return subprocess.run(["bash", "-c", f'ulimit -Sn {soft} && exec "$@"', "start", str(START),
+                               "--config", str(self.config), "--timeout", "30"], env=self.env,
+                              capture_output=True, text=True, timeout=90, check=False, cwd=self.tmp)
+
     def stop(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.script(STOP, *args)
 
@@ -136,7 +143,7 @@ def test_help_exits_zero() -> None:
 
 
 def test_start_is_idempotent_serves_and_stop_cleans_up(setup: Setup) -> None:
-    started = setup.start()
+    started = setup.start_with_soft_nofile(1024)
     assert started.returncode == 0, started.stdout + started.stderr
     assert f"running (pid {setup.pid()}) at {setup.url}" in started.stdout
     assert str(setup.run_dir / "orchestrator.log") in started.stdout
@@ -147,6 +154,17 @@ def test_start_is_idempotent_serves_and_stop_cleans_up(setup: Setup) -> None:
     assert "orchestrator.py" in " ".join(psutil.Process(pid).cmdline())
     assert os.getsid(pid) == pid
     assert httpx.get(setup.url + "/health", timeout=5).status_code == 200
+    # The soft open-file limit was raised to the hard one (65536 or more where allowed).
+    soft, hard = psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)
+    assert soft == hard and (soft >= 65536 or "open-file limit set to" in started.stderr), (soft, hard)
+    # The orchestrator writes (and rotates) its own log, privately; stdout/stderr go to a file
+    # of their own for what bypasses logging.
+    log = setup.run_dir / "orchestrator.log"
+    assert ["--log-file", str(log)] == psutil.Process(pid).cmdline()[-2:]
+    assert stat.S_IMODE(setup.run_dir.stat().st_mode) == 0o700
+    for name in ("orchestrator.log", "orchestrator.out"):
+        assert stat.S_IMODE((setup.run_dir / name).stat().st_mode) == 0o600, name
+    assert "start-all:" in (setup.run_dir / "orchestrator.out").read_text()
 
     again = setup.start()
     assert again.returncode == 0, again.stdout + again.stderr

@@ -7,42 +7,17 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from core.config import config_from_dict
-from core.service_manager import ManagedService, ServiceManager, StartFailed
+from core.service_manager import ServiceManager, StartFailed
 from core.service_state import ServiceState
-from tests.integration.conftest import REPO, fake_model
+from tests.integration.manager_harness import alive, wait_state
+from tests.integration.manager_harness import run_manager as run
 
 pytestmark = pytest.mark.integration
-
-
-def run(test: Callable[[ServiceManager], Awaitable[None]], tmp_path: Path, **spec: Any) -> None:
-    """Run ``test`` against a manager with one fake model "m" (knobs in spec["args"])."""
-    args = spec.pop("args", [])
-    raw = {"settings": {"log_dir": str(tmp_path / "logs"), "base_dir": str(REPO), "restart_backoff": 0},
-           "models": {"m": fake_model("m", *args, **spec)}}
-    config = config_from_dict(raw, tmp_path / "models.yaml")
-
-    async def main() -> None:
-        manager = ServiceManager(config, use_reaper=False)
-        try:
-            await test(manager)
-        finally:
-            await manager.shutdown()
-    asyncio.run(main())
-
-
-async def wait_state(svc: ManagedService, state: ServiceState, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while svc.state is not state:
-        assert time.monotonic() < deadline, f"{svc.name} stayed {svc.state} (wanted {state})"
-        await asyncio.sleep(0.02)
 
 
 def test_start_ready_then_stop_leaves_nothing(tmp_path: Path) -> None:
@@ -92,7 +67,7 @@ def test_sigterm_ignoring_service_is_killed_after_stop_timeout(tmp_path: Path) -
         took = time.monotonic() - began
         assert 1.0 <= took < 5.0, took
         assert svc.state is ServiceState.STOPPED
-        assert pid is not None and not _alive(pid)
+        assert pid is not None and not alive(pid)
     run(scenario, tmp_path, args=["--ignore-sigterm"], stop_timeout=1)
 
 
@@ -104,7 +79,7 @@ def test_stop_kills_grandchildren(tmp_path: Path) -> None:
         children = psutil.Process(svc.pid).children(recursive=True)
         assert any("sleep" in c.name() for c in children)
         await svc.stop()
-        assert not [c for c in children if _alive(c.pid)]
+        assert not [c for c in children if alive(c.pid)]
     run(scenario, tmp_path, args=["--spawn-child"])
 
 
@@ -120,7 +95,7 @@ def test_stop_lets_the_service_shut_down_before_its_children_are_signalled(tmp_p
         (child,) = psutil.Process(svc.pid).children()
         await svc.stop()
         assert report.read_text() == "parent-gone"
-        assert not _alive(child.pid)
+        assert not alive(child.pid)
     run(scenario, tmp_path, args=["--child-reports-to", str(report), "--drain-delay", "1"], stop_timeout=10)
 
 
@@ -171,12 +146,28 @@ def test_stop_during_start_aborts_it(tmp_path: Path) -> None:
         assert pid is not None
         await svc.stop()
         assert start.cancelled()
-        assert svc.state is ServiceState.STOPPED and not _alive(pid)
+        assert svc.state is ServiceState.STOPPED and not alive(pid)
     run(scenario, tmp_path, args=["--start-delay", "30"], startup_time=60)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+@pytest.mark.parametrize(("args", "graceful"), [([], True), (["--ignore-sigterm"], False)],
+                         ids=["handles-sigterm", "ignores-sigterm"])
+def test_stopping_a_sigstopped_service_ends_within_stop_timeout(tmp_path: Path, args: list[str],
+                                                                graceful: bool) -> None:
+    """SIGTERM waits for SIGCONT, so the stop continues the process: it shuts down in order; SIGKILL otherwise."""
+    async def scenario(manager: ServiceManager) -> None:
+        svc = manager["m"]
+        await svc.start()
+        pid = svc.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        began = time.monotonic()
+        await svc.stop()
+        took = time.monotonic() - began
+        assert svc.state is ServiceState.STOPPED and not alive(pid)
+        if graceful:
+            assert took < svc.spec.stop_timeout
+            assert "fake: stopped" in (tmp_path / "logs" / "m.log").read_text()  # its own shutdown ran
+        else:
+            assert svc.spec.stop_timeout <= took < svc.spec.stop_timeout + 3
+    run(scenario, tmp_path, args=args, stop_timeout=2)

@@ -35,6 +35,8 @@ from tests.provisioning.hub_server import HubServer
 from tests.provisioning.standins import BUILDERS, DECOYS, standin_repo
 from tests.provisioning.test_playbook import ANSIBLE_BIN, REPO, recap, run
 
+CLIENT_KEY, ADMIN_KEY = "rehearsal-client-key", "rehearsal-admin-key"
+
 PROFILE = REPO / "model-orchestrator" / "models.yaml"
 pytestmark = [
     pytest.mark.integration,
@@ -88,7 +90,9 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                    "-e", "aio_rehearsal=true", "-e", f"aio_system_python={image_python}",
                    "-e", f"aio_data_dir={data}", "-e", f"aio_hf_endpoint={hub.url}")
         requested = {s.path for s in hub.seen}
-    env = {**os.environ, "AIO_RUN_DIR": str(root / "run"), "AIO_DATA_DIR": str(data)}
+    # The profile listens on 0.0.0.0, so like a real pod it needs keys (it refuses to start without).
+    env = {**os.environ, "AIO_RUN_DIR": str(root / "run"), "AIO_DATA_DIR": str(data),
+           "AIO_API_KEYS": CLIENT_KEY, "AIO_ADMIN_KEYS": ADMIN_KEY}
     yield {"data": data, "image_python": image_python, "playbook": done, "requested": requested, "env": env,
            "root": root}
     subprocess.run([str(REPO / "scripts" / "stop-all.sh")], env=env, capture_output=True, check=False, timeout=300)
@@ -147,7 +151,7 @@ def served(pod: dict[str, Any]) -> Iterator[str]:
 
 
 def test_every_model_type_answers_through_the_openai_client(pod: dict[str, Any], served: str) -> None:
-    client = OpenAI(base_url=served + "/v1", api_key="unused", timeout=600)
+    client = OpenAI(base_url=served + "/v1", api_key=CLIENT_KEY, timeout=600)
     chat = client.chat.completions.create(model="gpt-4o-mini", max_tokens=8,
                                           messages=[{"role": "user", "content": "Say hi."}])
     assert chat.model == "qwen2.5-7b-instruct" and chat.usage is not None and chat.usage.completion_tokens > 0
@@ -196,11 +200,12 @@ def whitespace_bias(data: Path) -> dict[str, int]:
 
 
 def test_a_pretend_48_gb_gpu_swaps_qwen_and_flux(served: str) -> None:
-    client = OpenAI(base_url=served + "/v1", api_key="unused", timeout=600)
+    client = OpenAI(base_url=served + "/v1", api_key=CLIENT_KEY, timeout=600)
     client.chat.completions.create(model="qwen2.5-7b-instruct", max_tokens=2,
                                    messages=[{"role": "user", "content": "x"}])
     client.images.generate(model="flux.1-schnell", prompt="x", size="64x64")
-    models = httpx.get(served + "/status", timeout=30).json()["models"]
+    models = httpx.get(served + "/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       timeout=30).json()["models"]
     states = {name: model["state"] for name, model in models.items()}
     assert states["flux.1-schnell"] == "ready" and states["qwen2.5-7b-instruct"] == "stopped"
 

@@ -371,6 +371,39 @@ def test_prepare_template_with_aio_run_dir_removes_only_its_own_files(tmp_path: 
     assert sorted(p.name for p in shared.iterdir()) == ["other-app.pid"]
 
 
+def test_prepare_template_cleans_the_default_data_dir(tmp_path: Path) -> None:
+    # The playbook's default aio_data_dir is <repo>/.data: its Tailscale node key and HF token
+    # must not reach a template when AIO_DATA_DIR is unset.
+    tree = Tree(tmp_path)
+    data = tree.root / ".data"
+    secrets = ["tailscale/tailscaled.state", "tailscale/authkey", "hf/token", "hf/stored_tokens", "logs/echo.log",
+               "run/x.pid", "state/validate/orchestrator.log"]
+    kept = ["venvs/models-cpu/pyvenv.cfg", "hf/hub/models--a--b/blobs/w", "models.yaml", "bin/tailscaled"]
+    for rel in secrets + kept:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text("x")
+    env = tree.env()
+    del env["AIO_DATA_DIR"]
+    dry = run(["bash", str(PREPARE), "--root", str(tree.root), "--env-file", str(tree.env_file)], env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert str(data / "tailscale") in dry.stdout and str(data / "hf" / "token") in dry.stdout
+    result = run(["bash", str(PREPARE), "--root", str(tree.root), "--env-file", str(tree.env_file), "--yes"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert [rel for rel in secrets if (data / rel).exists()] == []
+    assert [rel for rel in kept if not (data / rel).exists()] == []
+
+
+def test_prepare_template_with_aio_run_dir_removes_rotated_logs(tmp_path: Path) -> None:
+    tree = Tree(tmp_path)
+    shared = tmp_path / "shared-run"
+    shared.mkdir()
+    for name in ("orchestrator.log.1", "orchestrator.log.3", "orchestrator.out", "orchestrator.out.1", "other.log"):
+        (shared / name).write_text("x")
+    result = prepare(tree, "--yes", AIO_RUN_DIR=str(shared))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in shared.iterdir()) == ["other.log"]
+
+
 def test_prepare_template_refuses_a_folder_that_is_not_a_checkout(tmp_path: Path) -> None:
     result = run(["bash", str(PREPARE), "--root", str(tmp_path), "--yes"])
     assert result.returncode == 1

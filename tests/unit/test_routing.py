@@ -1,4 +1,4 @@
-"""ModelIndex.resolve, model_field and split_upstream_path over configs built in memory."""
+"""ModelIndex.resolve, model_field, split_upstream_path and body_limit over configs built in memory."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ from typing import Any
 
 import pytest
 
-from core.config import config_from_dict
+from core.config import Limits, config_from_dict
 from core.errors import ServiceError
-from model_orchestrator.routing import ModelIndex, model_field, parse_model, split_upstream_path, upstream_body
+from model_orchestrator.routing import (
+    ModelIndex,
+    body_limit,
+    model_field,
+    parse_model,
+    split_upstream_path,
+    upstream_body,
+)
 
 SOURCE = Path("models.yaml")  # never read: these configs come from dicts
 
@@ -194,3 +201,36 @@ def test_split_upstream_unknown_model_is_404(path: str) -> None:
     err = service_error(split_upstream_path, path, slash_index())
     assert (err.status, err.code) == (404, "model_not_found")
     assert "Known models: Qwen, Qwen/Qwen2.5-7B, bge" in err.message
+
+
+# --- body limits per route, nesting, renames ----------------------------------------------------
+
+LIMITS = Limits(json_body_mb=1, upload_body_mb=4)
+JSON_TYPE = [(b"content-type", b"application/json")]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "mib"),
+    [
+        ("/v1/chat/completions", JSON_TYPE, 1),
+        ("/v1/embeddings", [], 1),
+        ("/v1/audio/transcriptions", [], 4),
+        ("/v1/audio/translations", JSON_TYPE, 4),
+        ("/v1/images/edits", [], 4),
+        ("/v1/images/variations", [], 4),
+        ("/v1/anything", [(b"content-type", b"Multipart/Form-Data; boundary=x")], 4),
+        ("/upstream/qwen/v1/chat/completions", JSON_TYPE, 4),
+    ],
+)
+def test_body_limit_per_route(path: str, headers: list[tuple[bytes, bytes]], mib: int) -> None:
+    assert body_limit(path, headers, LIMITS) == mib * 1024 * 1024
+
+
+def test_parse_model_bounds_nesting() -> None:
+    err = service_error(parse_model, b'{"model": "q", "x": ' + b"[" * 10 + b"]" * 10 + b"}", 8)
+    assert (err.status, err.code) == (400, "json_too_deep")
+    assert parse_model(b'{"model": "q", "x": [[1]]}', 8)[0] == "q"
+
+
+def test_renames_lists_every_alias_and_no_name() -> None:
+    assert two_text_models().renames() == {"gpt-4o": "qwen", "q": "qwen"}

@@ -1,0 +1,159 @@
+"""How the orchestrator's public port is served: uvicorn options and per-client bounds.
+
+* ``HeaderDeadline``: uvicorn's HTTP protocol (httptools when installed, as uvicorn
+  itself picks, else h11) plus a deadline and a size bound for request headers.
+  uvicorn alone keeps a connection that never completes its headers open forever: idle
+  ones have no timer before their first request, and every byte resets the keep-alive
+  timer. A few hundred such clients (slowloris) would hold the server's connection slots.
+  httptools buffers unfinished headers without bound, h11 up to
+  ``h11_max_incomplete_event_size``; the protocol stops both at MAX_HEADER_BYTES.
+* ``server_options(limits)``: the ``uvicorn.run`` keyword arguments for ``settings.limits``.
+* ``RequestCap``: at most ``max_requests`` requests in progress across all models; more
+  get 503 + Retry-After in the OpenAI envelope.
+
+h11 is pure Python: on the proxy benchmark it costs about half as much CPU per request
+again as httptools, so httptools stays the default where it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+from typing import TYPE_CHECKING, Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+
+from core.config import Limits
+from core.errors import ServiceError
+from model_orchestrator.asgi import Receive, Scope, Send, send_error
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; h11's default is 16 KiB, nginx's 4 x 8 KiB
+
+# Both uvicorn protocols share this interface (cycle, loop, transport, send_400_response, ...);
+# mypy checks the mixin against H11Protocol's.
+if TYPE_CHECKING:
+    _Protocol = H11Protocol
+else:
+    _Protocol = object
+
+
+class HeaderDeadline(_Protocol):
+    """Closes a connection that has not sent complete request headers ``header_timeout``
+    seconds after connecting, or after its previous response finished (keep-alive), and
+    answers 400 to headers past ``max_header_bytes`` (an answered request's unread body
+    counts too: past the bound the connection is closed rather than drained).
+
+    A request in progress is never cut: uvicorn starts a new request cycle when headers
+    are complete, so the deadline only acts while the cycle it was armed with is still
+    current and finished (or there is none yet).
+    """
+
+    header_timeout = 10.0
+    max_header_bytes = MAX_HEADER_BYTES
+    _header_timer: asyncio.TimerHandle | None = None
+    _armed_cycle: RequestResponseCycle | None = None
+    _header_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        self._header_bytes += len(data)
+        super().data_received(data)
+        if self._header_bytes > self.max_header_bytes and self._awaiting_headers():
+            self._refuse_oversized()
+
+    def on_response_complete(self) -> None:
+        self._arm_header_deadline()  # before super(): it may start a pipelined request
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._armed_cycle, self._header_bytes = self.cycle, 0
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def _awaiting_headers(self) -> bool:
+        cycle: RequestResponseCycle | None = self.cycle  # None until the first request's headers
+        return (cycle is self._armed_cycle and (cycle is None or cycle.response_complete)
+                and not self.transport.is_closing())
+
+    def _refuse_oversized(self) -> None:
+        cycle: RequestResponseCycle | None = self.cycle
+        if cycle is None or not cycle.more_body:  # the bytes are a request's headers: say so
+            # h11 refuses to answer a request it has not parsed; it has its own bound (and 400) anyway
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.send_400_response("Request headers too large.")
+        # else: the unread rest of an answered request's body; nothing to say, just stop reading it
+        self.transport.close()
+
+    def _headers_overdue(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers():
+            # debug, not info: under a slowloris attack this would be a line per connection
+            log.debug("%s: no complete request headers within %gs; closing", self.client, self.header_timeout)
+            self.transport.close()
+
+
+class H11HeaderDeadline(HeaderDeadline, H11Protocol):
+    pass
+
+
+def header_deadline_protocol(seconds: float, implementation: str = "auto") -> type[HeaderDeadline]:
+    """The protocol class for uvicorn's ``http=``, bound to ``seconds`` (uvicorn takes a
+    class, not a factory). ``implementation``: "auto" (httptools if installed), "h11" or "httptools"."""
+    if implementation == "auto":
+        implementation = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    base: type[HeaderDeadline] = H11HeaderDeadline
+    if implementation == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = type("HttpToolsHeaderDeadline", (HeaderDeadline, HttpToolsProtocol), {})
+    return type(base.__name__, (base,), {"header_timeout": seconds})
+
+
+def server_options(limits: Limits, implementation: str = "auto") -> dict[str, Any]:
+    """``uvicorn.run``/``uvicorn.Config`` keyword arguments that enforce ``limits``."""
+    return {
+        "http": header_deadline_protocol(limits.header_timeout, implementation),
+        "timeout_keep_alive": limits.keep_alive_timeout,
+        "limit_concurrency": limits.max_connections,
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+    }
+
+
+class RequestCap:
+    """ASGI middleware: at most ``max_requests`` HTTP requests in progress (streams count
+    until they end). Lifespan, websockets and ``/health`` pass through uncounted, so
+    probes keep answering under load."""
+
+    def __init__(self, app: Any, max_requests: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_requests:
+            await send_error(send, ServiceError(
+                503, f"The server is handling {self.max_requests} requests (max_requests); retry shortly.",
+                "overloaded", retry_after=1))
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

@@ -21,6 +21,7 @@ import sys
 from typing import IO
 
 from core import repo_pythonpath
+from core.child_env import inherited
 
 
 def serve(stream: IO[str]) -> set[int]:
@@ -58,7 +59,9 @@ class Reaper:
             stdin=subprocess.PIPE,
             text=True,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": repo_pythonpath(os.environ.get("PYTHONPATH"))},
+            # The allowlisted environment, as for services: the orchestrator's keys stay in it.
+            env={**{k: v for k, v in os.environ.items() if inherited(k)},
+                 "PYTHONPATH": repo_pythonpath(os.environ.get("PYTHONPATH"))},
         )
         self._stdin = self._proc.stdin
 

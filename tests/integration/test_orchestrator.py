@@ -255,3 +255,24 @@ def test_log_followers_are_capped_and_commands_redacted(orchestrator: Any) -> No
 def _follow_status(orch: Any) -> int:
     with httpx.stream("GET", orch.url + "/logs/a", params={"follow": "true"}, timeout=10) as reply:
         return reply.status_code
+
+
+def test_a_ready_model_is_bounded_by_default_and_its_queue_by_max_queue(orchestrator: Any) -> None:
+    """max_concurrency defaults to 32, so a ready model's backlog is bounded too: past it, max_queue, then 503."""
+    orch = orchestrator({"a": fake_model("a")}, max_queue=4)
+    orch.chat("a")
+    results: list[httpx.Response] = []
+
+    def slow() -> None:
+        results.append(httpx.post(orch.url + "/upstream/a/sleep", params={"seconds": 4}, timeout=60))
+
+    threads = [threading.Thread(target=slow) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: orch.status()["a"]["in_flight"] == 32 and orch.status()["a"]["waiting"] == 4, 10)
+    for thread in threads:
+        thread.join(60)
+    refused = [r for r in results if r.status_code == 503]
+    assert len(refused) == 4 and all(r.json()["error"]["code"] == "queue_full" for r in refused)
+    assert all("retry-after" in r.headers for r in refused)
+    assert sum(r.status_code == 200 for r in results) == 36

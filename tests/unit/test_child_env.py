@@ -97,3 +97,22 @@ def test_token_and_vram_share() -> None:
 def test_a_command_service_gets_no_repo_pythonpath() -> None:
     env = service_env(spec(service_script=None, command="vllm serve x --port {port}"), base=ORCHESTRATOR_ENV)
     assert env["PYTHONPATH"] == "/opt/extra"
+
+
+def test_the_reaper_gets_the_allowlisted_environment_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from core.reaper import Reaper
+
+    monkeypatch.setenv("AIO_API_KEYS", "client-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    reaper = Reaper()
+    reaper.start()
+    try:
+        assert reaper.pid is not None
+        environ = Path(f"/proc/{reaper.pid}/environ").read_bytes().split(b"\0")
+        names = {entry.partition(b"=")[0] for entry in environ}
+        assert b"PATH" in names and b"PYTHONPATH" in names
+        assert not names & {b"AIO_API_KEYS", b"HF_TOKEN"}
+    finally:
+        reaper.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,6 +48,15 @@ async def wait_for_condition(predicate: Callable[[], bool], what: str, timeout: 
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+async def start_and_freeze(svc: ManagedService) -> int:
+    """Start ``svc`` and SIGSTOP it (a hang: pid and port kept, nothing answered); return its pid."""
+    await svc.start()
+    pid = svc.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    return pid
 
 
 def alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 from core.service_manager import ServiceManager
 from core.service_state import ServiceState
-from tests.integration.manager_harness import alive, run_manager, wait_for_condition, wait_state
+from tests.integration.manager_harness import alive, run_manager, start_and_freeze, wait_for_condition, wait_state
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +27,7 @@ FAST_PROBES = {"health_interval": INTERVAL, "health_failures": FAILURES}
 def test_a_sigstopped_service_is_found_hung_killed_and_restarts(tmp_path: Path, args: list[str]) -> None:
     async def scenario(manager: ServiceManager) -> None:
         svc = manager["m"]
-        await svc.start()
-        pid = svc.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
+        pid = await start_and_freeze(svc)
         began = time.monotonic()
         # each round: the interval, then a probe that times out after min(5, interval)
         await wait_for_condition(lambda: svc.state is not ServiceState.READY, "the hang to be noticed",
@@ -50,7 +47,18 @@ def test_a_service_that_keeps_answering_is_left_alone(tmp_path: Path) -> None:
         svc = manager["m"]
         await svc.start()
         pid = svc.pid
-        await asyncio.sleep(FAILURES * INTERVAL * 3)  # several rounds of probes, all answered
+        answered = 0
+        real_probe = svc.probe
+
+        async def counting_probe(timeout: float = 5.0) -> bool:
+            nonlocal answered
+            healthy = await real_probe(timeout=timeout)
+            answered += healthy
+            return healthy
+
+        svc.probe = counting_probe  # type: ignore[method-assign]  # the watch's own probes, counted
+        # more answered probes than it takes to be found hung: the watch ran, and left it alone
+        await wait_for_condition(lambda: answered >= FAILURES * 2, "several answered health probes")
         assert svc.state is ServiceState.READY and svc.pid == pid and not svc.failures
     run_manager(scenario, tmp_path, settings=FAST_PROBES)
 

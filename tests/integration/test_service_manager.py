@@ -14,7 +14,7 @@ import pytest
 
 from core.service_manager import ServiceManager, StartFailed
 from core.service_state import ServiceState
-from tests.integration.manager_harness import alive, wait_state
+from tests.integration.manager_harness import alive, start_and_freeze, wait_state
 from tests.integration.manager_harness import run_manager as run
 
 pytestmark = pytest.mark.integration
@@ -157,10 +157,7 @@ def test_stopping_a_sigstopped_service_ends_within_stop_timeout(tmp_path: Path, 
     """SIGTERM waits for SIGCONT, so the stop continues the process: it shuts down in order; SIGKILL otherwise."""
     async def scenario(manager: ServiceManager) -> None:
         svc = manager["m"]
-        await svc.start()
-        pid = svc.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
+        pid = await start_and_freeze(svc)
         began = time.monotonic()
         await svc.stop()
         took = time.monotonic() - began

@@ -97,10 +97,11 @@ class OrchestratorApp:
     Every request is checked against its route's scope first (model_orchestrator.auth).
     """
 
-    def __init__(self, config: OrchestratorConfig, *, host: str | None = None, use_reaper: bool = True) -> None:
+    def __init__(self, config: OrchestratorConfig, *, host: str | None = None, keys: auth.Keys | None = None,
+                 use_reaper: bool = True) -> None:
         self.runtime = Runtime(config, use_reaper=use_reaper)
         self.control = build_control_app(self.runtime)
-        self._keys = auth.Keys.from_env(config.settings)
+        self._keys = keys if keys is not None else auth.Keys.from_env(config.settings)
         self._loopback = auth.is_loopback_host(host or config.settings.host)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
         raise SystemExit(1)
     uvicorn.run(
-        RequestCap(OrchestratorApp(config, host=host), settings.limits.max_requests), host=host, port=port,
+        RequestCap(OrchestratorApp(config, host=host, keys=keys), settings.limits.max_requests), host=host, port=port,
         log_config=None, access_log=args.access_log, lifespan="on", server_header=False, proxy_headers=False,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout)), **server_options(settings.limits),
     )

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BACKEND = REPO / "bench" / "fake_backend.py"
-ORCHESTRATOR = REPO / "model-orchestrator" / "orchestrator.py"
 
 
 def free_port() -> int:
@@ -43,7 +43,7 @@ def spawn_pinned(argv: list[str], core_set: set[int], **kwargs: object) -> subpr
     """Start ``argv`` on ``core_set`` (children inherit it): taskset when present, else pin after spawn."""
     taskset = shutil.which("taskset")
     prefix = [taskset, "-c", ",".join(map(str, sorted(core_set)))] if taskset else []
-    process = subprocess.Popen([*prefix, *argv], **kwargs)  # type: ignore[call-overload]
+    process: subprocess.Popen[bytes] = subprocess.Popen([*prefix, *argv], **kwargs)  # type: ignore[call-overload]
     if not taskset:
         os.sched_setaffinity(process.pid, core_set)
     return process
@@ -79,6 +79,18 @@ def backend_command(port_placeholder: str = "{port}", startup_delay: float = 0.0
             "--startup-delay", str(startup_delay)]
 
 
+def _env_for(repo: Path, workdir: Path) -> dict[str, str] | None:
+    """The environment that makes ``repo``'s packages win over this checkout's installed ones."""
+    if repo.resolve() == REPO:
+        return None
+    shim = workdir / "baseline-path"
+    shim.mkdir(exist_ok=True)
+    link = shim / "model_orchestrator"
+    if not link.exists():
+        link.symlink_to(repo.resolve() / "model-orchestrator")
+    return {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{repo.resolve()}"}
+
+
 @dataclass
 class Orchestrator:
     process: subprocess.Popen[bytes]
@@ -98,17 +110,20 @@ class Orchestrator:
                 self.process.wait()
 
 
-def start_orchestrator(workdir: Path, models: dict[str, object], server_cores: set[int],
-                       **settings: object) -> Orchestrator:
+def start_orchestrator(workdir: Path, models: Mapping[str, object], server_cores: set[int],
+                       repo: Path = REPO, **settings: object) -> Orchestrator:
+    """An orchestrator serving ``models``; ``repo`` another checkout's (a baseline to compare with)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {"settings": {"port": port, "log_dir": str(workdir / "logs"), "base_dir": str(REPO), **settings},
               "models": models}
     path = workdir / "models.yaml"
     path.write_text(yaml.safe_dump(config))
     log = workdir / "orchestrator.log"
+    argv = [sys.executable, str(repo / "model-orchestrator" / "orchestrator.py"), "--config", str(path),
+            "--log-level", "warning"]
     with log.open("wb") as out:
-        process = spawn_pinned([sys.executable, str(ORCHESTRATOR), "--config", str(path), "--log-level", "warning"],
-                               server_cores, stdout=out, stderr=subprocess.STDOUT)
+        process = spawn_pinned(argv, server_cores, stdout=out, stderr=subprocess.STDOUT, env=_env_for(repo, workdir))
     orch = Orchestrator(process, f"http://127.0.0.1:{port}", log)
     wait_http(orch.url + "/health", 30, process)
     return orch

@@ -61,32 +61,47 @@ def measure(port: int, scenario: str, duration: float, proxy_pids: list[int]) ->
     return figures
 
 
-def run(rounds: int, duration: float, scenarios: list[str] | None = None) -> dict[str, Any]:
-    """All rounds; returns {"paths": [...], "runs": {path: {scenario: [figures per round]}}}."""
+def run(rounds: int, duration: float, scenarios: list[str] | None = None,
+        baseline: Path | None = None) -> dict[str, Any]:
+    """All rounds; returns {"paths": [...], "runs": {path: {scenario: [figures per round]}}}.
+
+    ``baseline``: another checkout (e.g. ``git worktree add /tmp/base main``) whose
+    orchestrator is measured as the path "baseline", interleaved with this one: a
+    before/after comparison in one run, on one machine state.
+    """
     server_cores, client_cores = cores()
     names = scenarios or list(SCENARIOS)
     with tempfile.TemporaryDirectory(prefix="aio-bench-") as tmp:
         workdir = Path(tmp)
         backend_port = free_port()
-        model = {"type": "text", "command": backend_command(), "port": backend_port, "preload": True,
-                 "startup_time": 60}
-        orch = start_orchestrator(workdir, {"bench": model}, server_cores)
+        orchs = {"orchestrator": start_orchestrator(workdir / "current", _bench_model(backend_port), server_cores)}
+        if baseline is not None:  # its own backend: each orchestrator starts the backend it proxies to
+            orchs["baseline"] = start_orchestrator(workdir / "baseline", _bench_model(free_port()), server_cores,
+                                                   repo=baseline)
         nginx = None
         try:
-            _wait_ready(orch)
+            for orch in orchs.values():
+                _wait_ready(orch)
             nginx = start_nginx(workdir, backend_port, server_cores)
             pin(client_cores)
             paths: dict[str, tuple[int, list[int]]] = {"direct": (backend_port, [])}
             if nginx is not None:
                 paths["nginx"] = (nginx.port, nginx.pids())
-            paths["orchestrator"] = (int(orch.url.rsplit(":", 1)[1]), [orch.process.pid])
+            for label, orch in orchs.items():
+                paths[label] = (int(orch.url.rsplit(":", 1)[1]), [orch.process.pid])
             runs = _rounds(paths, names, rounds, duration)
         finally:
             if nginx is not None:
                 nginx.stop()
-            orch.stop()
+            for orch in orchs.values():
+                orch.stop()
     return {"paths": list(paths), "runs": runs, "cores": {"servers": sorted(server_cores),
                                                            "load_generator": sorted(client_cores)}}
+
+
+def _bench_model(port: int) -> dict[str, object]:
+    return {"bench": {"type": "text", "command": backend_command(), "port": port, "preload": True,
+                      "startup_time": 60}}
 
 
 def _wait_ready(orch: Any) -> None:

@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run                 # full run: 3 interleaved rounds, ~3 minutes
     .venv/bin/python -m bench.run --smoke         # seconds: checks the harness runs (used by the tests)
     .venv/bin/python -m bench.run --out results.json --rounds 5 --duration 5
+    .venv/bin/python -m bench.run --proxy-only --baseline /tmp/base   # before/after: another checkout beside this one
 
 Writes every figure of every round, the medians and the target checks to a JSON file.
 """
@@ -44,6 +45,7 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     paths = list(summary)
     header = f"{'figure':34}" + "".join(f"{p:>14}" for p in paths)
     header += f"{'orch/direct':>13}" + (f"{'orch/nginx':>12}" if "nginx" in paths else "")
+    header += f"{'orch/baseline':>15}" if "baseline" in paths else ""
     lines = [header, "-" * len(header)]
     for scenario, key, label in ROWS:
         values = {p: summary[p][scenario].get(key, math.nan) for p in paths}
@@ -51,6 +53,8 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
         line += f"{_ratio(values['orchestrator'], values['direct']):>13}"
         if "nginx" in paths:
             line += f"{_ratio(values['orchestrator'], values['nginx']):>12}"
+        if "baseline" in paths:
+            line += f"{_ratio(values['orchestrator'], values['baseline']):>15}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -95,13 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swap-repeats", type=int, default=7)
     parser.add_argument("--smoke", action="store_true", help="1 short round: checks that everything runs")
     parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose orchestrator is measured beside "
+                        "this one, interleaved (e.g. `git worktree add /tmp/base main`): before/after in one run")
+    parser.add_argument("--proxy-only", action="store_true", help="skip the swap benchmark")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.duration, args.swap_repeats = 1, 0.3, 1
     print(f"proxy benchmark: {args.rounds} rounds x {args.duration:g}s per scenario and path", flush=True)
-    raw = proxy_bench.run(args.rounds, args.duration)
+    settings = vars(args) | {"baseline": None if args.baseline is None else str(args.baseline)}
+    raw = proxy_bench.run(args.rounds, args.duration, baseline=args.baseline)
     summary = proxy_bench.summarize(raw)
     print(table(summary), "\n", flush=True)
+    if args.proxy_only:
+        Path(args.out).write_text(json.dumps({"machine": machine(), "settings": settings, "cores": raw["cores"],
+                                              "summary": summary, "rounds": raw["runs"]}, indent=2))
+        print(f"wrote {args.out}")
+        return 0
     print("swap benchmark", flush=True)
     swap = swap_bench.run(load_time=0.1 if args.smoke else 0.5, repeats=args.swap_repeats)
     for key in ("own_interpreter_start_ms", "own_load_ms", "own_stop_ms", "cold_first_byte_ms",
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntargets:")
     for check in checks:
         print(f"  [{'met ' if check['met'] else 'MISS'}] {check['target']}: {check['value']} ({check['limit']})")
-    result = {"machine": machine(), "settings": vars(args), "cores": raw["cores"], "summary": summary,
+    result = {"machine": machine(), "settings": settings, "cores": raw["cores"], "summary": summary,
               "rounds": raw["runs"], "swap": swap, "targets": checks}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

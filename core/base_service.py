@@ -23,7 +23,7 @@ model loads in the background, 200 once ``load()`` (and ``warmup()``) returned, 
 call makes the process exit non-zero so the orchestrator restarts it. SIGTERM stops
 accepting, lets in-flight requests finish within ``--drain-timeout``, then runs
 ``unload()``. Started by an orchestrator, a service takes its service token out of the
-environment at startup and requires it on every route but ``/health`` (core/service_guard.py).
+environment at startup and requires it on every route but ``/health`` (core/middleware.py).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from core.asgi import ASGIApp
 from core.http_errors import install_error_handlers
 from core.log_setup import configure_logging
 from core.memory_share import VRAM_ENV, ShareError, share_from_env
-from core.service_guard import ServiceGuard, take_service_token
+from core.middleware import CancelOnDisconnect, ConcurrencyCap, ReadinessGate, ServiceTokenAuth, take_service_token
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class BaseService(ABC):
     # -- the app --------------------------------------------------------------------------
 
     def create_app(self) -> Any:
-        """The ASGI app: FastAPI routes behind the readiness/concurrency/disconnect guard."""
+        """The ASGI app: FastAPI routes behind the service's middlewares."""
         app = FastAPI(title=self.name, lifespan=self.lifespan, docs_url="/docs", redoc_url=None)
 
         @app.get("/health")
@@ -204,7 +205,18 @@ class BaseService(ABC):
 
         install_error_handlers(app)
         self.add_routes(app)
-        return ServiceGuard(app, self.not_ready_reason, self.max_concurrency, self.service_token)
+        return self._guarded(app)
+
+    def _guarded(self, app: ASGIApp) -> ASGIApp:
+        """``app`` behind the middlewares, outermost first: service token, readiness,
+        concurrency cap, cancel on disconnect (core/middleware.py)."""
+        guarded: ASGIApp = CancelOnDisconnect(app)
+        if self.max_concurrency is not None:
+            guarded = ConcurrencyCap(guarded, self.max_concurrency)
+        guarded = ReadinessGate(guarded, self.not_ready_reason)
+        if self.service_token is not None:
+            guarded = ServiceTokenAuth(guarded, self.service_token)
+        return guarded
 
     # -- command line -------------------------------------------------------------------
 

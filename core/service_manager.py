@@ -1,7 +1,8 @@
 """Spawn, health-check, stop and restart the per-model service processes. Mechanism only.
 
 Which service to start or stop, and when, is decided elsewhere (the orchestrator's
-scheduler); this module only carries the decisions out, reliably:
+scheduler); this module only carries the decisions out, reliably (the process side, spawn,
+exit watch and kill, is core/service_process.py):
 
 * each service is the leader of its own process group, with its own interpreter and
   environment; children die with the orchestrator (parent-death signal + reaper);
@@ -18,13 +19,15 @@ over the start it interrupts however that start ends. The stop cancels it; as a 
 can be swallowed on its way (core/aio.py), the start also checks after its awaits, and right
 before READY, that it is still the current start. ``start()`` and ``stop()`` hand out
 shielded futures: a waiter giving up never cancels the start or the stop itself.
+
+Request accounting has one owner: ``begin_request()``/``end_request()`` are the only writers
+of ``in_flight`` and ``last_used`` (READY also marks it used). ``on_change`` hears every state change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,28 +39,19 @@ from core.child_env import new_service_token, service_env
 from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
 from core.health_watch import start_health_watch
 from core.log_capture import ServiceLog
-from core.process_tree import (
-    leader_exited,
-    out_of_fds,
-    port_holder,
-    signal_group,
-    spawn_group_leader,
-    tcp_connects,
-    terminate_tree,
-)
+from core.process_tree import out_of_fds, tcp_connects
 from core.reaper import Reaper
 from core.redact import redact_argv
 from core.restart_policy import RestartPolicy, decide_restart
-from core.service_state import ServiceState, check_transition
-from core.start_errors import StartFailed, os_errors_as, start_failure
+from core.service_process import ServiceProcess
+from core.service_state import ServiceSnapshot, ServiceState, check_transition
+from core.start_errors import StartFailed, start_failure
 
 __all__ = ["ManagedService", "ServiceManager", "StartFailed"]
 
 log = logging.getLogger(__name__)
 
 State = ServiceState
-_LOG_TAIL_ON_FAILURE = 20
-_PIPE_DRAIN_TIMEOUT = 1.0  # a grandchild may keep the pipe open after the leader exits
 # Readiness checks: while the port is closed, a bare TCP connect every _POLL_MIN seconds
 # (microseconds of work); once it accepts, HTTP health probes from _POLL_MIN backing off to
 # _POLL_MAX, and at once whenever the child prints a line. So detection adds milliseconds,
@@ -74,28 +68,25 @@ class ManagedService:
         self.spec = spec
         self.service_token = service_token  # the proxy sends it as the upstream's Authorization
         self.argv = argv
-        self._env = env
         self._policy = policy
         self._health = health
-        self._reaper = reaper
         self._health_interval = health_interval  # seconds between probes while READY; 0: off
         self._health_failures = health_failures  # failed probes / upstream timeouts in a row = hung
         self.log = service_log
+        self._process = ServiceProcess(spec.name, argv, env, service_log, reaper, self._on_exit)
         self.state = State.STOPPED
-        self.process: asyncio.subprocess.Process | None = None
-        self.in_flight = 0
-        self.last_used = 0.0  # time.monotonic() of the last request's end (or start)
+        self._in_flight = 0
+        self._last_used = 0.0  # time.monotonic() a request last began or ended (or READY)
+        self.max_concurrency: int | None = spec.max_concurrency  # copied: read per request (can_serve_now)
         self.started_at: float | None = None  # time.time() of the last READY
-        self.starts = 0
         self.failures: list[float] = []
         self.not_before = 0.0  # earliest monotonic time of the next start (backoff)
         self.failed_until = 0.0
         self.last_error: str | None = None
         self.upstream_timeouts = 0  # consecutive; see upstream_timed_out()
-        self.listeners: list[Callable[[], None]] = []
+        self.on_change: Callable[[], None] | None = None  # called after every state change
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
-        self._exit_task: asyncio.Task[int | None] | None = None
         self._health_watch: asyncio.Task[None] | None = None
 
     @property
@@ -103,12 +94,44 @@ class ManagedService:
         return self.spec.name
 
     @property
+    def process(self) -> asyncio.subprocess.Process | None:
+        return self._process.process
+
+    @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process and self.process.returncode is None else None
+        return self._process.pid
 
     @property
     def restarts(self) -> int:
-        return max(0, self.starts - 1)
+        return max(0, self._process.spawns - 1)
+
+    # -- request accounting: the only writers of in_flight and last_used -------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def last_used(self) -> float:
+        return self._last_used
+
+    def begin_request(self) -> None:
+        """A request was admitted to this service (the coordinator's lease)."""
+        self._in_flight += 1
+        self._last_used = time.monotonic()
+
+    def end_request(self) -> None:
+        """A request admitted by ``begin_request`` has ended, however it ended."""
+        assert self._in_flight > 0, f"{self.name}: end_request without begin_request"
+        self._in_flight -= 1
+        self._last_used = time.monotonic()
+
+    def snapshot(self) -> ServiceSnapshot:
+        return ServiceSnapshot(
+            spec=self.spec, state=self.state, pid=self.pid, in_flight=self._in_flight, last_used=self._last_used,
+            started_at=self.started_at, restarts=self.restarts, failures=len(self.failures),
+            last_error=self.last_error, command=tuple(redact_argv(self.argv)),
+        )
 
     # -- the one place a state changes ----------------------------------------------
 
@@ -117,8 +140,8 @@ class ManagedService:
         old, self.state = self.state, new
         log.info("%s: %s -> %s%s", self.name, old.value, new.value, f" ({reason})" if reason else "")
         self._watch_health_while_ready()
-        for listener in self.listeners:
-            listener()
+        if self.on_change is not None:
+            self.on_change()
 
     def _watch_health_while_ready(self) -> None:
         watch, self._health_watch = self._health_watch, None
@@ -149,7 +172,7 @@ class ManagedService:
         try:
             await wait_all(after)
             await self._backoff()
-            await self._spawn()
+            await self._process.spawn(self.spec.host, self.spec.port)
             await self._wait_healthy()
             self._check_still_starting()
         except asyncio.CancelledError:
@@ -165,7 +188,7 @@ class ManagedService:
                 raise
             raise failure from exc
         self.started_at = time.time()
-        self.last_used = time.monotonic()
+        self._last_used = time.monotonic()  # idle from now, not since some earlier request (TTL, LRU)
         self.upstream_timeouts = 0  # counts for this process only
         self._transition(State.READY, f"pid {self.pid}")
 
@@ -189,57 +212,33 @@ class ManagedService:
         failure, counts = start_failure(exc)
         if not counts:  # no failure on record, no backoff: STOPPED, and the next request tries again
             log.error("%s: start failed: %s", self.name, failure)
-            await self._kill_process(self.spec.stop_timeout)
+            await self._process.kill(self.spec.stop_timeout)
             self._check_still_starting()
             self._transition(State.STOPPED, "orchestrator out of file descriptors")
             return failure
         if failure is not exc:
             log.error("%s: unexpected error during start", self.name, exc_info=exc)
-            failure = StartFailed(self._with_logs(str(failure)))
+            failure = StartFailed(self._process.with_log_tail(str(failure)))
         await self._fail(str(failure))
         return failure
 
-    async def _spawn(self) -> None:
-        with os_errors_as(f"cannot check port {self.spec.port}"):
-            holder = port_holder(self.spec.host, self.spec.port)
-        if holder is not None:
-            raise StartFailed(f"port {self.spec.port} is already in use by {holder}")
-        self.starts += 1
-        with os_errors_as(f"cannot open log file {self.log.path}"):
-            self.log.open(" ".join(redact_argv(self.argv)))
-        with os_errors_as(f"cannot run {self.argv[0]!r}"):
-            self.process = await spawn_group_leader(self.argv, self._env)
-        if self._reaper is not None:
-            self._reaper.register(self.process.pid)
-        self._exit_task = asyncio.create_task(self._watch_exit(self.process), name=f"exit:{self.name}")
-
     async def _wait_healthy(self) -> None:
         """Poll health until 200, the process exits, or startup_time passes."""
-        assert self._exit_task is not None
         deadline = time.monotonic() + self.spec.startup_time
         interval = _POLL_MIN
+        with_logs = self._process.with_log_tail
         while True:
             self._check_still_starting()
-            if self._exit_task.done():
-                raise StartFailed(self._with_logs(f"exited with status {self._exit_task.result()} during start"))
+            if self._process.exited():
+                raise StartFailed(with_logs(f"exited with status {self._process.exit_status()} during start"))
             if await tcp_connects(self.spec.host, self.spec.port, 1.0):
                 if await self.probe(timeout=2.0):
                     return
                 interval = min(interval * 1.5, _POLL_MAX)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise StartFailed(self._with_logs(f"not healthy after {self.spec.startup_time:g}s (startup_time)"))
-            await self._output_or_exit(min(interval, remaining))
-
-    async def _output_or_exit(self, timeout: float) -> None:
-        """Sleep up to ``timeout`` seconds; wake early when the child prints a line or exits."""
-        assert self._exit_task is not None
-        self.log.activity.clear()
-        activity = asyncio.ensure_future(self.log.activity.wait())
-        try:
-            await asyncio.wait({self._exit_task, activity}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            activity.cancel()
+                raise StartFailed(with_logs(f"not healthy after {self.spec.startup_time:g}s (startup_time)"))
+            await self._process.output_or_exit(min(interval, remaining))
 
     async def probe(self, timeout: float = 5.0) -> bool:
         """True if the health endpoint answers 200 within ``timeout`` seconds.
@@ -257,27 +256,16 @@ class ManagedService:
 
     # -- exits and failures -------------------------------------------------------------
 
-    async def _watch_exit(self, process: asyncio.subprocess.Process) -> int | None:
-        assert process.stdout is not None
-        pump = asyncio.create_task(self.log.pump(process.stdout))
-        pump.add_done_callback(retrieve_exception)
-        try:
-            await leader_exited(process)  # not process.wait(): children may hold the pipe open
-            await asyncio.wait({pump}, timeout=_PIPE_DRAIN_TIMEOUT)  # not wait_for: see core/aio.py
-        finally:
-            pump.cancel()
-        returncode = process.returncode
-        self.log.write(f"=== exited with status {returncode} ===")
-        self.log.close()
+    async def _on_exit(self, process: asyncio.subprocess.Process, returncode: int | None) -> None:
+        """The process exited (its output drained): while READY that is a crash."""
         if self.state is State.READY and process is self.process:
-            await self._fail(self._with_logs(f"crashed: exited with status {returncode}"))
-        return returncode
+            await self._fail(self._process.with_log_tail(f"crashed: exited with status {returncode}"))
 
     async def _fail(self, reason: str) -> None:
         """Record a failure, clean up what is left of the process, go STOPPED or FAILED."""
         log.error("%s: %s", self.name, reason)
         self.last_error = reason  # before the await: kept even if a stop cuts the clean-up short
-        await self._kill_process(self.spec.stop_timeout)
+        await self._process.kill(self.spec.stop_timeout)
         self._record_failure(reason)
 
     def _record_failure(self, reason: str) -> None:
@@ -294,10 +282,6 @@ class ManagedService:
         else:
             self.not_before = decision.not_before
             self._transition(State.STOPPED, "failed")
-
-    def _with_logs(self, message: str) -> str:
-        tail = self.log.tail(_LOG_TAIL_ON_FAILURE)
-        return message + ("\nlast log lines:\n" + "\n".join(tail) if tail else "")
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -322,35 +306,13 @@ class ManagedService:
         if start is not None and not start.done():
             start.cancel()
             await asyncio.wait({start})  # however the start ends, this stop finishes the job
-        await self._kill_process(self.spec.stop_timeout)
+        await self._process.kill(self.spec.stop_timeout)
         if self.state is not State.STOPPING:
             return  # a crash noticed meanwhile has settled it
         if failure is None:
             self._transition(State.STOPPED, "stopped")
         else:
-            self._record_failure(self._with_logs(failure))
-
-    async def _kill_process(self, timeout: float) -> None:
-        """Terminate the process tree (a no-op wait if the leader already exited) and reap it."""
-        process = self.process
-        if process is None:
-            return
-
-        def escalate() -> None:
-            log.warning("%s: still running %gs after SIGTERM; sending SIGKILL", self.name, timeout)
-
-        try:  # with the leader gone this only sweeps what is left of its group
-            await terminate_tree(process, timeout if process.returncode is None else 0, on_escalate=escalate)
-        except Exception:  # e.g. out of fds while sweeping /proc: a stop must still end
-            log.exception("%s: could not stop the process tree in order; killing its group", self.name)
-            signal_group(process.pid, signal.SIGKILL)
-        exit_task = self._exit_task
-        if exit_task is not None and exit_task is not asyncio.current_task():
-            await asyncio.wait({exit_task})  # the log is drained, and a crash it saw is settled
-        if self._reaper is not None:
-            self._reaper.unregister(process.pid)
-        if self.process is process:
-            self.process = None
+            self._record_failure(self._process.with_log_tail(failure))
 
     # -- hang detection: the health watch (core/health_watch.py) and the proxy ----------------
 
@@ -427,3 +389,7 @@ class ServiceManager:
         if self.reaper is not None:
             self.reaper.close()
         await self._health.aclose()
+
+    def log_of(self, name: str) -> ServiceLog:
+        """The log (file and ring buffer) of service ``name``."""
+        return self.services[name].log

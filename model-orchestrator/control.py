@@ -1,7 +1,9 @@
 """The control plane: model list, health, status, logs and operator actions (FastAPI).
 
 Nothing here is on the request data path, so a framework's conveniences are fine.
-Every error leaves as an OpenAI envelope, as on the data path.
+Every error leaves as an OpenAI envelope, as on the data path; a coordinator's ``Refused``
+(e.g. a load that cannot fit) is mapped by the same table as there (``http_error``).
+What it shows of a model comes from the coordinator's snapshots, never from the services.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Query
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from core.errors import ServiceError
 from core.http_errors import install_error_handlers
-from core.log_capture import TooManyFollowers
-from core.redact import redact_argv
-from core.service_manager import ManagedService
+from core.log_capture import ServiceLog, TooManyFollowers
+from core.service_state import ServiceSnapshot
+from model_orchestrator.coordinator import ModelStatus
+from model_orchestrator.refusals import Refused, http_error
 
 if TYPE_CHECKING:
     from model_orchestrator.orchestrator import Runtime
@@ -27,7 +30,13 @@ if TYPE_CHECKING:
 def build_control_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="ai-orchestrator", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
+    coordinator = runtime.coordinator
     created = int(time.time())
+
+    @app.exception_handler(Refused)
+    async def refused(_: Request, exc: Refused) -> JSONResponse:
+        error = http_error(exc)
+        return JSONResponse(error.body(), error.status, headers=error.headers())
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -35,79 +44,85 @@ def build_control_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_entry(svc, created) for svc in runtime.manager.services.values()]}
+        models = coordinator.status().values()
+        return {"object": "list", "data": [_model_entry(model.service, created) for model in models]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict[str, Any]:
-        return _model_entry(_service(runtime, model), created)
+        return _model_entry(coordinator.snapshot(_name(runtime, model)), created)
 
     @app.get("/status")
     async def status() -> dict[str, Any]:
-        return {
-            "gpu_budget_gb": runtime.coordinator.budget_gb,
-            "models": {n: _status_entry(runtime, s) for n, s in runtime.manager.services.items()},
-        }
+        models = coordinator.status()
+        return {"gpu_budget_gb": coordinator.budget_gb, "models": {n: _status_entry(m) for n, m in models.items()}}
 
     @app.get("/logs/{model:path}", response_model=None)
     async def logs(
         model: str, lines: int = Query(200, ge=0, le=100_000), follow: bool = False
     ) -> PlainTextResponse | StreamingResponse:
-        svc = _service(runtime, model)
-        history = "".join(line + "\n" for line in svc.log.tail(lines))
+        service_log = runtime.manager.log_of(_name(runtime, model))
+        history = "".join(line + "\n" for line in service_log.tail(lines))
         if not follow:
             return PlainTextResponse(history)
         try:  # before the response starts: a refusal must still be able to send its status
-            queue = svc.log.follow()
+            queue = service_log.follow()
         except TooManyFollowers as exc:
             raise ServiceError(429, f"{exc}; retry later or read without follow.", "too_many_followers",
                                retry_after=10) from None
-        return StreamingResponse(_follow(svc, queue, history), media_type="text/plain",
+        return StreamingResponse(_follow(service_log, queue, history), media_type="text/plain",
                                  headers={"x-accel-buffering": "no"})
 
     @app.post("/admin/models/{model:path}/load")
     async def load(model: str) -> dict[str, Any]:
-        svc = await runtime.coordinator.load(_service(runtime, model).name)
-        return {"model": svc.name, "state": svc.state.value}
+        name = _name(runtime, model)
+        await coordinator.load(name)  # raises Refused when it cannot: answered by refused() above
+        return _action_result(coordinator.snapshot(name))
 
     @app.post("/admin/models/{model:path}/unload")
     async def unload(model: str) -> dict[str, Any]:
-        svc = _service(runtime, model)
-        await runtime.coordinator.unload(svc.name)
-        return {"model": svc.name, "state": svc.state.value}
+        name = _name(runtime, model)
+        await coordinator.unload(name)
+        return _action_result(coordinator.snapshot(name))
 
     @app.post("/admin/models/{model:path}/reset")
     async def reset(model: str) -> dict[str, Any]:
-        svc = _service(runtime, model)
-        svc.reset()
-        return {"model": svc.name, "state": svc.state.value}
+        name = _name(runtime, model)
+        coordinator.reset(name)
+        return _action_result(coordinator.snapshot(name))
 
     return app
 
 
-def _service(runtime: Runtime, model: str) -> ManagedService:
-    return runtime.manager[runtime.index.lookup(model).name]
+def _name(runtime: Runtime, model: str) -> str:
+    """The configured name of ``model`` (a name or an alias); 404 envelope if unknown."""
+    return runtime.index.lookup(model).name
 
 
-def _model_entry(svc: ManagedService, created: int) -> dict[str, Any]:
-    spec = svc.spec
+def _action_result(snapshot: ServiceSnapshot) -> dict[str, Any]:
+    return {"model": snapshot.name, "state": snapshot.state.value}
+
+
+def _model_entry(snapshot: ServiceSnapshot, created: int) -> dict[str, Any]:
+    spec = snapshot.spec
     return {
-        "id": svc.name, "object": "model", "created": created, "owned_by": "ai-orchestrator",
-        "type": spec.type, "state": svc.state.value, "aliases": spec.aliases, "metadata": spec.metadata,
+        "id": snapshot.name, "object": "model", "created": created, "owned_by": "ai-orchestrator",
+        "type": spec.type, "state": snapshot.state.value, "aliases": spec.aliases, "metadata": spec.metadata,
     }
 
 
-def _status_entry(runtime: Runtime, svc: ManagedService) -> dict[str, Any]:
+def _status_entry(model: ModelStatus) -> dict[str, Any]:
+    svc, spec = model.service, model.service.spec
     idle_for = time.monotonic() - svc.last_used if svc.last_used else None
     return {
-        "state": svc.state.value, "pid": svc.pid, "port": svc.spec.port, "vram_gb": svc.spec.vram_gb,
-        "in_flight": svc.in_flight, "waiting": runtime.coordinator.waiting(svc.name),
+        "state": svc.state.value, "pid": svc.pid, "port": spec.port, "vram_gb": spec.vram_gb,
+        "in_flight": svc.in_flight, "waiting": model.waiting,
         "idle_seconds": None if idle_for is None else round(idle_for, 1), "started_at": svc.started_at,
-        "restarts": svc.restarts, "failures": len(svc.failures), "last_error": svc.last_error,
-        "pinned": svc.spec.pinned, "ttl": svc.spec.ttl, "command": redact_argv(svc.argv),
+        "restarts": svc.restarts, "failures": svc.failures, "last_error": svc.last_error,
+        "pinned": spec.pinned, "ttl": spec.ttl, "command": list(svc.command),
     }
 
 
-async def _follow(svc: ManagedService, queue: asyncio.Queue[str], history: str) -> AsyncIterator[str]:
+async def _follow(service_log: ServiceLog, queue: asyncio.Queue[str], history: str) -> AsyncIterator[str]:
     try:
         yield history
         while True:
@@ -117,5 +132,5 @@ async def _follow(svc: ManagedService, queue: asyncio.Queue[str], history: str) 
                 batch.append(queue.get_nowait())
             yield "".join(f"{item}\n" for item in batch)
     finally:
-        svc.log.unfollow(queue)
+        service_log.unfollow(queue)
 

@@ -5,6 +5,10 @@ acts on it happen with no ``await`` between them (no check-then-act race): ``pla
 is called and ``start()``/``stop()`` flip the states synchronously. Waiters sleep on a
 broadcast event that every state change and every lease release fires; there is no
 poll loop on the request path.
+
+What it refuses it raises as ``Refused`` with a ``Reason`` (model_orchestrator/refusals.py);
+the HTTP edge (proxy, control app) maps that to a status. The control plane reads state
+through ``status()``/``snapshot()``, never through the services themselves.
 """
 
 from __future__ import annotations
@@ -15,17 +19,38 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from core.config import Settings
-from core.errors import ServiceError
 from core.memory_share import WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
-from core.service_state import ServiceState
-from model_orchestrator.scheduler import Decision, Join, ModelView, Reject, Serve, Start, Wait, plan
+from core.service_state import ServiceSnapshot, ServiceState
+from model_orchestrator.refusals import Reason, Refused
+from model_orchestrator.scheduler import (
+    Decision,
+    Join,
+    ModelView,
+    Reject,
+    Serve,
+    Start,
+    Wait,
+    can_serve_now,
+    plan,
+)
 
 log = logging.getLogger(__name__)
 
 _SAFETY_RECHECK = 1.0  # re-plan at least this often while waiting, should a wake-up ever be missed
+_QUEUE_FULL_RETRY_AFTER = 5.0
+_WAIT_TIMEOUT_RETRY_AFTER = 10.0
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model as ``/status`` shows it: the service's snapshot and its queue."""
+
+    service: ServiceSnapshot
+    waiting: int  # requests waiting for it now
 
 
 class Coordinator:
@@ -45,7 +70,7 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._ttl_task: asyncio.Task[None] | None = None
         for svc in manager.services.values():
-            svc.listeners.append(self.notify)
+            svc.on_change = self.notify
 
     # -- change broadcast -------------------------------------------------------------
 
@@ -77,6 +102,13 @@ class Coordinator:
     def waiting(self, name: str) -> int:
         return len(self._waiters.get(name, ()))
 
+    def snapshot(self, name: str) -> ServiceSnapshot:
+        return self.manager[name].snapshot()
+
+    def status(self) -> dict[str, ModelStatus]:
+        """Every model, in config order: its snapshot and how many requests wait for it."""
+        return {name: ModelStatus(svc.snapshot(), self.waiting(name)) for name, svc in self.manager.services.items()}
+
     # -- leases -----------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -90,17 +122,14 @@ class Coordinator:
 
     async def acquire(self, name: str) -> ManagedService:
         svc = self.manager[name]
-        if self._waiting_total == 0 and svc.state is ServiceState.READY and (
-            svc.spec.max_concurrency is None or svc.in_flight < svc.spec.max_concurrency
-        ):
-            # Fast path, the common case: ready, nobody queued anywhere, so nothing can be
-            # closing it (closing needs a waiter) and plan() would say Serve.
-            svc.in_flight += 1
-            svc.last_used = time.monotonic()
+        if not self._waiting_total and can_serve_now(svc):
+            # Fast path, the common case: nobody queued anywhere, so nothing can be closing
+            # it (closing needs a waiter) and plan() would say Serve; no snapshot needed.
+            svc.begin_request()
             return svc
         if self.waiting(name) >= self.settings.max_queue:
-            raise ServiceError(503, f"Too many requests are waiting for model {name!r} "
-                               f"(max_queue {self.settings.max_queue}); retry later.", "queue_full", retry_after=5)
+            raise Refused(Reason.QUEUE_FULL, f"Too many requests are waiting for model {name!r} "
+                          f"(max_queue {self.settings.max_queue}); retry later.", _QUEUE_FULL_RETRY_AFTER)
         arrival = time.monotonic()
         self._waiters[name].append(arrival)
         self._waiting_total += 1
@@ -116,16 +145,14 @@ class Coordinator:
         while True:
             decision = self.decide(svc.name, arrival)
             if isinstance(decision, Serve):
-                svc.in_flight += 1
-                svc.last_used = time.monotonic()
+                svc.begin_request()
                 return svc
             if isinstance(decision, Reject):
-                raise ServiceError(decision.status, decision.message, decision.code,
-                                   retry_after=decision.retry_after)
+                raise Refused(decision.reason, decision.message, decision.retry_after)
             try:
                 await self._act(svc, decision, deadline)
             except asyncio.TimeoutError:
-                raise self._timeout_error(svc) from None
+                raise self._timed_out(svc) from None
 
     def decide(self, name: str, arrival: float | None = None) -> Decision:
         return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window, arrival)
@@ -172,18 +199,17 @@ class Coordinator:
             return  # the start was aborted (an unload or shutdown); re-plan
         exc = start.exception()
         if isinstance(exc, StartFailed):
-            raise ServiceError(503, f"Model {svc.name!r} failed to start: {exc}", "model_start_failed",
-                               retry_after=max(1.0, svc.not_before - time.monotonic()))
+            raise Refused(Reason.START_FAILED, f"Model {svc.name!r} failed to start: {exc}",
+                          retry_after=max(1.0, svc.not_before - time.monotonic()))
         if exc is not None:
             raise exc
 
-    def _timeout_error(self, svc: ManagedService) -> ServiceError:
-        return ServiceError(503, f"Timed out after {self.settings.max_wait:g}s waiting for model {svc.name!r} "
-                            f"(state: {svc.state.value}); retry later.", "wait_timeout", retry_after=10)
+    def _timed_out(self, svc: ManagedService) -> Refused:
+        return Refused(Reason.WAIT_TIMEOUT, f"Timed out after {self.settings.max_wait:g}s waiting for model "
+                       f"{svc.name!r} (state: {svc.state.value}); retry later.", _WAIT_TIMEOUT_RETRY_AFTER)
 
     def release(self, svc: ManagedService) -> None:
-        svc.in_flight -= 1
-        svc.last_used = time.monotonic()
+        svc.end_request()
         # Wake waiters (this slot, or this model draining) and the TTL watch (idle from now).
         if self._waiting_total or (svc.in_flight == 0 and svc.spec.ttl > 0):
             self.notify()
@@ -200,12 +226,16 @@ class Coordinator:
     async def unload(self, name: str, reason: str = "unloaded by operator") -> None:
         await self.manager[name].stop(reason)
 
+    def reset(self, name: str) -> None:
+        """Forget ``name``'s failures: a FAILED model may start again at once."""
+        self.manager[name].reset()
+
     async def preload(self) -> None:
         for name, svc in self.manager.services.items():
             if svc.spec.preload:
                 try:
                     await self.load(name)
-                except ServiceError as exc:
+                except Refused as exc:
                     log.error("preload of %s failed: %s", name, exc.message)
 
     def start_ttl_watch(self) -> None:

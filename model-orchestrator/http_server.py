@@ -10,6 +10,8 @@
 * ``server_options(limits)``: the ``uvicorn.run`` keyword arguments for ``settings.limits``.
 * ``RequestCap``: at most ``max_requests`` requests in progress across all models; more
   get 503 + Retry-After in the OpenAI envelope.
+* ``AccessGate``: every request checked against its route's scope (the policy is
+  model_orchestrator.auth) before any work is done for it.
 
 h11 is pure Python: on the proxy benchmark it costs about half as much CPU per request
 again as httptools, so httptools stays the default where it is installed.
@@ -26,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
+from core.asgi import ASGIApp, Receive, Scope, Send, send_error
 from core.config import Limits
 from core.errors import ServiceError
-from model_orchestrator.asgi import Receive, Scope, Send, send_error
+from core.middleware import InFlightCap
+from model_orchestrator import auth
 
 log = logging.getLogger(__name__)
 
@@ -133,27 +137,44 @@ def server_options(limits: Limits, implementation: str = "auto") -> dict[str, An
     }
 
 
-class RequestCap:
+class RequestCap(InFlightCap):
     """ASGI middleware: at most ``max_requests`` HTTP requests in progress (streams count
     until they end). Lifespan, websockets and ``/health`` pass through uncounted, so
     probes keep answering under load."""
 
-    def __init__(self, app: Any, max_requests: int) -> None:
+    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+        super().__init__(app, max_requests, _counted, ServiceError(
+            503, f"The server is handling {max_requests} requests (max_requests); retry shortly.", "overloaded",
+            retry_after=1))
+
+
+def _counted(scope: Scope) -> bool:
+    return bool(scope["type"] == "http" and scope["path"] != "/health")
+
+
+class AccessGate:
+    """ASGI middleware: a request its route's scope does not allow is answered here (401/403
+    in the OpenAI envelope; admin routes also refuse cross-site requests). Websockets, which
+    no route takes, are dropped before any work when keys are configured."""
+
+    def __init__(self, app: ASGIApp, keys: auth.Keys, loopback_bind: bool) -> None:
         self.app = app
-        self.max_requests = max_requests
-        self.active = 0
+        self._keys = keys
+        self._loopback_bind = loopback_bind
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await send_error(send, refusal)
+                return
+        elif scope["type"] == "websocket" and self._keys.configured:
             return
-        if self.active >= self.max_requests:
-            await send_error(send, ServiceError(
-                503, f"The server is handling {self.max_requests} requests (max_requests); retry shortly.",
-                "overloaded", retry_after=1))
-            return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> ServiceError | None:
+        needed = auth.route_access(scope["method"], scope["path"])
+        refusal = auth.check_access(self._keys, needed, scope["headers"])
+        if refusal is None and needed is auth.Access.ADMIN:
+            refusal = auth.cross_site_problem(scope["headers"], self._loopback_bind)
+        return refusal

@@ -39,17 +39,16 @@ from pathlib import Path
 
 import uvicorn
 
+from core.asgi import Receive, Scope, Send
 from core.config import ConfigError, OrchestratorConfig, load_config
-from core.errors import ServiceError
 from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.log_setup import configure_logging
 from core.process_tree import port_holder
 from core.service_manager import ServiceManager
 from model_orchestrator import auth
-from model_orchestrator.asgi import Receive, Scope, Send, send_error
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
-from model_orchestrator.http_server import RequestCap, server_options
+from model_orchestrator.http_server import AccessGate, RequestCap, server_options
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ModelIndex
 
@@ -92,43 +91,32 @@ class Runtime:
 
 
 class OrchestratorApp:
-    """The ASGI app: POST /v1/* and /upstream/* on the lean data path, the rest to the control app.
-
-    Every request is checked against its route's scope first (model_orchestrator.auth).
+    """The ASGI app. Layers, outermost first: lifespan (starts and stops the ``Runtime``),
+    ``AccessGate`` (every request checked against its route's scope, model_orchestrator.auth),
+    then ``route``: POST /v1/* and /upstream/* on the lean data path, the rest to the control app.
     """
 
     def __init__(self, config: OrchestratorConfig, *, host: str | None = None, keys: auth.Keys | None = None,
                  use_reaper: bool = True) -> None:
         self.runtime = Runtime(config, use_reaper=use_reaper)
         self.control = build_control_app(self.runtime)
-        self._keys = keys if keys is not None else auth.Keys.from_env(config.settings)
-        self._loopback = auth.is_loopback_host(host or config.settings.host)
+        keys = keys if keys is not None else auth.Keys.from_env(config.settings)
+        self._gated = AccessGate(self.route, keys, auth.is_loopback_host(host or config.settings.host))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
-            return
+        else:
+            await self._gated(scope, receive, send)
+
+    async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if scope["type"] == "http":
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await send_error(send, refusal)
-                return
-        elif self._keys.configured:  # websockets: no route takes them; refuse before any work
-            return
         if scope["type"] == "http" and scope["method"] == "POST" and path.startswith("/v1/"):
             await self.runtime.proxy.openai_route(scope, receive, send)
         elif scope["type"] == "http" and path.startswith("/upstream/"):
             await self.runtime.proxy.upstream_route(scope, receive, send)
         else:
             await self.control(scope, receive, send)
-
-    def _refusal(self, scope: Scope) -> ServiceError | None:
-        needed = auth.route_access(scope["method"], scope["path"])
-        refusal = auth.check_access(self._keys, needed, scope["headers"])
-        if refusal is None and needed is auth.Access.ADMIN:
-            refusal = auth.cross_site_problem(scope["headers"], self._loopback)
-        return refusal
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -158,6 +146,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-file", help="log to this file (mode 0600, rotated by settings.log_max_mb and "
                         "log_backups) instead of stderr")
     parser.add_argument("--check", action="store_true", help="validate the config, print a summary, exit")
+    # Preflight answers for scripts/start-all.sh, so it never re-reads the config or probes ports itself.
+    parser.add_argument("--print-address", action="store_true",
+                        help="print 'HOST PORT' it would listen on (after --host/--port), exit")
+    parser.add_argument("--port-free", action="store_true",
+                        help="exit 1, naming the holder, if HOST:PORT is in use; else exit 0 (without serving)")
     return parser.parse_args(argv)
 
 
@@ -169,14 +162,20 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"ai-orchestrator: invalid config: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.check:
-        print(f"{config.source}: OK, {len(config.models)} models: {', '.join(config.models)}")
-        return
     settings = config.settings
+    host, port = args.host or settings.host, args.port or settings.port
+    if args.check or args.print_address or args.port_free:  # preflight: answer on stdout, never serve
+        if args.check:
+            print(f"{config.source}: OK, {len(config.models)} models: {', '.join(config.models)}")
+        if args.print_address:
+            print(host, port, flush=True)  # before a --port-free failure, so the caller can name the address
+        if args.port_free and (holder := port_holder(host, port)) is not None:
+            print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
+            raise SystemExit(1)
+        return
     if args.log_file:
         configure_logging(args.log_level, args.log_file, max_bytes=int(settings.log_max_mb * 1024 * 1024),
                           backups=settings.log_backups)
-    host, port = args.host or settings.host, args.port or settings.port
     keys = auth.Keys.from_env(settings)
     problem = auth.exposure_problem(host, keys, settings)
     if problem is not None:

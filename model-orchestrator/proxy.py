@@ -31,12 +31,13 @@ from typing import Any
 
 import aiohttp
 
+from core.asgi import ClientGone, DisconnectWatcher, Receive, Scope, Send, content_length, read_body, send_error
 from core.config import Limits, ModelSpec
 from core.errors import ServiceError, error_body
 from core.service_manager import ManagedService
-from model_orchestrator.asgi import ClientGone, Receive, Scope, Send, content_length, read_body, send_error
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker
+from model_orchestrator.refusals import Refused, http_error
 from model_orchestrator.routing import (
     ModelIndex,
     body_limit,
@@ -61,7 +62,7 @@ _DROP_RESPONSE = frozenset(
 # Headers aiohttp would invent; the upstream sees only what the client sent.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _NO_BUFFERING = (b"x-accel-buffering", b"no")  # tells nginx in front of us not to buffer SSE
-_WATCH_AFTER = 0.05  # seconds before a request's client starts being watched for a disconnect
+_WATCH_AFTER = 0.05  # seconds before a client is watched for a disconnect: short requests never pay for it
 
 
 class Proxy:
@@ -115,18 +116,23 @@ class Proxy:
     async def forward(
         self, spec: ModelSpec, scope: Scope, receive: Receive, send: Send, body: bytes, path: str
     ) -> None:
-        watcher = _DisconnectWatcher(receive)
+        watcher = DisconnectWatcher(receive, watch_after=_WATCH_AFTER)
+        error: ServiceError | None = None
         try:
             async with self.coordinator.lease(spec.name) as svc:
-                await self._exchange(svc, spec, scope, send, body, path)
+                await self._exchange(svc, spec, scope, send, body, path, watcher)
+        except Refused as refused:  # the coordinator's domain reason, mapped to HTTP here at the edge
+            error = http_error(refused)
         except ServiceError as exc:
-            await send_error(send, exc)
+            error = exc
         except asyncio.CancelledError:
             if not watcher.fired:
                 raise
             log.info("%s: client disconnected; upstream request cancelled", spec.name)
         finally:
             watcher.stop()
+        if error is not None and not watcher.fired:  # sent once the watch is over: a disconnect cancels nothing
+            await send_error(send, error)
 
     # -- the request body -------------------------------------------------------------
 
@@ -151,7 +157,8 @@ class Proxy:
     # -- the exchange ----------------------------------------------------------------
 
     async def _exchange(
-        self, svc: ManagedService, spec: ModelSpec, scope: Scope, send: Send, body: bytes, path: str
+        self, svc: ManagedService, spec: ModelSpec, scope: Scope, send: Send, body: bytes, path: str,
+        watcher: DisconnectWatcher,
     ) -> None:
         assert self._session is not None, "Proxy.open() was not called"
         query = scope.get("query_string", b"")
@@ -173,10 +180,11 @@ class Proxy:
             raise _upstream_failed(spec, exc) from None
         svc.upstream_answered()
         async with upstream:
-            await self._relay(svc, spec, upstream, send)
+            await self._relay(svc, spec, upstream, send, watcher)
 
     async def _relay(
-        self, svc: ManagedService, spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send
+        self, svc: ManagedService, spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send,
+        watcher: DisconnectWatcher,
     ) -> None:
         headers = _response_headers(upstream.raw_headers)
         event_stream = upstream.content_type == "text/event-stream"
@@ -194,40 +202,10 @@ class Proxy:
             if not event_stream:
                 raise ConnectionAbortedError(reason) from None  # abort: the client sees a broken body
             await send({"type": "http.response.body", "body": _sse_error(reason), "more_body": True})
+        # Complete from here: a disconnect now (the server reports one once the response is
+        # done, too) must not cancel the lease's and the upstream's release that follow.
+        watcher.complete()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-class _DisconnectWatcher:
-    """Cancels the current task if the client disconnects before the response is done.
-
-    The request body has already been read, so the next ASGI ``receive()`` message is
-    ``http.disconnect``: the client left (or the response completed, which ``stop()``
-    rules out by cancelling the watcher first). Watching costs a task, so it starts only
-    once a request has lasted ``_WATCH_AFTER`` seconds: short requests, the bulk at
-    high rates, finish before it would matter.
-    """
-
-    def __init__(self, receive: Receive) -> None:
-        self.fired = False
-        self._owner = asyncio.current_task()
-        self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start, receive)
-
-    def _start(self, receive: Receive) -> None:
-        self._task = asyncio.ensure_future(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            continue
-        if self._owner is not None:
-            self.fired = True
-            self._owner.cancel()
-
-    def stop(self) -> None:
-        self._owner = None
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
 
 
 def _request_headers(raw: Iterable[tuple[bytes, bytes]], token: str | None) -> list[tuple[str, str]]:

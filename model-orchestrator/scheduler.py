@@ -3,7 +3,7 @@
 The coordinator takes a snapshot of every model (``ModelView``), asks ``plan()`` and
 carries the decision out, then asks again whenever anything changes. Rules:
 
-* M ready → serve now, unless it is at ``max_concurrency`` or *closing* for this
+* M ready → serve now (``can_serve_now``), unless it is at ``max_concurrency`` or *closing* for this
   request: another model W needs M's memory and W's oldest request had waited
   ``batch_window`` before this request arrived. Requests that arrived earlier are
   part of M's current batch and are served; later ones wait while M drains and is
@@ -16,6 +16,9 @@ carries the decision out, then asks again whenever anything changes. Rules:
   is idle and has no request of its current batch still waiting → start now; else
   wait for them to drain.
 * M failed and cooling down → refuse with Retry-After.
+
+Refusals carry a ``Reason`` (model_orchestrator/refusals.py), never an HTTP status: the
+edge that answers the client maps it.
 """
 
 from __future__ import annotations
@@ -23,12 +26,25 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from core.service_state import ServiceState
+from model_orchestrator.refusals import Reason
 
 READY, STARTING, STOPPING, FAILED = (
     ServiceState.READY, ServiceState.STARTING, ServiceState.STOPPING, ServiceState.FAILED,
 )
+
+
+class Servable(Protocol):
+    """What ``can_serve_now`` reads: a ``ModelView``, or a live service on the hot path."""
+
+    @property
+    def state(self) -> ServiceState: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def max_concurrency(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -72,13 +88,22 @@ class Wait:
 
 @dataclass(frozen=True)
 class Reject:
-    status: int
-    code: str
+    reason: Reason
     message: str
     retry_after: float | None = None
 
 
 Decision = Serve | Join | Start | Wait | Reject
+
+
+def can_serve_now(view: Servable) -> bool:
+    """Ready with a free slot: the Serve rule of ``plan()``, short of batching.
+
+    With no request waiting for any model nothing can be closing (``closing_for`` needs a
+    waiter), so then this alone is ``plan()``'s answer: the coordinator's per-request fast
+    path asks only this, on the live service, without building a snapshot.
+    """
+    return view.state is READY and (view.max_concurrency is None or view.in_flight < view.max_concurrency)
 
 
 def plan(
@@ -92,10 +117,10 @@ def plan(
     """The next step towards serving one request for ``target`` that arrived at ``arrival``."""
     view = views[target]
     if view.state is FAILED and now < view.failed_until:
-        return Reject(503, "model_failed", f"model {target!r} failed repeatedly and is cooling down",
+        return Reject(Reason.COOLING_DOWN, f"model {target!r} failed repeatedly and is cooling down",
                       retry_after=view.failed_until - now)
     if view.state is READY:
-        if view.max_concurrency is not None and view.in_flight >= view.max_concurrency:
+        if not can_serve_now(view):
             return Wait(f"{target} is at max_concurrency ({view.max_concurrency})")
         closer = closing_for(target, views, budget_gb, now if arrival is None else arrival, batch_window)
         return Wait(f"{target} is draining so {closer} can load") if closer else Serve()
@@ -111,7 +136,7 @@ def _plan_start(
 ) -> Decision:
     victims = memory_victims(target, views, budget_gb)
     if victims is None:
-        return Reject(503, "insufficient_gpu_memory", _no_fit_message(target, views, budget_gb))
+        return Reject(Reason.NO_FIT, _no_fit_message(target, views, budget_gb))
     blockers = [name for name in victims if not _evictable(views[name], batch_deadline)]
     if blockers:
         return Wait(f"waiting for {', '.join(blockers)} to finish before {target} can load")

@@ -138,24 +138,6 @@ PYEOF
     fi
 }
 
-# True when another process already listens on host $1 port $2 (a bind the way uvicorn
-# does it fails with EADDRINUSE). Checked before starting, so /health is not answered by
-# someone else while our orchestrator is still loading and about to fail its bind.
-port_busy() {
-    "$PY" - "$1" "$2" <<'PYEOF' 2>/dev/null
-import errno, socket, sys
-host, port = sys.argv[1].strip("[]"), int(sys.argv[2])
-try:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-except OSError as exc:
-    sys.exit(0 if exc.errno == errno.EADDRINUSE else 1)
-sys.exit(1)
-PYEOF
-}
-
 show_log_tail() {
     local file
     for file in "$LOGFILE" "$OUTFILE"; do
@@ -214,25 +196,27 @@ if [[ -f "$PIDFILE" ]]; then
     rm -f "$PIDFILE" "$URLFILE"
 fi
 
-# --- validate the config and find the address -----------------------------------------
-
-if ! check_out="$(cd "$REPO_ROOT" && "$PY" "$ORCHESTRATOR" --config "$CONFIG" --check 2>&1)"; then
-    echo "$check_out" >&2
+# --- validate the config, find the address, check the port: the orchestrator answers ----
+# One call: `--check` validates and prints a summary line, `--print-address` then prints
+# "HOST PORT" (settings.host/port unless --host/--port override them), and `--port-free`
+# exits 1 when another process already listens there. Checked before starting, so /health
+# is not answered by someone else while our orchestrator is still loading and about to
+# fail its bind. Its own errors go straight to stderr.
+preflight=(--config "$CONFIG" --check --print-address --port-free)
+[[ -n "$HOST" ]] && preflight+=(--host "$HOST")
+[[ -n "$PORT" ]] && preflight+=(--port "$PORT")
+preflight_status=0
+preflight_out="$(cd "$REPO_ROOT" && "$PY" "$ORCHESTRATOR" "${preflight[@]}")" || preflight_status=$?
+addr_line="$(tail -n 1 <<<"$preflight_out")"
+check_out="$(sed '$d' <<<"$preflight_out")"  # which file, and the models in it
+read -r HOST PORT _ <<<"$addr_line" || true
+port_taken=false
+if [[ "$preflight_status" -eq 1 && "$PORT" =~ ^[0-9]+$ ]]; then
+    port_taken=true  # valid config, address printed, then --port-free failed
+elif [[ "$preflight_status" -ne 0 ]]; then
+    [[ -z "$preflight_out" ]] || echo "$preflight_out" >&2
     echo "start-all: config check failed: $CONFIG" >&2
     exit 2
-fi
-
-if [[ -z "$HOST" || -z "$PORT" ]]; then
-    addr="$(cd "$REPO_ROOT" && "$PY" -c '
-import sys
-sys.path.insert(0, sys.argv[1])
-from core.config import load_config
-s = load_config(sys.argv[2]).settings
-print(s.host, s.port)
-' "$REPO_ROOT" "$CONFIG")" || die "could not read settings.host/port from $CONFIG"
-    read -r cfg_host cfg_port <<<"$addr"
-    HOST="${HOST:-$cfg_host}"
-    PORT="${PORT:-$cfg_port}"
 fi
 
 case "$HOST" in
@@ -243,7 +227,7 @@ esac
 URL="http://$(url_host "$HOST"):$PORT"
 HEALTH_URL="http://$(url_host "$PROBE_HOST"):$PORT/health"
 
-if port_busy "$HOST" "$PORT"; then
+if [[ "$port_taken" == true ]]; then
     die "port $PORT on $HOST is already in use by another process (not the one in $PIDFILE)"
 fi
 

@@ -1,11 +1,33 @@
-"""Suite-wide settings: `gpu` tests run only where an NVIDIA GPU is visible."""
+"""Suite-wide rules.
+
+* `gpu` tests run only where an NVIDIA GPU is visible; they skip elsewhere.
+* In CI (``CI`` set, as .ci/run does) any other skip is a failure: a test that needs a tool
+  must get it from the test setup (scripts/test.sh), not pass silently by skipping.
+* No test leaves a process running. pytest becomes a child subreaper, so whatever a test
+  starts re-parents to pytest when its parent dies instead of escaping to init; after each
+  test, and again after every fixture is torn down, the processes still running below
+  pytest are listed, and any that do not exit within a short grace period fail the test
+  (or the session), named by pid and command line, and are killed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import os
 import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Generator, Iterable, Iterator
 
+import psutil
 import pytest
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+LEFTOVER_GRACE = 10.0  # seconds a process may take to exit after its test or fixture stopped it
+_LEFTOVERS = pytest.StashKey[list[str]]()
 
 
 def _has_gpu() -> bool:
@@ -21,3 +43,145 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- in CI, a skip is a failure (gpu tests excepted) ----------------------------------------------
+
+
+def _skips_fail() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
+                                                                                             pytest.TestReport]:
+    report = yield
+    if _skips_fail() and report.skipped and not hasattr(report, "wasxfail") and "gpu" not in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (only `gpu` tests may skip there): {_skip_reason(report)}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport,
+                                                                         pytest.CollectReport]:
+    report = yield  # a module-level pytest.skip / importorskip skips a whole file
+    if _skips_fail() and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (only `gpu` tests may skip there): {_skip_reason(report)}"
+    return report
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+
+
+# --- no process outlives its test -----------------------------------------------------------------
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    session.config.stash[_LEFTOVERS] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the test whose own fixtures and body left a process running.
+
+    Autouse and defined here, so it is set up before (and torn down after) the test's other
+    function-scoped fixtures; processes of wider-scoped fixtures already run before the test
+    and are excluded (the session-end check covers them).
+    """
+    before = {_identity(p) for p in live_descendants()}
+    yield
+    leftovers = stop_leftovers([p for p in live_descendants() if _started_by_the_test(p, before)])
+    if leftovers:
+        pytest.fail(f"{request.node.nodeid} left processes running (now killed):\n" + "\n".join(leftovers))
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's own sessionfinish, which tears the session fixtures down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leftovers = stop_leftovers(live_descendants())
+    if leftovers:
+        session.config.stash[_LEFTOVERS] = leftovers
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    leftovers = config.stash.get(_LEFTOVERS, [])
+    if leftovers:
+        terminalreporter.section("processes left running after the session (now killed)", red=True)
+        for line in leftovers:
+            terminalreporter.line(line, red=True)
+
+
+def live_descendants() -> list[psutil.Process]:
+    """Processes below this one that are still running (a zombie has exited already)."""
+    _reap_orphans()
+    return [p for p in psutil.Process().children(recursive=True) if _running(p)]
+
+
+def stop_leftovers(procs: Iterable[psutil.Process]) -> list[str]:
+    """Wait up to LEFTOVER_GRACE for ``procs`` to exit; kill and describe ("pid N: cmdline") the rest."""
+    pending = list(procs)
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling for exits: a stopped service may take a moment to go
+        pending = [p for p in pending if _running(p)]
+    described = [f"pid {p.pid}: {_cmdline(p)}" for p in pending]
+    for proc in pending:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _reap_orphans()
+    return described
+
+
+def _reap_orphans() -> None:
+    """Reap exited children this process adopted as a subreaper.
+
+    Never a child that a ``subprocess.Popen`` here still owns: its owner collects that status.
+    """
+    zombies = {p.pid for p in psutil.Process().children() if not _running(p)}
+    if not zombies:
+        return
+    owned = {obj.pid for obj in gc.get_objects() if isinstance(obj, subprocess.Popen) and obj.returncode is None}
+    for pid in zombies - owned:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _started_by_the_test(proc: psutil.Process, before: set[tuple[int, float]]) -> bool:
+    """New since the test began, and not below a process that was already running then: a
+    wider-scoped fixture's orchestrator starts model services on demand during tests, and
+    those belong to the fixture (the session-end check covers them). An orphan re-parents
+    to pytest itself, so a process the test leaked is still caught."""
+    if _identity(proc) in before:
+        return False
+    with contextlib.suppress(psutil.Error):
+        return not any(_identity(parent) in before for parent in proc.parents())
+    return True
+
+
+def _identity(proc: psutil.Process) -> tuple[int, float]:
+    with contextlib.suppress(psutil.Error):
+        return proc.pid, proc.create_time()
+    return proc.pid, 0.0
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        return "(exited)"

@@ -1,65 +1,88 @@
 """echo: a dependency-free text service that answers with the prompt it was sent.
 
 Not a language model: a diagnostic service for checking a pod end to end (routing,
-streaming, swapping) without loading weights. It speaks the OpenAI chat and
-completions APIs, streaming included, with whitespace-separated words as "tokens".
+streaming, swapping) without loading weights. It is an engine of the project's OpenAI
+layer (core/openai_text.py, core/text_routes.py), the one the transformers engine uses,
+with whitespace-separated words as "tokens": its answers are the production layer's.
 
-    python models/echo/server.py --port 8001 [--token-delay 0.05]
+    python models/echo/server.py --port 8001 [--token-delay 0.05] [--served-name echo]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import time
-import uuid
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
-from core.errors import ServiceError, bad_request
+from core.openai_text import EngineLimits, GenerationParams, TextChunk, stop_cut
+from core.text_routes import mount_text_routes
+
+# Echo's "chat template": a token opening each message. It holds whitespace, so no word of a
+# prompt can be mistaken for it.
+MESSAGE_START = "<| message |>"
+ECHO_LIMITS = EngineLimits(engine="echo", hint="echo only repeats the prompt it was sent (the last message).",
+                           ignore_eos=False)  # nothing comes after the prompt's last word
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+class EchoEngine:
+    """Words in, the same words out: the last message of a chat, or the whole completion prompt."""
+
+    def __init__(self, token_delay: float, max_model_len: int) -> None:
+        self.token_delay = token_delay
+        self.max_model_len = max_model_len
+
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[str]:
+        return [token for message in messages for token in (MESSAGE_START, *str(message["content"]).split())]
+
+    def prompt_ids(self, prompt: str) -> list[str]:
+        return prompt.split()
+
+    def reply_words(self, prompt_ids: list[str]) -> list[str]:
+        starts = [i for i, token in enumerate(prompt_ids) if token == MESSAGE_START]
+        return prompt_ids[starts[-1] + 1:] if starts else prompt_ids
+
+    async def generate(self, prompt_ids: list[str], params: GenerationParams, request_id: str
+                       ) -> AsyncIterator[TextChunk]:
+        words = self.reply_words(prompt_ids)
+        for index in range(params.n):
+            for position, chunk in enumerate(reply_chunks(index, words, params)):
+                if position and self.token_delay:
+                    await asyncio.sleep(self.token_delay)  # between tokens, as a model generates them
+                yield chunk
+
+    async def close(self) -> None:
+        pass
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send many optional fields
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-
-def _text_of(message: ChatMessage) -> str:
-    if isinstance(message.content, list):
-        return " ".join(str(part.get("text", "")) for part in message.content)
-    return message.content or ""
+def reply_chunks(index: int, words: list[str], params: GenerationParams) -> list[TextChunk]:
+    """One chunk per word of the reply, as far as ``max_tokens`` and the first stop sequence allow;
+    the last chunk carries the finish reason, as vLLM's do."""
+    pieces = [word if i == 0 else " " + word for i, word in enumerate(words[:params.max_tokens])]
+    starts = [0, *accumulate(len(piece) for piece in pieces)]
+    text = "".join(pieces)
+    cut = stop_cut(text, params.stop)
+    if cut is None:
+        finish, end = ("length" if len(words) > params.max_tokens else "stop"), len(text)
+    else:  # generation ends at the word where the stop sequence begins; the text ends before it
+        finish, end = "stop", cut
+        pieces = [piece for piece, start in zip(pieces, starts, strict=False) if start <= cut]
+    chunks = [TextChunk(index, piece[:max(0, end - start)], 1) for piece, start in zip(pieces, starts, strict=False)]
+    last = chunks.pop() if chunks else TextChunk(index, "", 0)
+    return [*chunks, TextChunk(index, last.text, last.tokens, finish)]
 
 
 class EchoService(BaseService):
     name = "echo"
     default_port = 8001
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: EchoEngine | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -67,86 +90,25 @@ class EchoService(BaseService):
         parser.add_argument("--served-name", default="echo", help="model name reported in responses")
         parser.add_argument("--strict-model-name", action="store_true",
                             help="answer 404 to a `model` other than --served-name, as vLLM's server does")
+        parser.add_argument("--max-model-len", type=int, default=1 << 20,
+                            help="context length in words (prompt plus answer)")
+
+    @property
+    def served_name(self) -> str:
+        return str(self.options.served_name)
+
+    def create_engine(self) -> EchoEngine:
+        return EchoEngine(self.options.token_delay, self.options.max_model_len)
 
     async def load(self) -> None:
-        self.token_delay: float = self.options.token_delay
-        self.served_name: str = self.options.served_name
-
-    def reply_tokens(self, prompt: str, limit: int | None) -> tuple[list[str], str]:
-        """The words to answer with, and the finish reason."""
-        words = prompt.split() or ["(empty)"]
-        if limit is not None and len(words) > limit:
-            return words[:limit], "length"
-        return words, "stop"
+        self.engine = self.create_engine()
 
     def add_routes(self, app: FastAPI) -> None:
-        @app.post("/v1/chat/completions", response_model=None)
-        async def chat(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
-            self.check_model(request.model)
-            prompt = _text_of(request.messages[-1])
-            tokens, finish = self.reply_tokens(prompt, request.token_limit())
-            usage = _usage(sum(len(_text_of(m).split()) for m in request.messages), len(tokens))
-            if request.stream:
-                return self.stream("chat.completion.chunk", tokens, finish, usage, request)
-            message = {"role": "assistant", "content": " ".join(tokens)}
-            return self.envelope("chat.completion", [{"index": 0, "message": message, "finish_reason": finish}],
-                                 usage)
-
-        @app.post("/v1/completions", response_model=None)
-        async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
-            self.check_model(request.model)
-            prompt = request.prompt if isinstance(request.prompt, str) else " ".join(request.prompt)
-            if not prompt.strip():
-                raise bad_request("'prompt' must not be empty.", "prompt")
-            tokens, finish = self.reply_tokens(prompt, request.token_limit())
-            usage = _usage(len(prompt.split()), len(tokens))
-            if request.stream:
-                return self.stream("text_completion", tokens, finish, usage, request)
-            return self.envelope("text_completion", [{"index": 0, "text": " ".join(tokens), "finish_reason": finish}],
-                                 usage)
-
-    def check_model(self, model: str | None) -> None:
-        if self.options.strict_model_name and model is not None and model != self.served_name:
-            raise ServiceError(404, f"The model `{model}` does not exist.", "model_not_found", param="model")
-
-    def envelope(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
-        return {"id": f"echo-{uuid.uuid4().hex[:12]}", "object": kind, "created": int(time.time()),
-                "model": self.served_name, "choices": choices, "usage": usage}
-
-    def stream(self, kind: str, tokens: list[str], finish: str, usage: dict[str, int], request: _Sampling
-               ) -> StreamingResponse:
-        include_usage = bool((request.stream_options or {}).get("include_usage"))
-        return StreamingResponse(self._events(kind, tokens, finish, usage, include_usage),
-                                 media_type="text/event-stream")
-
-    async def _events(self, kind: str, tokens: list[str], finish: str, usage: dict[str, int], include_usage: bool
-                      ) -> AsyncIterator[bytes]:
-        chat = kind == "chat.completion.chunk"
-        for i, token in enumerate(tokens):
-            text = token if i == 0 else " " + token
-            delta: dict[str, Any] = ({"role": "assistant", "content": text} if i == 0 else {"content": text}) \
-                if chat else {}
-            choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": text}
-            yield _sse(self.envelope(kind, [{**choice, "finish_reason": None}], usage) | {"usage": None})
-            if self.token_delay:
-                await asyncio.sleep(self.token_delay)
-        last = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-        yield _sse(self.envelope(kind, [{**last, "finish_reason": finish}], usage) | {"usage": None})
-        if include_usage:
-            yield _sse(self.envelope(kind, [], usage))
-        yield b"data: [DONE]\n\n"
+        mount_text_routes(app, lambda: self.engine, [self.served_name], ECHO_LIMITS,
+                          strict_model_name=self.options.strict_model_name)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-__all__ = ["ChatRequest", "CompletionRequest", "EchoService"]
+__all__ = ["EchoEngine", "EchoService", "reply_chunks"]
 
 if __name__ == "__main__":
     EchoService().run()

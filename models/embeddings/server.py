@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
 from core.memory_share import cap_torch_memory, release_cached_memory
+from core.worker import JobContext, Worker
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,6 +120,13 @@ class EmbeddingsService(BaseService):
     engine_modules = ("torch", "sentence_transformers")
     default_port = 8004
 
+    def __init__(self) -> None:
+        super().__init__()
+        # One forward pass at a time; a request whose client left stops before its next batch.
+        # After each job only a young-generation collection: a full one costs ~0.3 s in this
+        # process, 15 short requests' worth. Without CUDA in use that returns at once.
+        self.worker = Worker(self.name, after_job=lambda: release_cached_memory(full_collection=False))
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
@@ -135,14 +142,12 @@ class EmbeddingsService(BaseService):
         if not self.model_path:
             packaged = await asyncio.to_thread(packaged_model)
             self.model_path = str(packaged) if packaged else HUB_MODEL
-        # One worker: forward passes never overlap, and a queued request that gets cancelled never runs.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self.model: SentenceTransformer = await self.in_worker(self.load_model)
+        self.model: SentenceTransformer = await self.worker.run(self.load_model, label="load")
         self.dimension = int(self.model.get_embedding_dimension() or 0)
         log.info("%s: loaded %s (%d dimensions) on %s in %.1fs", self.name, self.model_path, self.dimension,
                  self.model.device, time.monotonic() - started)
 
-    def load_model(self) -> SentenceTransformer:
+    def load_model(self, ctx: JobContext) -> SentenceTransformer:
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
 
@@ -155,18 +160,13 @@ class EmbeddingsService(BaseService):
         return model
 
     async def warmup(self) -> None:
-        await self.in_worker(self.embed, ["warm up"], None, "float")
+        await self.worker.run(self.embed, ["warm up"], None, "float", label="warm-up")
 
     async def unload(self) -> None:
-        executor = getattr(self, "executor", None)
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        await self.worker.close()  # the model stays until the job using it has ended
         if getattr(self, "model", None) is not None:
             del self.model
             release_cached_memory()
-
-    async def in_worker(self, func: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     def check_options(self, request: EmbeddingRequest) -> str:
         """The encoding format after checking ``encoding_format`` and ``dimensions``."""
@@ -184,20 +184,25 @@ class EmbeddingsService(BaseService):
         async def embeddings(request: EmbeddingRequest) -> Response:
             texts = parse_input(request.input, self.options.max_batch, self.options.max_input_chars)
             encoding_format = self.check_options(request)
-            data, tokens = await self.in_worker(self.embed, texts, request.dimensions, encoding_format)
+            data, tokens = await self.worker.run(self.embed, texts, request.dimensions, encoding_format,
+                                                 label="embed")
             body = {"object": "list", "data": data, "model": request.model or self.name,
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
             return Response(json.dumps(body), media_type="application/json")
 
-    def embed(self, texts: list[str], dimensions: int | None, encoding_format: str
+    def embed(self, ctx: JobContext, texts: list[str], dimensions: int | None, encoding_format: str
               ) -> tuple[list[dict[str, Any]], int]:
-        """Runs in the worker thread: the response's ``data`` items and the prompt token count."""
+        """Runs in the worker thread: the response's ``data`` items and the prompt token count.
+
+        encode() has no callback between its batches, but each batch's forward pass calls the
+        model's first module: a hook there stops a cancelled job before its next batch.
+        """
+        first_module = next(self.model.children())
+        hook = first_module.register_forward_pre_hook(lambda module, args: ctx.check())
         try:
             return self._embed(texts, dimensions, encoding_format)
         finally:
-            # A young-generation collection only: a full one costs ~0.3 s in this process, 15 short
-            # requests' worth. Without CUDA in use this returns at once.
-            release_cached_memory(full_collection=False)
+            hook.remove()
 
     def _embed(self, texts: list[str], dimensions: int | None, encoding_format: str
                ) -> tuple[list[dict[str, Any]], int]:

@@ -18,10 +18,8 @@ import io
 import logging
 import random
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -31,6 +29,8 @@ from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
 from core.memory_share import cap_torch_memory, release_cached_memory
+from core.torch_helpers import torch_dtype
+from core.worker import JobContext, Worker
 
 log = logging.getLogger("flux")  # not __name__: run as a script that is "__main__"
 
@@ -63,7 +63,6 @@ class Job:
     steps: int
     guidance: float
     seed: int
-    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 def parse_size(size: str | None, max_size: int) -> tuple[int, int]:
@@ -93,9 +92,9 @@ class FluxService(BaseService):
         super().__init__()
         self.model_path = "black-forest-labs/FLUX.1-schnell"
         self.pipeline: Any = None
-        # One worker thread: the pipeline is not thread-safe, and unlike an asyncio.Lock a
-        # single thread keeps serialising even when a cancelled request's render runs on.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-render")
+        # One render at a time (the pipeline is not thread-safe); after each, the job's cached
+        # GPU blocks go back so that what NVML shows free between requests really is free.
+        self.worker = Worker("flux", after_job=lambda: release_cached_memory(full_collection=False))
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -117,10 +116,10 @@ class FluxService(BaseService):
         self.pipeline = await asyncio.to_thread(self._load_pipeline)
 
     def _load_pipeline(self) -> Any:
-        import torch
         from diffusers import FluxPipeline
 
-        device, dtype = self._device_and_dtype(torch)
+        device = resolve_device(self.options.device)
+        dtype = torch_dtype(self.options.dtype, device)
         cap_torch_memory(self.vram_gb, device)  # before any weights reach the GPU
         log.info("loading %s (%s, %s, offload=%s)", self.model_path, device, dtype, self.options.offload)
         began = time.monotonic()
@@ -146,13 +145,6 @@ class FluxService(BaseService):
         log.info("loaded in %.1fs", time.monotonic() - began)
         return pipe
 
-    def _device_and_dtype(self, torch: Any) -> tuple[str, Any]:
-        device = resolve_device(self.options.device)
-        name = self.options.dtype
-        if name == "auto":
-            name = "bfloat16" if device == "cuda" else "float32"  # CPU half precision is slow
-        return device, getattr(torch, name)
-
     async def warmup(self) -> None:
         # The first call pays for kernel selection and allocator growth; do it before reporting ready.
         job = Job("warm up", 64, 64, 1, 1, self.options.default_guidance, 0)
@@ -161,7 +153,7 @@ class FluxService(BaseService):
         log.info("warm-up generation took %.2fs", time.monotonic() - began)
 
     async def unload(self) -> None:
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await self.worker.close()  # drops queued renders, stops the running one at its next step
         if self.pipeline is None:
             return
         self.pipeline = None
@@ -190,26 +182,13 @@ class FluxService(BaseService):
 
     async def render(self, job: Job) -> list[str]:
         """Render on the worker thread; a cancelled request stops the pipeline at its next step."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._render, job)
-        except asyncio.CancelledError:
-            job.cancelled.set()  # a job still queued is dropped by the executor itself
-            raise
+        return await self.worker.run(self._render_pngs, job, label="render")
 
-    def _render(self, job: Job) -> list[str]:
-        try:
-            return self._render_pngs(job)
-        finally:
-            # The job's tensors are out of scope now: hand the cached blocks back so that the memory
-            # NVML shows free is really free for the other models between requests.
-            release_cached_memory(full_collection=False)
-
-    def _render_pngs(self, job: Job) -> list[str]:
+    def _render_pngs(self, ctx: JobContext, job: Job) -> list[str]:
         import torch
 
         def stop_if_cancelled(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if job.cancelled.is_set():
+            if ctx.cancelled:
                 pipe._interrupt = True  # FluxPipeline skips the remaining denoising steps
             return tensors
 
@@ -220,9 +199,7 @@ class FluxService(BaseService):
             prompt=job.prompt, width=job.width, height=job.height, num_images_per_prompt=job.n,
             num_inference_steps=job.steps, guidance_scale=job.guidance, generator=generator,
             max_sequence_length=self.options.max_sequence_length, callback_on_step_end=stop_if_cancelled)
-        if job.cancelled.is_set():
-            log.info("generation cancelled after %.2fs", time.monotonic() - began)
-            return []
+        ctx.check()  # interrupted: no images to encode
         images = [png_base64(image) for image in result.images]
         log.info("%d image(s) %dx%d, %d steps, seed %d in %.2fs",
                  job.n, job.width, job.height, job.steps, job.seed, time.monotonic() - began)

@@ -15,14 +15,11 @@ needs from it sits behind ``TransformersEngine.generate_audio``.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
 import importlib.util
 import io
 import logging
 import math
 import secrets
-import threading
 import time
 import wave
 from typing import Any
@@ -34,11 +31,14 @@ from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
 from core.memory_share import cap_torch_memory, release_cached_memory
+from core.torch_helpers import dtype_name, torch_dtype
+from core.worker import JobContext, Worker
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_CHARS = 4096  # OpenAI's own limit for this endpoint
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
+MUSICGEN_CUDA_DTYPE = "float16"  # what --dtype auto means on CUDA here: the dtype this service was tested in
 
 
 class SpeechRequest(BaseModel):
@@ -52,12 +52,8 @@ class SpeechRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
-class GenerationCancelled(Exception):
-    """Raised inside generate() when the client has gone away."""
-
-
-def _abort_when(event: threading.Event) -> Any:
-    """A stopping criterion that aborts generate() once ``event`` is set.
+def _abort_when(ctx: JobContext | None) -> Any:
+    """A stopping criterion that aborts generate() (``JobCancelled``) once the job is cancelled.
 
     Raising (rather than stopping) also skips decoding the partial audio. A streamer
     would be the lighter hook, but MusicGen's generate() in transformers 5 hands the
@@ -68,8 +64,8 @@ def _abort_when(event: threading.Event) -> Any:
 
     class AbortWhenCancelled(StoppingCriteria):  # type: ignore[misc]  # transformers is untyped here
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            if event.is_set():
-                raise GenerationCancelled
+            if ctx is not None:
+                ctx.check()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([AbortWhenCancelled()])
@@ -87,7 +83,8 @@ class TransformersEngine:
         self.device = device
         self.guidance_scale = guidance_scale
         self.processor = AutoProcessor.from_pretrained(path)
-        model = MusicgenForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = MusicgenForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype(dtype, device, cuda_default=MUSICGEN_CUDA_DTYPE))
         self.model = model.to(device).eval()
         audio = self.model.config.audio_encoder
         self.sampling_rate = int(audio.sampling_rate)
@@ -103,25 +100,19 @@ class TransformersEngine:
         # (num_codebooks - 1) steps produce no complete frame.
         return max(1, round(duration * self.frame_rate)) + self.num_codebooks - 1
 
-    def generate_audio(self, prompt: str, duration: float, seed: int,
-                       cancelled: threading.Event | None = None) -> tuple[Any, int]:
-        """Mono float32 samples in [-1, 1] (a numpy array) and their sampling rate."""
-        try:
-            return self._generate(prompt, duration, seed, cancelled)
-        finally:
-            # The generation's tensors are gone by now (the samples are a numpy copy): give back the
-            # blocks torch still caches, so that what NVML shows free between requests really is.
-            release_cached_memory(full_collection=False)
+    def generate_audio(self, prompt: str, duration: float, seed: int, ctx: JobContext | None = None
+                       ) -> tuple[Any, int]:
+        """Mono float32 samples in [-1, 1] (a numpy array) and their sampling rate.
 
-    def _generate(self, prompt: str, duration: float, seed: int, cancelled: threading.Event | None
-                  ) -> tuple[Any, int]:
+        With ``ctx`` (run as a worker job), a cancelled job stops at its next decoding step.
+        """
         torch = self.torch
         inputs = self.processor(text=[prompt], padding=True, return_tensors="pt").to(self.device)
         torch.manual_seed(seed)  # seeds CPU and every CUDA device: same seed, same audio
         with torch.inference_mode():
             audio = self.model.generate(
                 **inputs, max_new_tokens=self.tokens_for(duration), do_sample=True,
-                guidance_scale=self.guidance_scale, stopping_criteria=_abort_when(cancelled or threading.Event()))
+                guidance_scale=self.guidance_scale, stopping_criteria=_abort_when(ctx))
         samples = audio[0].float().mean(dim=0).cpu().numpy()  # (channels, n) → mono
         return samples[: round(duration * self.sampling_rate)], self.sampling_rate
 
@@ -179,10 +170,9 @@ class MusicGenService(BaseService):
         super().__init__()
         self.model_path = "facebook/musicgen-medium"
         self.engine: TransformersEngine | None = None
-        # One generation at a time, on one thread of our own: a cancelled request cannot
-        # release it while its generation is still running (a lock around
-        # asyncio.to_thread would), and queued work of a gone client never starts.
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="musicgen")
+        # One generation at a time; a cancelled one ends before the next starts. After each, the
+        # generation's cached GPU blocks go back, so that what NVML shows free really is.
+        self.worker = Worker("musicgen", after_job=lambda: release_cached_memory(full_collection=False))
         self.formats: list[str] = []
 
     @classmethod
@@ -198,11 +188,7 @@ class MusicGenService(BaseService):
 
     async def load(self) -> None:
         opts = self.options
-        device = await self.in_worker(self.device_within_share)
-        dtype = opts.dtype if opts.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
-        log.info("musicgen: loading %s on %s (%s)", self.model_path, device, dtype)
-        path = str(self.model_path)
-        self.engine = await self.in_worker(TransformersEngine, path, device, dtype, opts.guidance_scale)
+        self.engine = await self.worker.run(self.load_engine, label="load")
         if opts.max_duration > self.engine.max_duration:
             log.warning("musicgen: --max-duration %.1f s exceeds what the model can generate; using %.1f s",
                         opts.max_duration, self.engine.max_duration)
@@ -210,31 +196,38 @@ class MusicGenService(BaseService):
         opts.default_duration = min(opts.default_duration, opts.max_duration)
         self.formats = supported_formats()
 
-    def device_within_share(self) -> str:
-        """The device, with torch held to this service's GPU share before any weights reach it.
+    def load_engine(self, ctx: JobContext) -> TransformersEngine:
+        """The engine, with torch held to this service's GPU share before any weights reach it.
 
         On the worker thread: importing torch and creating the CUDA context take seconds.
         """
-        device = pick_device(self.options.device, self.options.cpu_threads)
+        opts = self.options
+        device = pick_device(opts.device, opts.cpu_threads)
         cap_torch_memory(self.vram_gb, device)
-        return device
+        dtype = dtype_name(opts.dtype, device, cuda_default=MUSICGEN_CUDA_DTYPE)
+        log.info("musicgen: loading %s on %s (%s)", self.model_path, device, dtype)
+        return TransformersEngine(str(self.model_path), device, dtype, opts.guidance_scale)
 
     async def warmup(self) -> None:
         # The first generate() pays for kernel selection and allocations; do it before ready.
         assert self.engine is not None
         began = time.monotonic()
-        await self.in_worker(self.engine.generate_audio, "warm up", 0.1, 0)
+        await self.generate(self.engine, "warm up", 0.1, 0, label="warm-up")
         log.info("musicgen: warm-up generation took %.2f s", time.monotonic() - began)
 
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
-        # Drop queued work, let a running generation end, without blocking the event loop.
-        await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+        await self.worker.close()  # drops queued generations, stops the running one at its next step
         if engine is not None:
             engine.close()
 
-    async def in_worker(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def generate(self, engine: TransformersEngine, prompt: str, duration: float, seed: int, label: str
+                       ) -> tuple[Any, int]:
+        """One generation as a worker job; cancelling the caller stops it at its next decoding step."""
+        def job(ctx: JobContext) -> tuple[Any, int]:
+            return engine.generate_audio(prompt, duration, seed, ctx)
+
+        return await self.worker.run(job, label=label)
 
     def validate(self, request: SpeechRequest) -> tuple[str, float, int]:
         """The prompt, duration and seed to generate with; 400 on bad values."""
@@ -256,14 +249,8 @@ class MusicGenService(BaseService):
     async def speech(self, request: SpeechRequest) -> Response:
         prompt, duration, seed = self.validate(request)
         assert self.engine is not None
-        cancelled = threading.Event()
         began = time.monotonic()
-        try:
-            samples, rate = await self.in_worker(self.engine.generate_audio, prompt, duration, seed, cancelled)
-        except asyncio.CancelledError:
-            cancelled.set()  # the client went away: stop the running generation at its next step
-            log.info("musicgen: client went away; generation stopped")
-            raise
+        samples, rate = await self.generate(self.engine, prompt, duration, seed, label="speech")
         body = encode(samples, rate, request.response_format)
         log.info("musicgen: %.1f s of audio in %.2f s (seed %d)", duration, time.monotonic() - began, seed)
         headers = {"x-seed": str(seed), "x-sample-rate": str(rate)}

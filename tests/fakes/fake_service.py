@@ -5,7 +5,9 @@
         [--stream-chunks N --token-delay S] [--spawn-child]
 
 Runs on the real BaseService, so it exercises the same lifecycle, health and signal
-handling as the production services. Every answer says which process produced it.
+handling as the production services, and answers text through the production OpenAI layer
+(core/text_routes.py), so streams are the ones real engines send. Every answer not from that
+layer says which process produced it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from fastapi import FastAPI
 
-from models.echo.server import EchoService
+from models.echo.server import EchoEngine, EchoService
+
+
+class FixedReplyEngine(EchoEngine):
+    """Answers every prompt with the same words (``--stream-chunks N``: tok0 ... tokN-1)."""
+
+    def __init__(self, words: list[str], token_delay: float, max_model_len: int) -> None:
+        super().__init__(token_delay, max_model_len)
+        self.words = words
+
+    def reply_words(self, prompt_ids: list[str]) -> list[str]:
+        return self.words
 
 
 class FakeService(EchoService):
@@ -64,10 +77,12 @@ class FakeService(EchoService):
         await asyncio.sleep(self.options.drain_delay)
         await super().unload()
 
-    def reply_tokens(self, prompt: str, limit: int | None) -> tuple[list[str], str]:
-        if self.options.stream_chunks is not None:
-            return [f"tok{i}" for i in range(self.options.stream_chunks)], "stop"
-        return super().reply_tokens(prompt, limit)
+    def create_engine(self) -> EchoEngine:
+        count = self.options.stream_chunks
+        if count is None:
+            return super().create_engine()
+        return FixedReplyEngine([f"tok{i}" for i in range(count)], self.options.token_delay,
+                                self.options.max_model_len)
 
     def identity(self, path: str) -> dict[str, Any]:
         return {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests}

@@ -19,6 +19,8 @@ import psutil
 import pytest
 import yaml
 
+from core.process_tree import group_members, kill_all, signal_group
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE = "tests/fakes/fake_service.py"
 ORCHESTRATOR = REPO / "model-orchestrator" / "orchestrator.py"
@@ -53,12 +55,15 @@ def running_service(script: str, *args: str, ready_timeout: float = 120.0, wait_
     """Run ``python <script> --port <free port> *args`` from the repository; yield (process, base URL).
 
     Waits until /health answers 200 (unless ``wait_ready`` is False: then until it answers at
-    all, or the process exits). The process is killed afterwards; its output is on proc.stdout.
+    all, or the process exits). The service leads its own process group, like under the
+    service manager, and the whole group is stopped afterwards (stop_service_group): vLLM's
+    engine core and workers go with it. Its output is on proc.stdout.
     """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / script), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def answered() -> bool:
@@ -73,11 +78,33 @@ def running_service(script: str, *args: str, ready_timeout: float = 120.0, wait_
             raise AssertionError(f"{script} exited with {proc.returncode}:\n{proc.stdout.read().decode()[-3000:]}")
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        stop_service_group(proc)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def stop_service_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop a service started with ``start_new_session=True`` as the service manager does.
+
+    SIGTERM (and SIGCONT, for a stopped one) to the service first, so it shuts its own children
+    down in order; SIGKILL to its group after ``grace`` s; then SIGTERM to what is left of the
+    group, and SIGKILL once ``grace`` s more have passed.
+    """
+    pgid = proc.pid
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            signal_group(pgid, signal.SIGKILL)
+            proc.wait()
+    members = group_members(pgid)
+    if members and signal_group(pgid, signal.SIGTERM):
+        signal_group(pgid, signal.SIGCONT)
+        _, members = psutil.wait_procs(members, timeout=grace)
+    signal_group(pgid, signal.SIGKILL)
+    kill_all(members)
 
 
 def health_status(url: str) -> int | None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import signal
-import threading
-import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -13,7 +12,7 @@ import psutil
 import pytest
 
 from core.child_env import SERVICE_TOKEN_ENV
-from core.service_guard import take_service_token
+from core.middleware import take_service_token
 from tests.integration.conftest import FAKE, health_status, running_service, wait_until
 
 pytestmark = pytest.mark.integration
@@ -46,40 +45,37 @@ def test_health_is_503_while_loading_then_200() -> None:
 
 
 def test_sigterm_drains_in_flight_requests() -> None:
-    with service() as (proc, url):
+    with service("--stream-chunks", "20", "--token-delay", "0.1") as (proc, url):
         assert wait_until(lambda: _status(url) == 200, 10)
-        result: list[httpx.Response] = []
-        worker = threading.Thread(target=lambda: result.append(
-            httpx.post(url + "/sleep", params={"seconds": 1.5}, timeout=10)))
-        worker.start()
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        worker.join(10)
-        assert result and result[0].status_code == 200  # finished, not cut off
+        with stream_in_flight(url) as rest:
+            proc.send_signal(signal.SIGTERM)
+            after_sigterm = list(rest)
+        assert any("tok19" in line for line in after_sigterm)  # finished, not cut off
+        assert after_sigterm[-1] == "data: [DONE]"
         assert proc.wait(10) == 0  # drained, then a clean exit (not death by the signal)
         assert proc.stdout is not None and b"fake: stopped" in proc.stdout.read()
 
 
 def test_drain_is_bounded() -> None:
-    with service("--drain-timeout", "1") as (proc, url):
+    """The request would stream for 5 minutes: the service exits while it is still being served."""
+    with service("--drain-timeout", "1", "--stream-chunks", "6000", "--token-delay", "0.05") as (proc, url):
         assert wait_until(lambda: _status(url) == 200, 10)
-        threading.Thread(target=lambda: _ignore_errors(url + "/sleep", 30), daemon=True).start()
-        time.sleep(0.3)
-        began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        assert time.monotonic() - began < 5
+        with stream_in_flight(url) as rest:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            with pytest.raises(httpx.RemoteProtocolError):  # cut off: the stream never ends properly
+                for _ in rest:
+                    pass
 
 
 def test_concurrency_cap_answers_429() -> None:
-    with service("--max-concurrency", "1") as (_, url):
+    with service("--max-concurrency", "1", "--stream-chunks", "6000", "--token-delay", "0.05") as (_, url):
         assert wait_until(lambda: _status(url) == 200, 10)
-        threading.Thread(target=lambda: _ignore_errors(url + "/sleep", 2), daemon=True).start()
-        time.sleep(0.3)
-        over = httpx.post(url + "/sleep", params={"seconds": 0}, timeout=5)
-        assert over.status_code == 429 and over.json()["error"]["code"] == "overloaded"
-        assert "retry-after" in over.headers
-        assert httpx.get(url + "/health").status_code == 200  # health is never capped
+        with stream_in_flight(url):  # holds the one slot
+            over = httpx.post(url + "/sleep", params={"seconds": 0}, timeout=5)
+            assert over.status_code == 429 and over.json()["error"]["code"] == "overloaded"
+            assert "retry-after" in over.headers
+            assert httpx.get(url + "/health").status_code == 200  # health is never capped
 
 
 def test_failed_load_exits_nonzero_with_the_reason() -> None:
@@ -107,10 +103,7 @@ def test_service_token_is_required_on_every_route_but_health(monkeypatch: pytest
                         timeout=10)
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "hi"
         (child,) = psutil.Process(proc.pid).children()  # --spawn-child: what an engine worker would inherit
-        try:
-            assert SERVICE_TOKEN_ENV not in child.environ()
-        finally:
-            child.kill()
+        assert SERVICE_TOKEN_ENV not in child.environ()
 
 
 def test_without_a_token_every_route_is_open() -> None:
@@ -128,6 +121,15 @@ def test_take_service_token_removes_it_from_the_environment() -> None:
     assert take_service_token({SERVICE_TOKEN_ENV: ""}) is None  # empty: no token, not an empty one
 
 
-def _ignore_errors(url: str, seconds: float) -> None:
-    with suppress(httpx.HTTPError):  # the server may be stopping under it
-        httpx.post(url, params={"seconds": seconds}, timeout=seconds + 5)
+@contextmanager
+def stream_in_flight(url: str) -> Iterator[Iterator[str]]:
+    """A streamed chat request that the service is serving: its first token has arrived.
+
+    Yields the rest of its ``data:`` lines, still to be read.
+    """
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        assert any("tok0" in line for line in lines), "the stream ended before its first token"
+        yield lines  # what follows tok0

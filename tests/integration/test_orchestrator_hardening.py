@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.integration import raw_http
-from tests.integration.conftest import Orchestrator, free_port
+from tests.integration.conftest import Orchestrator, free_port, processes_with, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -122,8 +122,9 @@ def test_settings_limits_close_half_sent_headers(orchestrator: Factory) -> None:
     try:
         for sock in sockets:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never the blank line
-        time.sleep(1.5)
-        assert all(raw_http.closed_by_peer(sock, wait=3) for sock in sockets)
+        # Each wait ends when the server closes that socket (after header_timeout); without
+        # the limit none would close (uvicorn has no header timeout of its own).
+        assert all(raw_http.closed_by_peer(sock, wait=10) for sock in sockets)
         assert httpx.get(orch.url + "/health", timeout=5).status_code == 200
     finally:
         for sock in sockets:
@@ -134,7 +135,10 @@ def test_settings_limits_cap_requests_in_progress(orchestrator: Factory) -> None
     orch = orchestrator({"raw": raw_model()}, limits={"max_requests": 1})
     with raw_http.connect(port_of(orch)) as stalled:
         stalled.sendall(raw_http.head("POST", "/upstream/raw/stall", length=2) + b"{}")
-        time.sleep(0.5)
+        # The model starts on demand: its process appearing shows the stalled request is in progress.
+        service_port = orch.models["raw"]["port"]
+        started = wait_until(lambda: bool(processes_with(f"--port {service_port}")), 20)
+        assert started, "the stalled request never arrived"
         refused = raw_http.request(port_of(orch), "GET", "/status")
         assert httpx.get(orch.url + "/health", timeout=5).status_code == 200
         assert raw_http.read_response(stalled).status == 504

@@ -21,8 +21,8 @@ from typing import Any, cast
 import pytest
 import uvicorn
 
+from core.asgi import Receive, Scope, Send, send_json
 from core.config import Limits, config_from_dict
-from model_orchestrator.asgi import Receive, Scope, Send, send_json
 from model_orchestrator.http_server import RequestCap, server_options
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ModelIndex
@@ -83,6 +83,7 @@ class ProxyApp:
 class Served:
     port: int
     svc: StandInService
+    cap: RequestCap
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +102,15 @@ def serve(upstream_port: int, **limits: Any) -> Iterator[Served]:
     svc = StandInService()
     proxy = Proxy(cast(Any, StandInCoordinator(svc)), index, limits=bounds)
     port = free_port()
-    config = uvicorn.Config(RequestCap(ProxyApp(proxy), bounds.max_requests), host="127.0.0.1", port=port,
-                            log_config=None, lifespan="on", **server_options(bounds))
+    cap = RequestCap(ProxyApp(proxy), bounds.max_requests)
+    config = uvicorn.Config(cap, host="127.0.0.1", port=port, log_config=None, lifespan="on",
+                            **server_options(bounds))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         assert wait_until(lambda: server.started, 10), "uvicorn did not start"
-        yield Served(port, svc)
+        yield Served(port, svc, cap)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -258,7 +260,7 @@ def test_requests_past_max_requests_get_503_while_health_answers(upstream: int) 
         stalled = [raw_http.connect(srv.port) for _ in range(2)]
         for sock in stalled:
             sock.sendall(raw_http.head("POST", "/upstream/raw/stall", length=2) + b"{}")
-        time.sleep(0.3)
+        assert wait_until(lambda: srv.cap.active == 2, 10), "the two stalled requests never got in"
         refused = raw_http.request(srv.port, "POST", "/v1/chat/completions", body=chat())
         health = raw_http.request(srv.port, "GET", "/health")
         for sock in stalled:

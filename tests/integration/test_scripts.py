@@ -12,7 +12,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,39 +21,13 @@ import psutil
 import pytest
 import yaml
 
+from tests.integration.conftest import FAKE, ORCHESTRATOR, REPO, free_port, processes_with, wait_until
+from tests.integration.manager_harness import alive
+
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 START = REPO / "scripts" / "start-all.sh"
 STOP = REPO / "scripts" / "stop-all.sh"
-FAKE = "tests/fakes/fake_service.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def live(pid: int) -> bool:
-    """Running and not a zombie (an exited child nobody reaped yet)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def processes_with(*markers: str) -> list[psutil.Process]:
-    """Live processes whose command line contains every marker."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and all(m in cmdline for m in markers):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 @dataclass
@@ -97,7 +70,7 @@ class Setup:
         return int(self.pidfile.read_text().split()[0])
 
     def leftovers(self) -> list[psutil.Process]:
-        return processes_with(str(self.config)) + processes_with("--port", str(self.service_port))
+        return processes_with(str(self.config)) + processes_with(f"--port {self.service_port}")
 
 
 def write_config(path: Path, port: int, service_port: int, **settings: object) -> Path:
@@ -128,10 +101,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while live(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not live(pid)
+    return wait_until(lambda: not alive(pid), timeout)
 
 
 def test_help_exits_zero() -> None:
@@ -148,7 +118,7 @@ def test_start_is_idempotent_serves_and_stop_cleans_up(setup: Setup) -> None:
     assert f"running (pid {setup.pid()}) at {setup.url}" in started.stdout
     assert str(setup.run_dir / "orchestrator.log") in started.stdout
     pid = setup.pid()
-    assert live(pid)
+    assert alive(pid)
     # The pid is python itself (exec, no wrapper shell), leading its own session (setsid:
     # a Ctrl-C in the operator's terminal does not reach it).
     assert "orchestrator.py" in " ".join(psutil.Process(pid).cmdline())
@@ -171,12 +141,12 @@ def test_start_is_idempotent_serves_and_stop_cleans_up(setup: Setup) -> None:
     assert f"already running (pid {pid}) at {setup.url}" in again.stdout
     assert setup.pid() == pid
 
-    assert not processes_with("--port", str(setup.service_port))  # started on demand, not yet
+    assert not processes_with(f"--port {setup.service_port}")  # started on demand, not yet
     reply = httpx.post(setup.url + "/v1/chat/completions", timeout=60,
                        json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"]
-    services = processes_with("--port", str(setup.service_port))
+    services = processes_with(f"--port {setup.service_port}")
     assert services, "the chat request did not start the service"
 
     stopped = setup.stop()
@@ -184,7 +154,7 @@ def test_start_is_idempotent_serves_and_stop_cleans_up(setup: Setup) -> None:
     assert "stopped" in stopped.stdout
     assert wait_gone(pid, 5), "orchestrator still alive after stop-all"
     assert all(wait_gone(proc.pid, 5) for proc in services)
-    assert not processes_with("--port", str(setup.service_port))
+    assert not processes_with(f"--port {setup.service_port}")
     assert not setup.pidfile.exists()
 
     again = setup.stop()
@@ -208,7 +178,7 @@ def test_stale_pidfile_is_replaced(setup: Setup) -> None:
     assert started.returncode == 0, started.stdout + started.stderr
     assert "stale pidfile" in started.stderr
     assert setup.pid() != dead.pid
-    assert live(setup.pid())
+    assert alive(setup.pid())
 
 
 def test_invalid_config_fails_without_pidfile(setup: Setup) -> None:
@@ -231,7 +201,28 @@ def test_port_in_use_fails_without_pidfile(setup: Setup) -> None:
         result = setup.start()
     assert result.returncode != 0
     assert "already in use" in result.stderr
+    assert f"in use by pid {os.getpid()}" in result.stderr  # the orchestrator's preflight names the holder
     assert not setup.pidfile.exists()
+    assert not setup.leftovers()
+
+
+def test_the_orchestrator_cli_answers_the_preflight_questions(setup: Setup) -> None:
+    """start-all.sh asks orchestrator.py for the address and whether its port is free; nothing is served."""
+    def preflight(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ORCHESTRATOR), "--config", str(setup.config), *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    from_config = preflight("--print-address", "--port-free")
+    assert (from_config.returncode, from_config.stdout) == (0, f"127.0.0.1 {setup.port}\n"), from_config.stderr
+    overridden = preflight("--print-address", "--host", "::1", "--port", str(setup.service_port))
+    assert (overridden.returncode, overridden.stdout) == (0, f"::1 {setup.service_port}\n"), overridden.stderr
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", setup.port))
+        squatter.listen()
+        taken = preflight("--check", "--print-address", "--port-free")
+    assert taken.returncode == 1
+    assert taken.stdout.splitlines() == [f"{setup.config}: OK, 1 models: echo", f"127.0.0.1 {setup.port}"]
+    assert f"cannot listen on 127.0.0.1:{setup.port}: in use by pid {os.getpid()}" in taken.stderr
     assert not setup.leftovers()
 
 
@@ -251,7 +242,7 @@ def test_stop_kills_an_orchestrator_that_does_not_exit(setup: Setup) -> None:
     reply = httpx.post(setup.url + "/v1/chat/completions", timeout=60,
                        json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
     assert reply.status_code == 200, reply.text
-    services = processes_with("--port", str(setup.service_port))
+    services = processes_with(f"--port {setup.service_port}")
     assert services
 
     os.kill(pid, signal.SIGSTOP)  # frozen: SIGTERM stays pending, only SIGKILL ends it

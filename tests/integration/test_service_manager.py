@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ import pytest
 
 from core.service_manager import ServiceManager, StartFailed
 from core.service_state import ServiceState
-from tests.integration.manager_harness import alive, start_and_freeze, wait_state
+from tests.integration.manager_harness import alive, start_and_freeze, wait_for_condition, wait_state
 from tests.integration.manager_harness import run_manager as run
 
 pytestmark = pytest.mark.integration
@@ -141,9 +140,10 @@ def test_stop_during_start_aborts_it(tmp_path: Path) -> None:
     async def scenario(manager: ServiceManager) -> None:
         svc = manager["m"]
         start = svc.start()
-        await asyncio.sleep(1.0)  # spawned, still in its 30 s start delay
+        await wait_for_condition(lambda: svc.pid is not None, "the service process to be spawned")
         pid = svc.pid
-        assert pid is not None
+        assert pid is not None and alive(pid)  # spawned, and still in its 30 s start delay
+        assert not start.done()
         await svc.stop()
         assert start.cancelled()
         assert svc.state is ServiceState.STOPPED and not alive(pid)

@@ -1,4 +1,7 @@
-"""The flux service as a real process with a tiny random-weight FluxPipeline, over HTTP."""
+"""The flux service as a real process with a tiny random-weight FluxPipeline, over HTTP.
+
+A client that hangs up mid-render: tests/models/test_worker_cancel.py.
+"""
 
 from __future__ import annotations
 
@@ -190,16 +193,6 @@ def test_health_answers_while_rendering(url: str) -> None:
     during = [took for answered, took in latencies if answered < finished[0]]
     assert len(during) >= 2, f"the generation was too quick to overlap health checks: {latencies}"
     assert max(during) < 1.0, latencies
-
-
-def test_disconnect_interrupts_generation(service: tuple[subprocess.Popen[bytes], str]) -> None:
-    _, url = service
-    with pytest.raises(httpx.ReadTimeout):
-        post(url, timeout=1.0, prompt="a slow one", size="256x256", num_inference_steps=50, seed=5)
-    # 50 steps at 256x256 take 30-100 s on CPU; an interrupted render frees the worker within a step or two.
-    began = time.monotonic()
-    assert image(generate(url, seed=6)[0]).size == (64, 64)
-    assert time.monotonic() - began < 20
 
 
 def test_service_module_imports_without_torch() -> None:

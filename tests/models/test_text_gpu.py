@@ -52,8 +52,9 @@ def test_vllm_keeps_to_its_gpu_share(tiny_text: Path) -> None:
                       "--max-model-len", "1024", "--enforce-eager", env={"AIO_VRAM_GB": str(SHARE_GIB)}) as service:
         service.log.wait_for(rf"gpu_memory_utilization: 0\.\d+ \(vram_gb {SHARE_GIB} GiB of")
         reply = service.client().chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage is not None
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, extra_body={"ignore_eos": True})
+        assert reply.choices[0].finish_reason == "length" and reply.usage is not None
+        assert reply.usage.completion_tokens == 8
         used = gpu_memory_of(service.tree())
         assert used > 0, "NVML sees no GPU memory in the service's processes: is vLLM on the GPU?"
         assert used <= (SHARE_GIB + CONTEXT_ALLOWANCE_GIB) * 1024**3, f"{used / 1024**3:.2f} GiB in use"

@@ -13,7 +13,7 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import openai
@@ -65,13 +65,26 @@ def client(service: TextService) -> openai.OpenAI:
 class TestVllmApi(text_cases.TextApiCases):
     names = NAMES
     max_model_len = 16384
-    error_type = "BadRequestError"  # vLLM's envelope names the error class
-    bad_requests: ClassVar[list[tuple[dict[str, Any], str | None]]] = [
-        ({"max_tokens": -1}, "max_tokens"),
-        ({"max_tokens": 100_000}, "max_tokens"),
-        ({"temperature": 5}, "temperature"),
-        ({"messages": []}, None),  # vLLM's message names no parameter: "Cannot apply chat template to an empty ..."
-    ]
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 100_000}, "max_tokens"),
+    ({"temperature": 5}, "temperature"),
+])
+def test_bad_requests_get_vllms_envelope_naming_the_param(service: TextService, fields: dict[str, Any],
+                                                          param: str) -> None:
+    reply = text_cases.chat(service.url, **fields)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", param, 400)  # vLLM names the class
+
+
+def test_empty_messages_get_vllms_envelope_naming_no_param(service: TextService) -> None:
+    reply = text_cases.chat(service.url, messages=[])
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", None, 400)
 
 
 def test_every_served_name_is_accepted_and_answered_as_the_first(client: openai.OpenAI) -> None:

@@ -8,82 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar
 
 import httpx
 import openai
 import psutil
 
-from tests.integration.conftest import REPO, free_port, health_status, wait_until
+from tests.integration.conftest import REPO, free_port, health_status, stop_service_group, wait_until
+from tests.models.service_log import ServiceLog
 
 SERVER = REPO / "models" / "vllm" / "server.py"
-
-
-class ServiceLog:
-    """A service's output, read by a thread as it comes (so the pipe never fills); tests await lines."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._ended = False
-        self._stream = stream
-        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """After the process (and everything it started) has exited: the output is complete."""
-        self._reader.join(10)
-        self._stream.close()
-
-    def mark(self) -> int:
-        """Where the log is now: pass it as ``start`` to await only later lines."""
-        with self._cond:
-            return len(self.lines)
-
-    def wait_for(self, pattern: str, start: int = 0, timeout: float = 60) -> re.Match[str]:
-        """The first line from ``start`` on that matches ``pattern``, waiting for it to be logged."""
-        found = re.search(pattern, self.lines[self.position(pattern, start, timeout)])
-        assert found is not None
-        return found
-
-    def position(self, pattern: str, start: int = 0, timeout: float = 60) -> int:
-        """Index of the first line from ``start`` on that matches ``pattern``, waiting for it to be logged."""
-        regex, deadline, index = re.compile(pattern), time.monotonic() + timeout, start
-        with self._cond:
-            while True:
-                while index < len(self.lines):
-                    if regex.search(self.lines[index]):
-                        return index
-                    index += 1
-                left = deadline - time.monotonic()
-                if self._ended or left <= 0:
-                    raise AssertionError(f"no log line matching {pattern!r}; log tail:\n{self.tail()}")
-                self._cond.wait(left)
-
-    def seen(self, pattern: str, start: int = 0) -> bool:
-        with self._cond:
-            return any(re.search(pattern, line) for line in self.lines[start:])
-
-    def tail(self, count: int = 60) -> str:
-        return "\n".join(self.lines[-count:])
 
 
 @dataclass
@@ -120,13 +59,13 @@ def text_service(*args: str, wait_ready: bool = True, timeout: float = 240, env:
                  ) -> Iterator[TextService]:
     """``models/vllm/server.py --port <free> *args``; ready (or just answering, without ``wait_ready``).
 
-    Stopped afterwards with SIGTERM (its own clean shutdown stops vLLM's processes), then killed
-    with everything it started if it did not stop in 60 s.
+    Stopped afterwards with SIGTERM (its own clean shutdown stops vLLM's processes), then its
+    process group (everything it started) is killed if it did not stop in 60 s.
     """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=REPO, env=env)
+                            stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
     assert proc.stdout is not None
     service = TextService(proc, f"http://127.0.0.1:{port}", ServiceLog(proc.stdout))
     try:
@@ -142,13 +81,9 @@ def text_service(*args: str, wait_ready: bool = True, timeout: float = 240, env:
 
 
 def _stop(service: TextService) -> None:
-    if service.proc.poll() is None:
-        tree = service.tree()
-        service.proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=60)
-        for proc in alive:
-            proc.kill()
-    service.proc.wait()
+    # The whole process group, even when the service itself has already exited (a crash
+    # leaves vLLM's engine core and workers running otherwise).
+    stop_service_group(service.proc, grace=60)
     service.log.close()
 
 
@@ -180,13 +115,14 @@ def parse_event(line: str) -> dict[str, Any] | str:
 
 
 class TextApiCases:
-    """OpenAI API checks for any engine, against the module's ``service`` fixture."""
+    """OpenAI API checks every engine passes alike, against the module's ``service`` fixture.
+
+    What differs between engines (their error envelopes, what they refuse) is tested in each
+    engine's own module, with that engine's expectations spelled out.
+    """
 
     names: ClassVar[list[str]]  # --served-model-name (the first is the one responses carry)
     max_model_len: ClassVar[int]
-    error_type: ClassVar[str]  # `type` in a 400's error envelope
-    # (fields, the `param` the 400 names) for requests the engine must refuse
-    bad_requests: ClassVar[list[tuple[dict[str, Any], str | None]]]
 
     def test_chat(self, service: TextService) -> None:
         reply = chat(service.url, max_tokens=6, temperature=0, ignore_eos=True)
@@ -226,12 +162,7 @@ class TextApiCases:
         events = stream_events(service.url, "/v1/completions", {"prompt": "The quick", "max_tokens": 4, "stream": True})
         assert events[-1] == "[DONE]" and all(isinstance(e, dict) and "text" in e["choices"][0] for e in events[:-1])
 
-    def test_bad_requests_get_400_and_the_service_survives(self, service: TextService) -> None:
-        for fields, param in self.bad_requests:
-            reply = chat(service.url, **fields)
-            assert reply.status_code == 400, (fields, reply.text)
-            error = reply.json()["error"]
-            assert error["param"] == param and error["type"] == self.error_type, (fields, error)
+    def test_an_empty_prompt_gets_400_and_the_service_survives(self, service: TextService) -> None:
         empty = httpx.post(service.url + "/v1/completions", json={"prompt": "", "max_tokens": 2}, timeout=30)
         assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
         assert httpx.get(service.url + "/health", timeout=5).status_code == 200

@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import wait_until
 from tests.provisioning.hub_server import FakeFile, FakeRepo, HubServer
 
 pytest.importorskip("huggingface_hub", reason="download_models.py needs huggingface_hub in this environment")
@@ -138,10 +138,8 @@ def test_killed_run_leaves_no_partial_file_behind(hub: HubServer, cache: Path) -
                           stderr=subprocess.DEVNULL) as proc:
         assert hub.stalled.wait(20), "the download never reached the stall"
         blobs = cache / "models--acme--big" / "blobs"
-        deadline = time.monotonic() + 10
-        while not any(p.stat().st_size >= CHUNK for p in blobs.glob("*.incomplete")):
-            assert time.monotonic() < deadline, "no partial file with the first chunk appeared"
-            time.sleep(0.05)
+        assert wait_until(lambda: any(p.stat().st_size >= CHUNK for p in blobs.glob("*.incomplete")), 10), \
+            "no partial file with the first chunk appeared"
         proc.kill()  # as a pod stop would
     orphans = list(blobs.glob("*.incomplete"))
     assert orphans

@@ -1,4 +1,4 @@
-"""asgi.read_body: limits, the body deadline, disconnects (ASGI level; socket-level tests in
+"""core.asgi.read_body: limits, the body deadline, disconnects (ASGI level; socket-level tests in
 tests/integration/test_proxy_hardening.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from model_orchestrator.asgi import BodyRefused, ClientGone, Message, Receive, read_body
+from core.asgi import BodyRefused, ClientGone, Message, Receive, read_body
 
 
 def messages(parts: Iterable[Message], then_stall: bool = False) -> Receive:
@@ -54,15 +54,22 @@ def test_a_stalled_body_is_408_and_the_task_stays_usable() -> None:
         with pytest.raises(BodyRefused) as info:
             await read_body(messages(body_parts(b"a", b"b")[:1], then_stall=True), 10, 0.2)
         assert (info.value.status, info.value.code) == (408, "body_timeout")
-        await asyncio.sleep(0.01)  # not cancelled again: the deadline's cancel was taken back
+        await asyncio.sleep(0)  # a loop turn, where a cancel left pending by the deadline would land
 
     asyncio.run(scenario())
 
 
 def test_a_cancel_from_elsewhere_is_not_a_408() -> None:
     async def scenario() -> None:
-        task = asyncio.create_task(read_body(messages([], then_stall=True), 10, 5))
-        await asyncio.sleep(0.05)
+        waiting = asyncio.Event()
+
+        async def stalled_receive() -> Message:
+            waiting.set()
+            await asyncio.Event().wait()
+            raise AssertionError("a stalled client sends nothing")
+
+        task = asyncio.create_task(read_body(stalled_receive, 10, 5))
+        await waiting.wait()  # the reader is blocked in receive(), well before its 5 s deadline
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -1,5 +1,5 @@
 """http_server: the header deadline on a real uvicorn (raw sockets, both HTTP implementations),
-server_options, RequestCap (ASGI level)."""
+server_options, RequestCap and AccessGate (ASGI level)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,9 +15,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from core.asgi import Message, Receive, Scope, Send, send_json
 from core.config import Limits
-from model_orchestrator.asgi import Message, Receive, Scope, Send, send_json
-from model_orchestrator.http_server import HeaderDeadline, RequestCap, server_options
+from model_orchestrator import auth
+from model_orchestrator.http_server import AccessGate, HeaderDeadline, RequestCap, server_options
 from tests.integration import raw_http
 from tests.integration.conftest import free_port, wait_until
 
@@ -152,6 +153,15 @@ class Gate:
         await send_json(send, 200, b"{}")
 
 
+async def turns_until(predicate: Callable[[], bool], bound: int = 100) -> None:
+    """Lets the loop run (no clock) until ``predicate`` holds, at most ``bound`` turns."""
+    for _ in range(bound):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"not true after {bound} loop turns")
+
+
 async def call(app: Any, path: str, kind: str = "http") -> list[Message]:
     sent: list[Message] = []
 
@@ -170,7 +180,8 @@ def test_requests_past_the_cap_get_503_and_health_passes() -> None:
         gate = Gate()
         cap = RequestCap(gate, max_requests=2)
         held = [asyncio.create_task(call(cap, f"/v1/held{i}")) for i in range(2)]
-        await asyncio.sleep(0.01)
+        await turns_until(lambda: len(gate.seen) == 2)  # both held inside the app
+        assert cap.active == 2
         refused = await call(cap, "/v1/chat/completions")
         assert refused[0]["status"] == 503
         assert (b"retry-after", b"1") in refused[0]["headers"]
@@ -195,5 +206,53 @@ def test_the_count_drops_when_a_request_fails() -> None:
         with pytest.raises(RuntimeError):
             await call(cap, "/v1/x")
         assert cap.active == 0
+
+    asyncio.run(scenario())
+
+
+# --- AccessGate (the policy itself: tests/unit/test_auth.py) ------------------------------------------
+
+
+async def gated_call(gate: AccessGate, path: str, *headers: tuple[bytes, bytes], kind: str = "http",
+                     method: str = "POST") -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await gate({"type": kind, "path": path, "method": method, "headers": list(headers)}, receive, send)
+    return sent
+
+
+def test_the_access_gate_answers_refusals_itself_and_passes_the_rest() -> None:
+    async def scenario() -> None:
+        app = Gate()
+        app.release.set()
+        gate = AccessGate(app, auth.Keys.of(["client-key"], ["admin-key"]), loopback_bind=True)
+        missing = await gated_call(gate, "/v1/chat/completions")
+        assert missing[0]["status"] == 401 and b'"code": "invalid_api_key"' in missing[1]["body"]
+        client_on_admin = await gated_call(gate, "/status", (b"authorization", b"Bearer client-key"), method="GET")
+        assert client_on_admin[0]["status"] == 403
+        cross_site = await gated_call(gate, "/status", (b"authorization", b"Bearer admin-key"),
+                                      (b"sec-fetch-site", b"cross-site"), method="GET")
+        assert cross_site[0]["status"] == 403
+        assert (await gated_call(gate, "/health", method="GET"))[0]["status"] == 200
+        assert (await gated_call(gate, "/v1/x", (b"authorization", b"Bearer client-key")))[0]["status"] == 200
+        assert await gated_call(gate, "/ws", kind="websocket") == []  # no route takes websockets
+        assert app.seen == ["/health", "/v1/x"]
+
+    asyncio.run(scenario())
+
+
+def test_without_keys_the_access_gate_lets_websockets_through() -> None:
+    """(To the control app, which refuses them itself.)"""
+
+    async def scenario() -> None:
+        app = Gate()
+        await gated_call(AccessGate(app, auth.Keys.of([], []), loopback_bind=True), "/ws", kind="websocket")
+        assert app.seen == ["/ws"]
 
     asyncio.run(scenario())

@@ -103,14 +103,31 @@ def test_the_helper_process_answers_refuses_and_comes_back_after_dying() -> None
     asyncio.run(scenario())
 
 
-def test_a_caller_cancelled_mid_exchange_leaves_the_helper_usable() -> None:
+def test_a_caller_cancelled_mid_exchange_leaves_the_helper_usable(monkeypatch: pytest.MonkeyPatch) -> None:
     big = json.dumps({"model": "m", "x": [1.5] * 1_000_000}).encode()  # parses for a while
 
     async def scenario() -> None:
         worker = JsonWorker()
+        awaiting_answer = asyncio.Event()
+        start = worker._start
+
+        async def start_noting_when_the_answer_is_awaited() -> asyncio.subprocess.Process:
+            # Observation only: the worker reads the answer once the whole request is in the pipe.
+            process = await start()
+            assert process.stdout is not None
+            readline = process.stdout.readline
+
+            async def noted_readline() -> bytes:
+                awaiting_answer.set()
+                return await readline()
+
+            monkeypatch.setattr(process.stdout, "readline", noted_readline)
+            return process
+
+        monkeypatch.setattr(worker, "_start", start_noting_when_the_answer_is_awaited)
         try:
             task = asyncio.create_task(worker.inspect(big, 64, {}))
-            await asyncio.sleep(0.2)
+            await awaiting_answer.wait()  # the helper has the request; its answer is still to come
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

@@ -1,4 +1,4 @@
-"""plan(), memory_victims() and closing_for() over ModelView snapshots (no processes)."""
+"""plan(), can_serve_now(), memory_victims() and closing_for() over ModelView snapshots (no processes)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from core.service_state import ServiceState
+from model_orchestrator.refusals import Reason, Refused, http_error
 from model_orchestrator.scheduler import (
     Join,
     ModelView,
@@ -14,6 +15,7 @@ from model_orchestrator.scheduler import (
     Serve,
     Start,
     Wait,
+    can_serve_now,
     closing_for,
     memory_victims,
     plan,
@@ -67,9 +69,51 @@ def test_ready_at_max_concurrency_waits() -> None:
 
 def test_failed_in_cooldown_is_rejected_with_retry_after() -> None:
     decision = decide("m", snap(v("m", S.FAILED, vram_gb=10, failed_until=NOW + 30)))
-    assert isinstance(decision, Reject)
-    assert (decision.status, decision.code, decision.retry_after) == (503, "model_failed", 30)
+    assert decision == Reject(Reason.COOLING_DOWN, "model 'm' failed repeatedly and is cooling down", retry_after=30)
     assert "'m'" in decision.message
+
+
+# --- can_serve_now: the Serve rule the coordinator's fast path shares with plan() ---------
+
+
+@pytest.mark.parametrize(
+    ("view", "servable"),
+    [
+        (v("m", S.READY, in_flight=0, max_concurrency=1), True),
+        (v("m", S.READY, in_flight=31, max_concurrency=32), True),
+        (v("m", S.READY, in_flight=32, max_concurrency=32), False),
+        (v("m", S.READY, in_flight=500, max_concurrency=None), True),
+        (v("m", S.STARTING, max_concurrency=32), False),
+        (v("m", S.STOPPING, max_concurrency=32), False),
+        (v("m", S.STOPPED, max_concurrency=32), False),
+        (v("m", S.FAILED, max_concurrency=32), False),
+    ],
+    ids=["ready-idle", "one-slot-left", "full", "unbounded", "starting", "stopping", "stopped", "failed"],
+)
+def test_can_serve_now(view: ModelView, servable: bool) -> None:
+    assert can_serve_now(view) is servable
+
+
+GRID = [
+    v("m", state, vram_gb=vram, in_flight=in_flight, max_concurrency=2, failed_until=NOW + 10)
+    for state in S for vram in (10.0, 35.0, None) for in_flight in (0, 1, 2)
+]
+
+
+@pytest.mark.parametrize("target", GRID, ids=lambda view: f"{view.state.value}-{view.vram_gb}-{view.in_flight}")
+def test_with_no_waiters_can_serve_now_is_exactly_plan_serving(target: ModelView) -> None:
+    # Whatever the others hold, plan() serves a request nobody queued behind exactly when
+    # can_serve_now() says so: the coordinator's fast path may skip plan() only because of this.
+    others = [v("busy", S.READY, vram_gb=20, in_flight=1), v("idle", S.READY, vram_gb=10)]
+    for views in (snap(target), snap(target, *others), snap(target, others[0])):
+        assert (decide("m", views) == Serve()) is can_serve_now(target)
+
+
+def test_a_waiter_elsewhere_can_close_a_model_that_can_serve_now() -> None:
+    # Why the fast path needs "nobody waiting anywhere" besides can_serve_now().
+    views = _batch(waited=WINDOW + 1)
+    assert can_serve_now(views["a"])
+    assert isinstance(decide("a", views), Wait)
 
 
 def test_failed_after_cooldown_starts_again() -> None:
@@ -133,7 +177,7 @@ def test_only_pinned_could_free_memory_rejects() -> None:
     assert memory_victims("m", views, 40.0) is None
     decision = decide("m", views)
     assert isinstance(decision, Reject)
-    assert (decision.status, decision.code) == (503, "insufficient_gpu_memory")
+    assert (decision.reason, decision.retry_after) == (Reason.NO_FIT, None)
     assert "'m'" in decision.message
     assert "pin" in decision.message
     assert "budget 40 GB" in decision.message
@@ -143,7 +187,7 @@ def test_only_pinned_could_free_memory_rejects() -> None:
 def test_too_big_for_budget_message_does_not_blame_pinned_models() -> None:
     decision = decide("m", snap(v("m", vram_gb=50), v("x", S.READY, vram_gb=5)))
     assert isinstance(decision, Reject)
-    assert decision.code == "insufficient_gpu_memory"
+    assert decision.reason is Reason.NO_FIT
     assert "pinned" not in decision.message
 
 
@@ -187,7 +231,7 @@ def test_whole_gpu_model_blocked_by_pinned() -> None:
     views = snap(v("m"), v("pin", S.READY, vram_gb=1, pinned=True))
     decision = decide("m", views, budget=None)
     assert isinstance(decision, Reject)
-    assert decision.code == "insufficient_gpu_memory"
+    assert decision.reason is Reason.NO_FIT
     assert "the whole GPU" in decision.message
 
 
@@ -304,3 +348,35 @@ def test_waiters_arriving_after_the_deadline_do_not_hold_off_eviction() -> None:
 def test_model_needing_no_gpu_memory_runs_beside_a_full_gpu() -> None:
     views = snap(v("big", S.READY, vram_gb=40), v("cpu", vram_gb=0))
     assert decide("cpu", views) == Start(())
+
+
+# --- refusals: each reason's status, code and Retry-After, as the client sees them ----------
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [
+        (Reason.QUEUE_FULL, "queue_full"),
+        (Reason.WAIT_TIMEOUT, "wait_timeout"),
+        (Reason.START_FAILED, "model_start_failed"),
+        (Reason.COOLING_DOWN, "model_failed"),
+        (Reason.NO_FIT, "insufficient_gpu_memory"),
+    ],
+)
+def test_every_refusal_is_a_503_with_its_code(reason: Reason, code: str) -> None:
+    error = http_error(Refused(reason, "not now", retry_after=4.4))
+    assert (error.status, error.code, error.message) == (503, code, "not now")
+    assert error.body() == {"error": {"message": "not now", "type": "server_error", "code": code, "param": None}}
+    assert error.headers() == {"retry-after": "4"}
+
+
+def test_a_refusal_without_retry_after_sends_no_header() -> None:
+    error = http_error(Refused(Reason.NO_FIT, "model 'm' needs the whole GPU"))
+    assert error.retry_after is None and error.headers() == {}
+
+
+def test_a_rejection_of_plan_maps_to_the_envelope_clients_always_got() -> None:
+    decision = decide("m", snap(v("m", S.FAILED, vram_gb=10, failed_until=NOW + 30)))
+    assert isinstance(decision, Reject)
+    error = http_error(Refused(decision.reason, decision.message, decision.retry_after))
+    assert (error.status, error.code, error.headers()) == (503, "model_failed", {"retry-after": "30"})

@@ -1,6 +1,8 @@
-"""The hand-written OpenAI chat/completions layer of the transformers engine.
+"""The project's own OpenAI chat/completions layer, shared by every text engine that has none.
 
-(The vLLM engine is served by vLLM's own OpenAI layer instead: models/vllm/vllm_openai.py.)
+The transformers engine (models/vllm/engine_transformers.py) and the echo diagnostic service
+(models/echo/server.py) both sit behind it; the vLLM engine is served by vLLM's own OpenAI layer
+instead (models/vllm/vllm_openai.py). core/text_routes.py mounts the routes.
 
 Requests are validated here (400s with the offending ``param``), turned into engine-neutral
 ``GenerationParams``, and the engine's ``TextChunk`` stream is shaped into OpenAI's
@@ -9,19 +11,19 @@ Requests are validated here (400s with the offending ``param``), turned into eng
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import bad_request, error_body
+from core.sse import DONE, sse_event
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-_USE_VLLM = "the vLLM engine supports it (--engine vllm, with --enable-auto-tool-choice for tools)."
+TokenT = TypeVar("TokenT")
 
 
 class ChatMessage(BaseModel):
@@ -88,14 +90,17 @@ class TextChunk:
     finish_reason: str | None = None
 
 
-class TextEngine(Protocol):
+class TextEngine(Protocol[TokenT]):
+    """What the layer needs from an engine. A token is whatever the engine counts in: a tokenizer's
+    id (transformers) or a word (echo); the layer only counts them and hands them back."""
+
     max_model_len: int
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[TokenT]: ...
 
-    def prompt_ids(self, prompt: str) -> list[int]: ...
+    def prompt_ids(self, prompt: str) -> list[TokenT]: ...
 
-    def generate(self, prompt_ids: list[int], params: GenerationParams, request_id: str
+    def generate(self, prompt_ids: list[TokenT], params: GenerationParams, request_id: str
                  ) -> AsyncIterator[TextChunk]: ...
 
     async def close(self) -> None: ...
@@ -117,15 +122,26 @@ class TokenizerPrompts:
 # --- validation -----------------------------------------------------------------------
 
 
-def check_supported(request: SamplingRequest) -> None:
-    """Refuse what this layer cannot do rather than ignore it: vLLM's layer does these."""
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an engine behind this layer cannot do, so that a request asking for it is refused
+    (400, code ``unsupported``) instead of silently answered without it."""
+
+    engine: str  # as the refusal names it: "the transformers engine"
+    hint: str  # the rest of the refusal: where to get the feature instead
+    ignore_eos: bool = True  # whether it can generate past its end of text
+
+
+def check_supported(request: SamplingRequest, limits: EngineLimits) -> None:
     if request.tools:
-        raise bad_request(f"Tool calls are not supported by the transformers engine; {_USE_VLLM}", "tools",
-                          "unsupported")
+        raise bad_request(f"Tool calls are not supported by {limits.engine}; {limits.hint}", "tools", "unsupported")
     kind = (request.response_format or {}).get("type", "text")
     if kind != "text":
-        raise bad_request(f"response_format {kind!r} is not supported by the transformers engine (only 'text'); "
-                          f"{_USE_VLLM}", "response_format", "unsupported")
+        raise bad_request(f"response_format {kind!r} is not supported by {limits.engine} (only 'text'); "
+                          f"{limits.hint}", "response_format", "unsupported")
+    if request.ignore_eos and not limits.ignore_eos:
+        raise bad_request(f"ignore_eos is not supported by {limits.engine}; {limits.hint}", "ignore_eos",
+                          "unsupported")
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
@@ -168,18 +184,24 @@ def generation_params(request: SamplingRequest, prompt_tokens: int, max_model_le
                             frequency_penalty=request.frequency_penalty, ignore_eos=request.ignore_eos)
 
 
+def stop_cut(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop sequence starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
 # --- responses ---------------------------------------------------------------------------
 
 
 @dataclass
-class _Collected:
+class Collected:
     texts: dict[int, list[str]] = field(default_factory=dict)
     finish: dict[int, str] = field(default_factory=dict)
     tokens: int = 0
 
 
-async def collect(chunks: AsyncIterator[TextChunk], n: int) -> _Collected:
-    result = _Collected(texts={i: [] for i in range(n)})
+async def collect(chunks: AsyncIterator[TextChunk], n: int) -> Collected:
+    result = Collected(texts={i: [] for i in range(n)})
     async for chunk in chunks:
         result.texts[chunk.index].append(chunk.text)
         result.tokens += chunk.tokens
@@ -193,7 +215,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(kind: Literal["chat", "text"], model: str, collected: _Collected, prompt_tokens: int
+def completion_body(kind: Literal["chat", "text"], model: str, collected: Collected, prompt_tokens: int
                     ) -> dict[str, Any]:
     choices = []
     for index, parts in sorted(collected.texts.items()):
@@ -224,25 +246,15 @@ async def sse_stream(kind: Literal["chat", "text"], model: str, chunks: AsyncIte
             choice = ({"index": chunk.index, "delta": delta} if kind == "chat"
                       else {"index": chunk.index, "text": chunk.text})
             choice.update(finish_reason=chunk.finish_reason, logprobs=None)
-            yield _event({"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]})
+            yield sse_event({"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]})
     except Exception as exc:  # the engine broke mid-stream: say so instead of ending silently
-        yield _event(error_body(f"Generation failed: {type(exc).__name__}: {exc}", 500, "generation_failed"))
+        yield sse_event(error_body(f"Generation failed: {type(exc).__name__}: {exc}", 500, "generation_failed"))
         raise
     if include_usage:
-        yield _event({"id": ident, "object": obj, "created": created, "model": model, "choices": [],
-                      "usage": usage(prompt_tokens, completion_tokens)})
-    yield b"data: [DONE]\n\n"
-
-
-def _event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+        yield sse_event({"id": ident, "object": obj, "created": created, "model": model, "choices": [],
+                         "usage": usage(prompt_tokens, completion_tokens)})
+    yield DONE
 
 
 def _new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-
-
-def stop_cut(text: str, stops: Sequence[str]) -> int | None:
-    """Index where the earliest stop sequence starts in ``text``, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None

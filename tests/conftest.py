@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import os
 import shutil
 import subprocess
@@ -122,8 +121,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
 
 def live_descendants() -> list[psutil.Process]:
     """Processes below this one that are still running (a zombie has exited already)."""
+    below = psutil.Process().children(recursive=True)
+    _note_grandchildren(below)
     _reap_orphans()
-    return [p for p in psutil.Process().children(recursive=True) if _running(p)]
+    return [p for p in below if _running(p)]
 
 
 def stop_leftovers(procs: Iterable[psutil.Process]) -> list[str]:
@@ -141,18 +142,30 @@ def stop_leftovers(procs: Iterable[psutil.Process]) -> list[str]:
     return described
 
 
-def _reap_orphans() -> None:
-    """Reap exited children this process adopted as a subreaper.
+# Processes seen below pytest with some other parent. When one of them later shows up as
+# pytest's own child, it was adopted (its parent died first), so no Popen here owns it and
+# pytest, as its subreaper, must collect its exit status. Pytest's own children are never
+# reaped here: a Popen (or asyncio's child watcher) collects those, and reaping under it would
+# lose the exit code. An orphan adopted before it was ever seen stays a zombie: harmless.
+_SEEN_AS_GRANDCHILD: set[tuple[int, float]] = set()
 
-    Never a child that a ``subprocess.Popen`` here still owns: its owner collects that status.
-    """
-    zombies = {p.pid for p in psutil.Process().children() if not _running(p)}
-    if not zombies:
-        return
-    owned = {obj.pid for obj in gc.get_objects() if isinstance(obj, subprocess.Popen) and obj.returncode is None}
-    for pid in zombies - owned:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+
+def _note_grandchildren(below: Iterable[psutil.Process]) -> None:
+    me = os.getpid()
+    for proc in below:
+        with contextlib.suppress(psutil.Error):
+            if proc.ppid() != me:
+                _SEEN_AS_GRANDCHILD.add(_identity(proc))
+
+
+def _reap_orphans() -> None:
+    """Collect the exit status of adopted orphans that have exited (see _SEEN_AS_GRANDCHILD)."""
+    for proc in psutil.Process().children():
+        identity = _identity(proc)
+        if identity in _SEEN_AS_GRANDCHILD and not _running(proc):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, os.WNOHANG)
+            _SEEN_AS_GRANDCHILD.discard(identity)
 
 
 def _started_by_the_test(proc: psutil.Process, before: set[tuple[int, float]]) -> bool:

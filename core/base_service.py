@@ -24,6 +24,8 @@ call makes the process exit non-zero so the orchestrator restarts it. SIGTERM st
 accepting, lets in-flight requests finish within ``--drain-timeout``, then runs
 ``unload()``. Started by an orchestrator, a service takes its service token out of the
 environment at startup and requires it on every route but ``/health`` (core/middleware.py).
+A service that implements ``offload()``/``restore()`` can be parked by the orchestrator: its
+process stays while its GPU memory is given back (core/parking.py).
 """
 
 from __future__ import annotations
@@ -48,7 +50,15 @@ from core.asgi import ASGIApp
 from core.http_errors import install_error_handlers
 from core.log_setup import configure_logging
 from core.memory_share import VRAM_ENV, ShareError, share_from_env
-from core.middleware import CancelOnDisconnect, ConcurrencyCap, ReadinessGate, ServiceTokenAuth, take_service_token
+from core.middleware import (
+    CancelOnDisconnect,
+    ConcurrencyCap,
+    ReadinessGate,
+    RequestCounter,
+    ServiceTokenAuth,
+    take_service_token,
+)
+from core.parking import MemoryUse, ParkLevel, mount_park_routes
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,9 @@ class Health(str, enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+    PARKING = "parking"  # giving its GPU memory back (core/parking.py)
+    PARKED = "parked"
+    RESTORING = "restoring"
 
 
 class BaseService(ABC):
@@ -66,9 +79,6 @@ class BaseService(ABC):
     name: ClassVar[str] = "service"
     default_port: ClassVar[int] = 8000
     default_model: ClassVar[str | None] = None  # --model when none is given (hub id or folder)
-    # Warm swapping (parking a model in host memory instead of stopping it) is a planned
-    # orchestrator feature; services that can do it set this and implement the hooks.
-    supports_offload: ClassVar[bool] = False
     # The packages the service's engine imports in load() (e.g. "diffusers"): ``--check-imports``
     # imports them without loading a model, so provisioning can prove an environment works.
     engine_modules: ClassVar[tuple[str, ...]] = ()
@@ -81,7 +91,9 @@ class BaseService(ABC):
         self.max_concurrency: int | None = None
         self.vram_gb: float | None = None  # share of the GPU (GiB); None: the whole GPU
         self.service_token: str | None = None  # required as "Authorization: Bearer" when set
+        self.parked_level: ParkLevel | None = None
         self._server: uvicorn.Server | None = None
+        self._requests = RequestCounter(None)
         self._load_task: asyncio.Task[None] | None = None
 
     # -- what subclasses implement ------------------------------------------------------
@@ -104,13 +116,40 @@ class BaseService(ABC):
     async def unload(self) -> None:
         """Release the model on shutdown (free GPU memory, close engines)."""
 
-    async def offload(self) -> None:
-        """Move the model out of GPU memory, keeping it ready to ``restore()``."""
-        raise NotImplementedError(f"{self.name} does not support offload")
+    # -- parking (core/parking.py): a service that can park overrides offload and restore ------
+
+    async def offload(self, level: ParkLevel) -> None:
+        """Give the model's GPU memory back, keeping what ``restore()`` needs: at level 1 the
+        weights in host memory, at level 2 nothing (restore reloads them from disk).
+
+        Called with no request in progress; cached GPU blocks are released afterwards.
+        """
+        raise NotImplementedError  # unreachable: park_unsupported() says so first
 
     async def restore(self) -> None:
-        """Bring an offloaded model back to the GPU."""
-        raise NotImplementedError(f"{self.name} does not support restore")
+        """Bring a parked model back, serving exactly as before it was parked."""
+        raise NotImplementedError
+
+    async def after_restore(self) -> None:
+        """Run after ``restore()`` before the service reports ready again (e.g. a one-token warm-up)."""
+
+    def park_unsupported(self, level: ParkLevel | None = None) -> str | None:
+        """Why this service cannot park (at ``level``), or None when it can."""
+        if type(self).offload is BaseService.offload:
+            return f"{self.name} does not implement parking"
+        return None
+
+    def memory_use(self) -> MemoryUse:
+        """GPU memory the model holds now, and host memory kept for a restore (``/state``)."""
+        return MemoryUse()
+
+    def requests_in_progress(self) -> int:
+        """Requests past the readiness gate that have not ended yet."""
+        return self._requests.active
+
+    async def requests_drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for no request to be in progress; whether none is."""
+        return await self._requests.idle(timeout)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -161,6 +200,8 @@ class BaseService(ABC):
             return None
         if self.health is Health.FAILED:
             return f"{self.name} failed: {self.error}"
+        if self.health in (Health.PARKING, Health.PARKED, Health.RESTORING):
+            return f"{self.name} is {self.health.value} (its GPU memory given back); the orchestrator restores it"
         return f"{self.name} is {self.health.value}"
 
     async def _load_and_warm(self) -> None:
@@ -204,13 +245,16 @@ class BaseService(ABC):
             return JSONResponse(body, 200 if self.health is Health.READY else 503)
 
         install_error_handlers(app)
+        mount_park_routes(app, self)
         self.add_routes(app)
         return self._guarded(app)
 
     def _guarded(self, app: ASGIApp) -> ASGIApp:
         """``app`` behind the middlewares, outermost first: service token, readiness,
-        concurrency cap, cancel on disconnect (core/middleware.py)."""
+        request counter, concurrency cap, cancel on disconnect (core/middleware.py)."""
         guarded: ASGIApp = CancelOnDisconnect(app)
+        self._requests = RequestCounter(guarded)
+        guarded = self._requests
         if self.max_concurrency is not None:
             guarded = ConcurrencyCap(guarded, self.max_concurrency)
         guarded = ReadinessGate(guarded, self.not_ready_reason)

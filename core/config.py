@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
+
+from core.config_park import ParkSpec
+from core.strict_model import Strict as _Strict
 
 ModelType = Literal["text", "image", "audio", "embedding", "custom"]
 
@@ -37,10 +40,6 @@ PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}", "{weigh
 
 class ConfigError(ValueError):
     """models.yaml is invalid; the message names the file, the model and the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class WeightsSpec(_Strict):
@@ -120,6 +119,7 @@ class ModelSpec(_Strict):
     weights: WeightsSpec | None = Field(
         None, description="Hub weights the model loads: downloaded by provisioning, passed as {weights}."
     )
+    park: ParkSpec = Field(default_factory=ParkSpec, description="Parking instead of stopping (warm swap).")
 
     _name: str = PrivateAttr("")
 
@@ -177,6 +177,13 @@ class Settings(_Strict):
     gpu_memory_gb: float | Literal["auto"] = Field(
         "auto", description="GPU memory budget for models with vram_gb. 'auto' reads the GPU's total through "
         "NVML; without a GPU or NVML the budget is unlimited."
+    )
+    host_memory_gb: float | Literal["auto"] = Field(
+        "auto", description="Host memory (GiB) parked models may hold (their weights wait there). 'auto': the "
+        "machine's (or container's) memory minus host_memory_reserve_gb; 0: never park, always stop."
+    )
+    host_memory_reserve_gb: float = Field(
+        16, ge=0, description="With host_memory_gb 'auto': host memory kept free for everything else."
     )
     log_dir: str = Field("logs", description="Folder for per-service log files (relative to base_dir).")
     base_dir: str | None = Field(

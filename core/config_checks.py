@@ -21,7 +21,17 @@ def cross_model_problems(config: OrchestratorConfig) -> list[str]:
     problems += _defaults(config)
     problems += _vram_within_budget(config)
     problems += _weights_placeholder(config)
+    problems += _park_ways(config)
     return problems
+
+
+def _park_ways(config: OrchestratorConfig) -> list[str]:
+    """A command model parks only through declared calls: asking it to park on idle without them
+    would silently never happen."""
+    return [f"model {name!r}: key 'park.idle': a command model parks only through park.calls "
+            "(e.g. `calls: vllm`); add them or remove park.idle"
+            for name, spec in config.models.items()
+            if spec.command is not None and spec.park.enabled and spec.park.idle > 0 and spec.park.calls is None]
 
 
 def _weights_placeholder(config: OrchestratorConfig) -> list[str]:

@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from core.config import ModelSpec, OrchestratorConfig, Settings
+from core.config import Limits, ModelSpec, OrchestratorConfig, Settings, WeightsSpec
+from core.config_park import HttpCall, ParkCalls, ParkSpec
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -56,6 +57,21 @@ models:
 """
 
 
+PARK_INTRO = """When another model needs the GPU memory, a model that can park is parked instead of
+stopped if host memory allows (`settings.host_memory_gb`): its process stays, its GPU memory is
+given back, and the next request restores it in seconds. See docs/warm-swap.md. Example for a
+`command` model running `vllm serve`:
+
+```yaml
+  qwen:
+    command: vllm serve Qwen/Qwen2.5-7B-Instruct --port {port} --served-model-name {model} --enable-sleep-mode
+    env: {VLLM_SERVER_DEV_MODE: "1"}
+    park: {calls: vllm, level: 1}
+```
+
+"""
+
+
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     return text.replace("NoneType", "null")
@@ -79,12 +95,19 @@ def table(model: type[BaseModel]) -> str:
     return "\n".join(rows)
 
 
+SECTIONS: list[tuple[str, type[BaseModel], str]] = [
+    ("## Per model (`models.<name>`)", ModelSpec, ""),
+    ("### Weights (`models.<name>.weights`)", WeightsSpec, ""),
+    ("### Parking (`models.<name>.park`)", ParkSpec, PARK_INTRO),
+    ("#### Park calls (`models.<name>.park.calls`)", ParkCalls, ""),
+    ("#### One call (an item of `park` and `restore`)", HttpCall, ""),
+    ("## Global (`settings`)", Settings, ""),
+    ("### Limits (`settings.limits`)", Limits, ""),
+]
+
+
 def render_markdown() -> str:
-    return (
-        INTRO
-        + "\n## Per model (`models.<name>`)\n\n" + table(ModelSpec) + "\n"
-        + "\n## Global (`settings`)\n\n" + table(Settings) + "\n"
-    )
+    return INTRO + "".join(f"\n{title}\n\n{intro}{table(model)}\n" for title, model, intro in SECTIONS)
 
 
 def render_schema() -> str:

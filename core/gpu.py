@@ -62,3 +62,24 @@ async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: 
                         memory[1], timeout, need_gb)
             return
         await asyncio.sleep(interval)
+
+
+def gpu_bytes_by_pid() -> dict[int, int] | None:
+    """GPU memory each process uses now, over every GPU (NVML); None when it cannot be read.
+
+    A process whose usage NVML cannot see (some containers hide other PID namespaces) is absent.
+    """
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    used: dict[int, int] = {}
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.usedGpuMemory is not None:
+                    used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory)
+    except Exception as exc:
+        log.debug("NVML could not list GPU processes: %s", exc)
+        return None
+    return used

@@ -28,10 +28,13 @@ from collections.abc import Callable, MutableMapping
 from core.asgi import ASGIApp, ClientGone, DisconnectWatcher, Message, Receive, Scope, Send, read_body, send_error
 from core.child_env import SERVICE_TOKEN_ENV
 from core.errors import ServiceError
+from core.parking import PARK_PATHS
 
 log = logging.getLogger(__name__)
 
-UNGATED_PATHS = frozenset({"/health", "/docs", "/openapi.json"})  # past readiness, cap and disconnect watch
+# Past readiness, cap and disconnect watch (not past the token). The park routes too: a parked
+# service must answer /restore, and a park must not be cut short by its caller leaving.
+UNGATED_PATHS = frozenset({"/health", "/docs", "/openapi.json", *PARK_PATHS})
 
 
 def take_service_token(environ: MutableMapping[str, str] = os.environ) -> str | None:
@@ -112,6 +115,38 @@ class InFlightCap:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+
+class RequestCounter:
+    """Counts the gated requests in progress (``active``): a park waits for them to end."""
+
+    def __init__(self, app: ASGIApp | None) -> None:
+        self.app = app
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.app is not None
+        if not _gated(scope):
+            await self.app(scope, receive, send)
+            return
+        self.active += 1
+        self._idle.clear()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for no request to be in progress; whether none is."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
 
 class ConcurrencyCap(InFlightCap):

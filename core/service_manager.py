@@ -30,7 +30,9 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import replace
+from typing import Any
 
 import httpx
 
@@ -39,12 +41,14 @@ from core.child_env import new_service_token, service_env
 from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
 from core.health_watch import start_health_watch
 from core.log_capture import ServiceLog
+from core.park_client import ParkClient
 from core.process_tree import out_of_fds, tcp_connects
 from core.reaper import Reaper
 from core.redact import redact_argv
 from core.restart_policy import RestartPolicy, decide_restart
+from core.service_park import run_park, run_restore
 from core.service_process import ServiceProcess
-from core.service_state import ServiceSnapshot, ServiceState, check_transition
+from core.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
 from core.start_errors import StartFailed, start_failure
 
 __all__ = ["ManagedService", "ServiceManager", "StartFailed"]
@@ -87,6 +91,9 @@ class ManagedService:
         self.on_change: Callable[[], None] | None = None  # called after every state change
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._park_task: asyncio.Task[None] | None = None  # a park or a restore under way
+        self.parker = ParkClient(spec, health, service_token)
+        self.park_record = ParkRecord()
         self._health_watch: asyncio.Task[None] | None = None
 
     @property
@@ -130,7 +137,7 @@ class ManagedService:
         return ServiceSnapshot(
             spec=self.spec, state=self.state, pid=self.pid, in_flight=self._in_flight, last_used=self._last_used,
             started_at=self.started_at, restarts=self.restarts, failures=len(self.failures),
-            last_error=self.last_error, command=tuple(redact_argv(self.argv)),
+            last_error=self.last_error, command=tuple(redact_argv(self.argv)), park=self.park_record,
         )
 
     # -- the one place a state changes ----------------------------------------------
@@ -138,6 +145,8 @@ class ManagedService:
     def _transition(self, new: State, reason: str = "") -> None:
         check_transition(self.name, self.state, new)
         old, self.state = self.state, new
+        if not new.has_process and new is not State.STOPPING:  # its process, and so its host copy, is gone
+            self.park_record = replace(self.park_record, level=None, host_bytes=None)
         log.info("%s: %s -> %s%s", self.name, old.value, new.value, f" ({reason})" if reason else "")
         self._watch_health_while_ready()
         if self.on_change is not None:
@@ -258,7 +267,7 @@ class ManagedService:
 
     async def _on_exit(self, process: asyncio.subprocess.Process, returncode: int | None) -> None:
         """The process exited (its output drained): while READY that is a crash."""
-        if self.state is State.READY and process is self.process:
+        if self.state.has_process and process is self.process:
             await self._fail(self._process.with_log_tail(f"crashed: exited with status {returncode}"))
 
     async def _fail(self, reason: str) -> None:
@@ -283,6 +292,43 @@ class ManagedService:
             self.not_before = decision.not_before
             self._transition(State.STOPPED, "failed")
 
+    # -- park and restore (core/service_park.py carries them out) ---------------------------
+
+    def park(self, level: int, reason: str) -> asyncio.Future[None]:
+        """Begin parking a READY service (PARKING at once); a future of its end, which never raises:
+        a park that fails stops the service instead (``park_record`` says why)."""
+        return self._begin_park(State.PARKING, f"level {level}: {reason}", run_park(self, level))
+
+    def restore(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
+        """Begin restoring a PARKED service (RESTORING at once; ``after`` awaited first, as for a
+        start), or join the restore under way. Never raises: a restore that fails stops the
+        service, so the next start is cold."""
+        return self._begin_park(State.RESTORING, "", run_restore(self, list(after)))
+
+    def _begin_park(self, state: State, reason: str, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        if self.state is state and self._park_task is not None:
+            work.close()
+            return joined(self._park_task)
+        self._transition(state, reason)
+        self._park_task = asyncio.create_task(work, name=f"{state.value}:{self.name}")
+        self._park_task.add_done_callback(retrieve_exception)
+        return joined(self._park_task)
+
+    def park_settled(self, new: State, reason: str) -> bool:
+        """Called by the park or restore task: go to ``new`` unless a stop or crash took over."""
+        if self._park_task is not asyncio.current_task() or self.state not in (State.PARKING, State.RESTORING):
+            return False
+        if new is State.READY:
+            self._last_used = time.monotonic()  # idle from now (TTL, LRU)
+            self.upstream_timeouts = 0
+        self._transition(new, reason)
+        return True
+
+    def park_failed(self, reason: str) -> None:
+        """Called by the park or restore task: stop the service, unless a stop or crash took over."""
+        if self._park_task is asyncio.current_task() and self.state in (State.PARKING, State.RESTORING):
+            self.stop(reason)
+
     # -- stop -------------------------------------------------------------------------------
 
     def stop(self, reason: str = "requested", *, failure: str | None = None) -> asyncio.Future[None]:
@@ -302,10 +348,10 @@ class ManagedService:
         return joined(self._stop_task)
 
     async def _run_stop(self, failure: str | None) -> None:
-        start = self._start_task
-        if start is not None and not start.done():
-            start.cancel()
-            await asyncio.wait({start})  # however the start ends, this stop finishes the job
+        for task in (self._start_task, self._park_task):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.wait({task})  # however it ends, this stop finishes the job
         await self._process.kill(self.spec.stop_timeout)
         if self.state is not State.STOPPING:
             return  # a crash noticed meanwhile has settled it

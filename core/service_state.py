@@ -5,7 +5,13 @@
        │                  └──failed too often──▶ FAILED ◀──crashed too often── READY
        └────────────── reset / cooldown over ─────┘
 
-A crash while READY goes to STOPPED (the next request restarts it, after a backoff)
+Parking (warm swap) keeps the process and gives its GPU memory back:
+
+    READY ──park──▶ PARKING ──parked──▶ PARKED ──restore──▶ RESTORING ──restored──▶ READY
+                       └──failed──▶ STOPPING ◀──stop / failed──┘ (and from PARKED: stop, ttl)
+
+A failed park or restore stops the service (its next start is cold). A crash while READY,
+PARKING, PARKED or RESTORING goes to STOPPED (the next request restarts it, after a backoff)
 or to FAILED when the restart policy gives up. Only ``ManagedService._transition``
 changes a state, and it refuses any edge not listed here. ``ServiceSnapshot`` is what the
 rest of the orchestrator may read of a service at one instant.
@@ -27,11 +33,25 @@ class ServiceState(str, enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+    PARKING = "parking"
+    PARKED = "parked"
+    RESTORING = "restoring"
 
     @property
     def holds_memory(self) -> bool:
         """Whether a service in this state may hold GPU memory (process spawned or about to be)."""
-        return self in (ServiceState.STARTING, ServiceState.READY, ServiceState.STOPPING)
+        return self in _HOLDS_GPU
+
+    @property
+    def has_process(self) -> bool:
+        """Whether a service in this state has a live process that may crash."""
+        return self in _HAS_PROCESS
+
+
+_HOLDS_GPU = frozenset({ServiceState.STARTING, ServiceState.READY, ServiceState.STOPPING, ServiceState.PARKING,
+                        ServiceState.RESTORING})
+_HAS_PROCESS = frozenset({ServiceState.READY, ServiceState.PARKING, ServiceState.PARKED, ServiceState.RESTORING})
+_GONE = frozenset({ServiceState.STOPPING, ServiceState.STOPPED, ServiceState.FAILED})  # stop, crash, give up
 
 
 ALLOWED_TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {
@@ -39,7 +59,11 @@ ALLOWED_TRANSITIONS: dict[ServiceState, frozenset[ServiceState]] = {
     ServiceState.STARTING: frozenset(
         {ServiceState.READY, ServiceState.STOPPING, ServiceState.STOPPED, ServiceState.FAILED}
     ),
-    ServiceState.READY: frozenset({ServiceState.STOPPING, ServiceState.STOPPED, ServiceState.FAILED}),
+    ServiceState.READY: frozenset({ServiceState.STOPPING, ServiceState.STOPPED, ServiceState.FAILED,
+                                   ServiceState.PARKING}),
+    ServiceState.PARKING: _GONE | {ServiceState.PARKED},
+    ServiceState.PARKED: _GONE | {ServiceState.RESTORING},
+    ServiceState.RESTORING: _GONE | {ServiceState.READY},
     ServiceState.STOPPING: frozenset({ServiceState.STOPPED, ServiceState.FAILED}),
     ServiceState.FAILED: frozenset({ServiceState.STOPPED, ServiceState.STARTING}),
 }
@@ -69,7 +93,22 @@ class ServiceSnapshot:
     failures: int  # failures on record for the restart policy
     last_error: str | None
     command: tuple[str, ...]  # the command line, secrets masked
+    park: ParkRecord  # parks and restores so far, what the last one held and took
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+@dataclass(frozen=True)
+class ParkRecord:
+    """What parking has done for one service (``/status``); replaced, never mutated."""
+
+    parks: int = 0
+    restores: int = 0
+    failures: int = 0  # parks or restores that failed and fell back to a stop
+    level: int | None = None  # while PARKED
+    host_bytes: int | None = None  # host memory the service reported holding after its last park
+    seconds: float | None = None  # how long the last park or restore took
+    last_error: str | None = None
+    unsupported: str | None = None  # why this service cannot park (it answered 501): it is stopped instead

@@ -16,10 +16,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from core.config import ModelSpec
 from core.errors import ServiceError
+from core.gpu import gpu_bytes_by_pid
 from core.http_errors import install_error_handlers
 from core.log_capture import ServiceLog, TooManyFollowers
-from core.service_state import ServiceSnapshot
+from core.memory_share import GIB
+from core.service_park import gpu_bytes_of_tree
+from core.service_state import ParkRecord, ServiceSnapshot
 from model_orchestrator.coordinator import ModelStatus
 from model_orchestrator.refusals import Refused, http_error
 
@@ -54,7 +58,9 @@ def build_control_app(runtime: Runtime) -> FastAPI:
     @app.get("/status")
     async def status() -> dict[str, Any]:
         models = coordinator.status()
-        return {"gpu_budget_gb": coordinator.budget_gb, "models": {n: _status_entry(m) for n, m in models.items()}}
+        gpu_used = await asyncio.to_thread(gpu_bytes_by_pid)  # NVML: blocking calls
+        return {"gpu_budget_gb": coordinator.budget_gb, "host_budget_gb": coordinator.host_budget_gb,
+                "models": {n: _status_entry(m, gpu_used) for n, m in models.items()}}
 
     @app.get("/logs/{model:path}", response_model=None)
     async def logs(
@@ -84,6 +90,12 @@ def build_control_app(runtime: Runtime) -> FastAPI:
         await coordinator.unload(name)
         return _action_result(coordinator.snapshot(name))
 
+    @app.post("/admin/models/{model:path}/park")
+    async def park(model: str) -> dict[str, Any]:
+        name = _name(runtime, model)
+        await coordinator.park(name)  # a park that fails stops the model: the state says which
+        return _action_result(coordinator.snapshot(name))
+
     @app.post("/admin/models/{model:path}/reset")
     async def reset(model: str) -> dict[str, Any]:
         name = _name(runtime, model)
@@ -110,16 +122,33 @@ def _model_entry(snapshot: ServiceSnapshot, created: int) -> dict[str, Any]:
     }
 
 
-def _status_entry(model: ModelStatus) -> dict[str, Any]:
+def _status_entry(model: ModelStatus, gpu_used: dict[int, int] | None) -> dict[str, Any]:
     svc, spec = model.service, model.service.spec
     idle_for = time.monotonic() - svc.last_used if svc.last_used else None
     return {
         "state": svc.state.value, "pid": svc.pid, "port": spec.port, "vram_gb": spec.vram_gb,
+        "vram_used_gb": _measured_gb(svc.pid, gpu_used), "park": _park_entry(svc.park, spec),
         "in_flight": svc.in_flight, "waiting": model.waiting,
         "idle_seconds": None if idle_for is None else round(idle_for, 1), "started_at": svc.started_at,
         "restarts": svc.restarts, "failures": svc.failures, "last_error": svc.last_error,
         "pinned": spec.pinned, "ttl": spec.ttl, "command": list(svc.command),
     }
+
+
+def _measured_gb(pid: int | None, gpu_used: dict[int, int] | None) -> float | None:
+    """GPU memory the service's process tree uses now, per NVML; None without NVML or a process."""
+    if pid is None or gpu_used is None:
+        return None
+    used = gpu_bytes_of_tree(pid, gpu_used)
+    return None if used is None else round(used / GIB, 3)
+
+
+def _park_entry(record: ParkRecord, spec: ModelSpec) -> dict[str, Any]:
+    return {"enabled": spec.park.enabled and record.unsupported is None, "level": record.level,
+            "host_gb": None if record.host_bytes is None else round(record.host_bytes / GIB, 3),
+            "parks": record.parks, "restores": record.restores, "failures": record.failures,
+            "last_seconds": None if record.seconds is None else round(record.seconds, 3),
+            "last_error": record.last_error, "unsupported": record.unsupported}
 
 
 async def _follow(service_log: ServiceLog, queue: asyncio.Queue[str], history: str) -> AsyncIterator[str]:

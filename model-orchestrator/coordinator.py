@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from core.config import Settings
-from core.memory_share import WHOLE_GPU_UTILIZATION
+from core.config import ModelSpec, Settings
+from core.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.service_state import ServiceSnapshot, ServiceState
 from model_orchestrator.refusals import Reason, Refused
@@ -31,10 +32,12 @@ from model_orchestrator.scheduler import (
     Join,
     ModelView,
     Reject,
+    Restore,
     Serve,
     Start,
     Wait,
     can_serve_now,
+    idle_action,
     plan,
 )
 
@@ -60,10 +63,12 @@ class Coordinator:
         settings: Settings,
         budget_gb: float | None,
         memory_released: Callable[[float], Awaitable[None]] | None = None,
+        host_budget_gb: float | None = 0.0,
     ) -> None:
         self.manager = manager
         self.settings = settings
         self.budget_gb = budget_gb
+        self.host_budget_gb = host_budget_gb  # what parked models may hold (None: unlimited; 0: never park)
         self._memory_released = memory_released
         self._waiters: dict[str, list[float]] = defaultdict(list)
         self._waiting_total = 0
@@ -90,10 +95,17 @@ class Coordinator:
 
     def view(self, svc: ManagedService) -> ModelView:
         waiters = self._waiters.get(svc.name)
+        record, spec = svc.park_record, svc.spec
+        would_hold = _park_host_gb(spec, record.host_bytes)
+        holds = record.host_bytes / GIB if record.host_bytes is not None else 0.0
+        if svc.state in (ServiceState.PARKING, ServiceState.PARKED) and record.host_bytes is None:
+            holds = math.inf if would_hold is None else would_hold  # it did not say: assume the estimate
         return ModelView(
-            name=svc.name, state=svc.state, vram_gb=svc.spec.vram_gb, pinned=svc.spec.pinned,
-            in_flight=svc.in_flight, last_used=svc.last_used, max_concurrency=svc.spec.max_concurrency,
+            name=svc.name, state=svc.state, vram_gb=spec.vram_gb, pinned=spec.pinned,
+            in_flight=svc.in_flight, last_used=svc.last_used, max_concurrency=spec.max_concurrency,
             oldest_waiter=min(waiters) if waiters else None, failed_until=svc.failed_until,
+            parkable=svc.parker.parkable and record.unsupported is None, host_gb=holds, park_host_gb=would_hold,
+            ttl=spec.ttl, park_idle=spec.park.idle,
         )
 
     def views(self) -> dict[str, ModelView]:
@@ -155,28 +167,39 @@ class Coordinator:
                 raise self._timed_out(svc) from None
 
     def decide(self, name: str, arrival: float | None = None) -> Decision:
-        return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window, arrival)
+        return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window, arrival,
+                    self.host_budget_gb)
 
     async def _act(self, svc: ManagedService, decision: Decision, deadline: float) -> None:
-        if isinstance(decision, Start):
-            self._begin_swap(svc, decision.evict)
+        if isinstance(decision, (Start, Restore)):
+            self._begin_swap(svc, decision)
         elif isinstance(decision, Join):
             await self._join_start(svc, deadline)
         elif isinstance(decision, Wait):
             log.debug("%s: waiting: %s", svc.name, decision.reason)
             await self._wait_for_change(deadline)
 
-    def _begin_swap(self, svc: ManagedService, evict: tuple[str, ...]) -> None:
-        """Stop the victims and start ``svc`` once they are gone. Synchronous: no await."""
-        stops: list[Awaitable[object]] = [self.manager[v].stop(f"evicted for {svc.name}") for v in evict]
+    def _begin_swap(self, svc: ManagedService, decision: Start | Restore) -> None:
+        """Park or stop the victims, and start or restore ``svc`` once they are out. Synchronous: no await."""
+        evict, park = decision.evict, decision.park
+        stops: list[Awaitable[object]] = [
+            self.manager[v].park(self.manager[v].spec.park.level, f"to make room for {svc.name}") if v in park
+            else self.manager[v].stop(f"evicted for {svc.name}") for v in evict
+        ]
         need = self._gpu_need(svc)
         if need is not None and self._memory_released is not None:
             # Before every start, not only after an eviction: a model stopped a moment ago (TTL,
             # an operator's unload, a crash) may still be handing its memory back to the driver.
             stops = [self._after(stops, self._memory_released(need))]
         if evict:
-            log.info("swap: stopping %s to load %s", ", ".join(evict), svc.name)
-        svc.start(after=stops)
+            stopped = [v for v in evict if v not in park]
+            log.info("swap:%s%s to %s %s", f" parking {', '.join(park)}" if park else "",
+                     f" stopping {', '.join(stopped)}" if stopped else "",
+                     "restore" if isinstance(decision, Restore) else "load", svc.name)
+        if isinstance(decision, Restore):
+            svc.restore(after=stops)
+        else:
+            svc.start(after=stops)
 
     def _gpu_need(self, svc: ManagedService) -> float | None:
         """GiB that must be free on the GPU before ``svc`` starts (None: it uses no GPU, or no budget)."""
@@ -191,7 +214,8 @@ class Coordinator:
         await then
 
     async def _join_start(self, svc: ManagedService, deadline: float) -> None:
-        start = svc.start()  # joins the start under way
+        # Joins the start or restore under way (a failed restore stops the service: then re-plan).
+        start = svc.restore() if svc.state is ServiceState.RESTORING else svc.start()
         await asyncio.wait({start}, timeout=max(0.0, deadline - time.monotonic()))
         if not start.done():
             raise asyncio.TimeoutError
@@ -223,6 +247,22 @@ class Coordinator:
         async with self.lease(name):
             return svc
 
+    async def park(self, name: str) -> ManagedService:
+        """Park ``name`` now (an operator's action): it must be ready, idle and able to park."""
+        svc = self.manager[name]
+        if svc.state is ServiceState.PARKED:
+            return svc
+        view = self.view(svc)
+        if not view.parkable or not view.idle or view.oldest_waiter is not None:
+            why = svc.park_record.unsupported or ("it cannot park" if not view.parkable else
+                                                  f"it is {svc.state.value}" if svc.state is not ServiceState.READY
+                                                  else "requests are using or awaiting it")
+            raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {why}.")
+        await svc.park(svc.spec.park.level, "parked by operator")
+        if svc.state is ServiceState.STOPPING:  # the park failed: the stop it fell back to is the outcome
+            await svc.stop()
+        return svc
+
     async def unload(self, name: str, reason: str = "unloaded by operator") -> None:
         await self.manager[name].stop(reason)
 
@@ -248,17 +288,33 @@ class Coordinator:
                 await self._ttl_task
 
     async def _ttl_loop(self) -> None:
+        """Parks (``park.idle``) and stops (``ttl``) idle models when their timers run out."""
         while True:
             now = time.monotonic()
-            next_expiry = now + 3600.0
-            for svc in self.manager.services.values():
-                if svc.spec.ttl <= 0 or svc.state is not ServiceState.READY or svc.in_flight or self.waiting(svc.name):
-                    continue
-                expiry = svc.last_used + svc.spec.ttl
-                if expiry <= now:
+            next_check = now + 3600.0
+            views = self.views()
+            for name, svc in self.manager.services.items():
+                action, at = idle_action(name, views, now, self.host_budget_gb)
+                if action == "park":
+                    svc.park(svc.spec.park.level, f"idle for {svc.spec.park.idle:g}s (park.idle)")
+                elif action == "stop":
                     svc.stop(f"idle for {svc.spec.ttl:g}s (ttl)")
-                else:
-                    next_expiry = min(next_expiry, expiry)
+                if action is not None:
+                    views = self.views()  # what it holds changed: the next model decides on that
+                elif at is not None:
+                    next_check = min(next_check, at)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), next_expiry - now)
+                await asyncio.wait_for(self._changed.wait(), max(0.0, next_check - now))
 
+
+def _park_host_gb(spec: ModelSpec, measured_bytes: int | None) -> float | None:
+    """Host memory parking ``spec`` would hold: none at level 2; else what it reported last time,
+    the declared park.host_gb, the weights' size or its vram_gb; None when nothing says."""
+    if spec.park.level == 2:
+        return 0.0
+    if measured_bytes is not None:
+        return measured_bytes / GIB
+    for value in (spec.park.host_gb, spec.weights.size_gb if spec.weights else None, spec.vram_gb):
+        if value is not None:
+            return value
+    return None

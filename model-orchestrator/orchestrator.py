@@ -42,6 +42,7 @@ import uvicorn
 from core.asgi import Receive, Scope, Send
 from core.config import ConfigError, OrchestratorConfig, load_config
 from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
+from core.host_memory import resolve_host_budget
 from core.log_setup import configure_logging
 from core.process_tree import port_holder
 from core.service_manager import ServiceManager
@@ -67,7 +68,9 @@ class Runtime:
         self.manager = ServiceManager(config, use_reaper=use_reaper)
         budget = resolve_budget(config.settings.gpu_memory_gb)
         released = wait_for_free_memory if gpu_memory_gb() is not None else None
-        self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released)
+        host_budget = resolve_host_budget(config.settings.host_memory_gb, config.settings.host_memory_reserve_gb)
+        self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released,
+                                       host_budget_gb=host_budget)
         self.proxy = Proxy(self.coordinator, self.index, limits=config.settings.limits)
         self._preload: asyncio.Task[None] | None = None
 
@@ -76,9 +79,10 @@ class Runtime:
         await self.proxy.open()
         self.coordinator.start_ttl_watch()
         self._preload = asyncio.create_task(self.coordinator.preload(), name="preload")
-        budget = self.coordinator.budget_gb
-        log.info("serving %d models (%s); GPU budget %s", len(self.config.models), ", ".join(self.config.models),
-                 "unlimited" if budget is None else f"{budget:g} GB")
+        budget, host = self.coordinator.budget_gb, self.coordinator.host_budget_gb
+        log.info("serving %d models (%s); GPU budget %s; parked models may hold %s of host memory",
+                 len(self.config.models), ", ".join(self.config.models),
+                 "unlimited" if budget is None else f"{budget:g} GB", "unlimited" if host is None else f"{host:.3g} GB")
 
     async def stop(self) -> None:
         if self._preload is not None:

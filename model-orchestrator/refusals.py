@@ -20,15 +20,18 @@ class Reason(enum.Enum):
     START_FAILED = "model_start_failed"  # the start this request waited for failed
     COOLING_DOWN = "model_failed"  # failed repeatedly; refused until failed_until
     NO_FIT = "insufficient_gpu_memory"  # can never fit the GPU budget (pinned models, too large)
+    NOT_PARKABLE = "cannot_park"  # an operator's park of a model that cannot park, or is not idle and ready
 
 
-# The one table: every reason is "try again later" (503); Retry-After says when.
+# The one table: a request's reasons are "try again later" (503; Retry-After says when); an
+# operator's action that does not apply to the model's state is a conflict (409).
 _STATUS: dict[Reason, int] = {
     Reason.QUEUE_FULL: 503,
     Reason.WAIT_TIMEOUT: 503,
     Reason.START_FAILED: 503,
     Reason.COOLING_DOWN: 503,
     Reason.NO_FIT: 503,
+    Reason.NOT_PARKABLE: 409,
 }
 
 

@@ -8,11 +8,13 @@ is this path, else the only model of the endpoint's type.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from core.config import Limits, ModelSpec, ModelType, OrchestratorConfig
 from core.errors import ServiceError
+from core.park_client import private_paths
 from model_orchestrator.json_worker import BodyProblem, parse_object, requested_model, with_model
 
 # The OpenAI routes the orchestrator dispatches by model, and the model type each serves.
@@ -123,8 +125,19 @@ def upstream_body(body: bytes, requested: str | None, data: dict[str, Any], spec
 
 
 def split_upstream_path(path: str, index: ModelIndex) -> tuple[ModelSpec, str]:
-    """``/upstream/<model>/<rest>`` → (spec, "/<rest>"). Model names may contain '/'."""
-    parts = path.removeprefix("/upstream/").split("/")
+    """``/upstream/<model>/<rest>`` → (spec, "/<rest>"). Model names may contain '/'.
+
+    403 for the model's park machinery (its /offload, vLLM's development routes): only the
+    orchestrator itself calls those, never a client, not even an admin.
+    """
+    spec, rest = _split(path.removeprefix("/upstream/").split("/"), index)
+    if posixpath.normpath("/" + rest.lstrip("/")) in private_paths(spec):  # "/./sleep/" is "/sleep" too
+        raise ServiceError(403, f"{rest} of model {spec.name!r} is the orchestrator's own (parking); "
+                           "it is not reachable through /upstream", "private_route")
+    return spec, rest
+
+
+def _split(parts: list[str], index: ModelIndex) -> tuple[ModelSpec, str]:
     for cut in range(len(parts), 0, -1):  # longest name first: "Qwen/Qwen2.5-7B" before "Qwen"
         spec = index.by_name.get("/".join(parts[:cut]))
         if spec is not None:

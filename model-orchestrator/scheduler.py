@@ -16,6 +16,11 @@ carries the decision out, then asks again whenever anything changes. Rules:
   is idle and has no request of its current batch still waiting → start now; else
   wait for them to drain.
 * M failed and cooling down → refuse with Retry-After.
+* M parked (process kept, GPU memory given back) → restore it, evicting as for a start:
+  restoring takes seconds where a start takes minutes. M parking → wait; M restoring → join.
+* Each victim is parked instead of stopped when it can park and host memory allows
+  (``park_or_stop``): what it would hold fits the host budget, if need be after stopping parked
+  models used less recently than it. Parked models hold host memory, not GPU memory.
 
 Refusals carry a ``Reason`` (model_orchestrator/refusals.py), never an HTTP status: the
 edge that answers the client maps it.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from core.service_state import ServiceState
 from model_orchestrator.refusals import Reason
@@ -34,6 +39,7 @@ from model_orchestrator.refusals import Reason
 READY, STARTING, STOPPING, FAILED = (
     ServiceState.READY, ServiceState.STARTING, ServiceState.STOPPING, ServiceState.FAILED,
 )
+PARKING, PARKED, RESTORING = ServiceState.PARKING, ServiceState.PARKED, ServiceState.RESTORING
 
 
 class Servable(Protocol):
@@ -60,6 +66,11 @@ class ModelView:
     max_concurrency: int | None = None
     oldest_waiter: float | None = None  # arrival time of the oldest request waiting for it
     failed_until: float = 0.0
+    parkable: bool = False  # it can park (and has not said it cannot)
+    host_gb: float = 0.0  # host memory it holds now (parked, or the host copy a park left behind)
+    park_host_gb: float | None = None  # host memory it would hold parked; None: unknown
+    ttl: float = 0.0  # stop after this many idle seconds (0: never)
+    park_idle: float = 0.0  # park after this many idle seconds (0: only to make room)
 
     @property
     def idle(self) -> bool:
@@ -78,7 +89,14 @@ class Join:
 
 @dataclass(frozen=True)
 class Start:
+    evict: tuple[str, ...] = ()  # stopped, or parked when named in ``park`` too
+    park: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Restore:
     evict: tuple[str, ...] = ()
+    park: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,7 +111,7 @@ class Reject:
     retry_after: float | None = None
 
 
-Decision = Serve | Join | Start | Wait | Reject
+Decision = Serve | Join | Start | Restore | Wait | Reject
 
 
 def can_serve_now(view: Servable) -> bool:
@@ -113,8 +131,12 @@ def plan(
     now: float,
     batch_window: float,
     arrival: float | None = None,
+    host_budget_gb: float | None = 0.0,
 ) -> Decision:
-    """The next step towards serving one request for ``target`` that arrived at ``arrival``."""
+    """The next step towards serving one request for ``target`` that arrived at ``arrival``.
+
+    ``host_budget_gb``: host memory parked models may hold (None: unlimited; 0: never park).
+    """
     view = views[target]
     if view.state is FAILED and now < view.failed_until:
         return Reject(Reason.COOLING_DOWN, f"model {target!r} failed repeatedly and is cooling down",
@@ -124,15 +146,16 @@ def plan(
             return Wait(f"{target} is at max_concurrency ({view.max_concurrency})")
         closer = closing_for(target, views, budget_gb, now if arrival is None else arrival, batch_window)
         return Wait(f"{target} is draining so {closer} can load") if closer else Serve()
-    if view.state is STARTING:
+    if view.state in (STARTING, RESTORING):
         return Join()
-    if view.state is STOPPING:
-        return Wait(f"{target} is stopping")
-    return _plan_start(target, views, budget_gb, (view.oldest_waiter or now) + batch_window)
+    if view.state in (STOPPING, PARKING):
+        return Wait(f"{target} is {view.state.value}")
+    return _plan_start(target, views, budget_gb, (view.oldest_waiter or now) + batch_window, host_budget_gb)
 
 
 def _plan_start(
-    target: str, views: Mapping[str, ModelView], budget_gb: float | None, batch_deadline: float
+    target: str, views: Mapping[str, ModelView], budget_gb: float | None, batch_deadline: float,
+    host_budget_gb: float | None,
 ) -> Decision:
     victims = memory_victims(target, views, budget_gb)
     if victims is None:
@@ -140,7 +163,59 @@ def _plan_start(
     blockers = [name for name in victims if not _evictable(views[name], batch_deadline)]
     if blockers:
         return Wait(f"waiting for {', '.join(blockers)} to finish before {target} can load")
-    return Start(tuple(victims))
+    park, host_stops = park_or_stop(victims, views, host_budget_gb, keep=target)
+    evict = (*victims, *host_stops)
+    return Restore(evict, park) if views[target].state is PARKED else Start(evict, park)
+
+
+def park_or_stop(
+    victims: list[str], views: Mapping[str, ModelView], host_budget_gb: float | None, keep: str | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(victims to park instead of stopping, parked models to stop to make host room for them).
+
+    In eviction order, a parkable victim is parked if what parking adds fits the host budget,
+    after stopping (least recently used first) parked models used less recently than it; else
+    it is stopped. A park whose size is unknown fits only where no other model holds host memory.
+    ``keep`` (the model being restored or started) is never stopped for room.
+    """
+    parked = sorted((v for v in views.values() if v.state is PARKED and not v.pinned and v.name != keep),
+                    key=lambda v: v.last_used)
+    used = sum(v.host_gb for v in views.values())
+    park: list[str] = []
+    stops: list[str] = []
+    for name in victims:
+        view = views[name]
+        if not view.parkable or host_budget_gb == 0:
+            continue
+        room = [p for p in parked if p.name not in stops and p.last_used < view.last_used]
+        freed = _host_room(view, used, room, host_budget_gb)
+        if freed is not None:
+            park.append(name)
+            stops += freed
+            used += _park_adds(view) - sum(views[p].host_gb for p in freed)
+    return tuple(park), tuple(stops)
+
+
+def _park_adds(view: ModelView) -> float:
+    """Host memory parking ``view`` adds to what it holds already (a kept host copy costs nothing)."""
+    return max(0.0, (view.park_host_gb if view.park_host_gb is not None else math.inf) - view.host_gb)
+
+
+def _host_room(view: ModelView, used: float, room: list[ModelView], budget: float | None) -> list[str] | None:
+    """The parked models (from ``room``, in order) to stop so parking ``view`` fits; None: it cannot."""
+    if budget is None:
+        return []
+    adds = _park_adds(view)
+    if adds == math.inf:  # unknown size: only alone
+        return [p.name for p in room] if used - sum(p.host_gb for p in room) == 0 else None
+    chosen: list[str] = []
+    for candidate in [None, *room]:
+        if candidate is not None:
+            chosen.append(candidate.name)
+            used -= candidate.host_gb
+        if used + adds <= budget:
+            return chosen
+    return None
 
 
 def memory_victims(
@@ -169,8 +244,8 @@ def _evictable(view: ModelView, batch_deadline: float) -> bool:
 
 
 def _evict_order(view: ModelView) -> tuple[int, float]:
-    """Already stopping first (free soon), then idle, then busy; least recently used first."""
-    rank = 0 if view.state is STOPPING else 1 if view.idle else 2
+    """Already stopping or parking first (free soon), then idle, then busy; least recently used first."""
+    rank = 0 if view.state in (STOPPING, PARKING) else 1 if view.idle else 2
     return rank, view.last_used
 
 
@@ -188,7 +263,7 @@ def closing_for(
     ``batch_window`` already when this one arrived.
     """
     for other in views.values():
-        if other.name == target or other.oldest_waiter is None or other.state in (READY, STARTING):
+        if other.name == target or other.oldest_waiter is None or other.state in (READY, STARTING, RESTORING):
             continue
         if arrival - other.oldest_waiter < batch_window:
             continue
@@ -206,3 +281,24 @@ def _no_fit_message(target: str, views: Mapping[str, ModelView], budget_gb: floa
     if not pinned:
         return f"model {target!r} needs {wants}, more than the whole budget{budget}"
     return f"model {target!r} needs {wants}{budget}, but pinned models hold it: {', '.join(pinned)}"
+
+
+IdleAction = Literal["park", "stop"]
+
+
+def idle_action(
+    name: str, views: Mapping[str, ModelView], now: float, host_budget_gb: float | None
+) -> tuple[IdleAction | None, float | None]:
+    """What ``name``'s idle timers call for now (``park.idle`` parks, ``ttl`` stops, a parked
+    model too), and when they next might (None: never); nothing while a request uses or awaits it."""
+    view = views[name]
+    if view.in_flight or view.oldest_waiter is not None or view.state not in (READY, PARKED):
+        return None, None
+    park_at = view.last_used + view.park_idle if view.park_idle > 0 and view.state is READY else math.inf
+    stop_at = view.last_used + view.ttl if view.ttl > 0 else math.inf
+    if park_at <= now and park_at < stop_at and park_or_stop([name], views, host_budget_gb)[0] == (name,):
+        return "park", None
+    if stop_at <= now:
+        return "stop", None
+    upcoming = min(t for t in (park_at, stop_at, math.inf) if t > now)
+    return None, None if upcoming == math.inf else upcoming

@@ -6,6 +6,10 @@ layer (core/openai_text.py, core/text_routes.py), the one the transformers engin
 with whitespace-separated words as "tokens": its answers are the production layer's.
 
     python models/echo/server.py --port 8001 [--token-delay 0.05] [--served-name echo]
+        [--load-seconds S --park-seconds S --restore-seconds S]
+
+It parks and restores too (holding nothing, taking the time it is told), so warm swaps can be
+checked end to end without a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fastapi import FastAPI
 
 from core.base_service import BaseService
 from core.openai_text import EngineLimits, GenerationParams, TextChunk, stop_cut
+from core.parking import ParkLevel
 from core.text_routes import mount_text_routes
 
 # Echo's "chat template": a token opening each message. It holds whitespace, so no word of a
@@ -92,6 +97,11 @@ class EchoService(BaseService):
                             help="answer 404 to a `model` other than --served-name, as vLLM's server does")
         parser.add_argument("--max-model-len", type=int, default=1 << 20,
                             help="context length in words (prompt plus answer)")
+        parser.add_argument("--load-seconds", type=float, default=0.0,
+                            help="seconds loading takes (models a real engine's, for checking swaps)")
+        parser.add_argument("--park-seconds", type=float, default=0.0,
+                            help="seconds a park takes (models a real engine's, for checking warm swaps)")
+        parser.add_argument("--restore-seconds", type=float, default=0.0, help="seconds a restore takes")
 
     @property
     def served_name(self) -> str:
@@ -101,6 +111,16 @@ class EchoService(BaseService):
         return EchoEngine(self.options.token_delay, self.options.max_model_len)
 
     async def load(self) -> None:
+        await asyncio.sleep(self.options.load_seconds)
+        self.engine = self.create_engine()
+
+    async def offload(self, level: ParkLevel) -> None:
+        """Echo holds no weights: parking only takes the time it is told to (--park-seconds)."""
+        self.engine = None
+        await asyncio.sleep(self.options.park_seconds)
+
+    async def restore(self) -> None:
+        await asyncio.sleep(self.options.restore_seconds)
         self.engine = self.create_engine()
 
     def add_routes(self, app: FastAPI) -> None:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
+from core.host_copy import HostCopy, ParksWithHostCopy
 from core.memory_share import cap_torch_memory, release_cached_memory
 from core.worker import JobContext, Worker
 
@@ -115,7 +116,7 @@ def encode_vector(vector: NDArray[np.float32], encoding_format: str) -> list[flo
     return [float(x) for x in vector.tolist()]
 
 
-class EmbeddingsService(BaseService):
+class EmbeddingsService(ParksWithHostCopy, BaseService):
     name = "embeddings"
     engine_modules = ("torch", "sentence_transformers")
     default_port = 8004
@@ -126,6 +127,7 @@ class EmbeddingsService(BaseService):
         # After each job only a young-generation collection: a full one costs ~0.3 s in this
         # process, 15 short requests' worth. Without CUDA in use that returns at once.
         self.worker = Worker(self.name, after_job=lambda: release_cached_memory(full_collection=False))
+        self.weights: HostCopy | None = None  # what parking moves (core/parking.py)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -148,13 +150,21 @@ class EmbeddingsService(BaseService):
                  self.model.device, time.monotonic() - started)
 
     def load_model(self, ctx: JobContext) -> SentenceTransformer:
-        from sentence_transformers import SentenceTransformer
+        """The model on its device, and ``self.weights`` to park it with."""
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # no "Loading weights" bars in the service log
 
         device = resolve_device(self.options.device)
         cap_torch_memory(self.vram_gb, device)  # before any weights reach the GPU
+        model = self.sentence_transformer(device)
+        # Level 2 reloads the weights the way they were loaded here, straight onto the device.
+        self.weights = HostCopy([model], device, loader=lambda: [self.sentence_transformer(device)])
+        return model
+
+    def sentence_transformer(self, device: str) -> SentenceTransformer:
+        from sentence_transformers import SentenceTransformer
+
         model = SentenceTransformer(str(self.model_path), device=device)
         model.eval()
         return model
@@ -164,9 +174,14 @@ class EmbeddingsService(BaseService):
 
     async def unload(self) -> None:
         await self.worker.close()  # the model stays until the job using it has ended
+        if self.weights is not None:
+            self.weights.close()  # the host copy, if parked once
+            self.weights = None
         if getattr(self, "model", None) is not None:
             del self.model
             release_cached_memory()
+
+    # -- parking (core/parking.py): the weights, moved on the worker between requests ---------------
 
     def check_options(self, request: EmbeddingRequest) -> str:
         """The encoding format after checking ``encoding_format`` and ``dimensions``."""

@@ -28,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
+from core.host_copy import HostCopy, ParksWithHostCopy
 from core.memory_share import cap_torch_memory, release_cached_memory
+from core.parking import ParkLevel
 from core.torch_helpers import torch_dtype
 from core.worker import JobContext, Worker
 
@@ -83,7 +85,15 @@ def png_base64(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class FluxService(BaseService):
+def weight_modules(pipe: Any) -> list[Any]:
+    """The pipeline's components that hold weights (transformer, VAE, both text encoders), by name."""
+    import torch
+
+    components = pipe.components
+    return [components[name] for name in sorted(components) if isinstance(components[name], torch.nn.Module)]
+
+
+class FluxService(ParksWithHostCopy, BaseService):
     name = "flux"
     engine_modules = ("torch", "diffusers", "transformers")
     default_port = 8002
@@ -92,6 +102,7 @@ class FluxService(BaseService):
         super().__init__()
         self.model_path = "black-forest-labs/FLUX.1-schnell"
         self.pipeline: Any = None
+        self.weights: HostCopy | None = None  # what parking moves (core/parking.py); None with --offload
         # One render at a time (the pipeline is not thread-safe); after each, the job's cached
         # GPU blocks go back so that what NVML shows free between requests really is free.
         self.worker = Worker("flux", after_job=lambda: release_cached_memory(full_collection=False))
@@ -116,14 +127,13 @@ class FluxService(BaseService):
         self.pipeline = await asyncio.to_thread(self._load_pipeline)
 
     def _load_pipeline(self) -> Any:
-        from diffusers import FluxPipeline
-
+        """The pipeline on its device; without --offload, also ``self.weights`` to park it with."""
         device = resolve_device(self.options.device)
         dtype = torch_dtype(self.options.dtype, device)
         cap_torch_memory(self.vram_gb, device)  # before any weights reach the GPU
         log.info("loading %s (%s, %s, offload=%s)", self.model_path, device, dtype, self.options.offload)
         began = time.monotonic()
-        pipe = FluxPipeline.from_pretrained(self.model_path, dtype=dtype)
+        pipe = self._from_pretrained(dtype)
         # Decode the images of a batch one at a time, and large images in overlapping tiles: 4 images
         # of 1536x1536 in one VAE pass would need tens of GB at the very end of a render. Tiling starts
         # above the VAE's sample_size (1024 px for FLUX.1), so smaller images are decoded whole.
@@ -141,9 +151,17 @@ class FluxService(BaseService):
             pipe.enable_sequential_cpu_offload()
         else:
             pipe.to(device)
+            # Level 2 reloads the weights the way they were loaded here, straight onto the device.
+            self.weights = HostCopy(weight_modules(pipe), device,
+                                    loader=lambda: weight_modules(self._from_pretrained(dtype).to(device)))
         pipe.set_progress_bar_config(disable=True)  # one tqdm bar per request would flood the log
         log.info("loaded in %.1fs", time.monotonic() - began)
         return pipe
+
+    def _from_pretrained(self, dtype: Any) -> Any:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline.from_pretrained(self.model_path, dtype=dtype)
 
     async def warmup(self) -> None:
         # The first call pays for kernel selection and allocator growth; do it before reporting ready.
@@ -154,10 +172,21 @@ class FluxService(BaseService):
 
     async def unload(self) -> None:
         await self.worker.close()  # drops queued renders, stops the running one at its next step
+        if self.weights is not None:
+            self.weights.close()  # the host copy, if parked once
+            self.weights = None
         if self.pipeline is None:
             return
         self.pipeline = None
         release_cached_memory()
+
+    # -- parking (core/parking.py) ------------------------------------------------------------
+
+    def park_unsupported(self, level: ParkLevel | None = None) -> str | None:
+        if self.weights is None and self.options.offload != "none":
+            return (f"flux runs with --offload {self.options.offload}: accelerate's hooks move its weights, "
+                    "so it cannot park (it is stopped instead)")
+        return None if self.weights is None or level is None else self.weights.unsupported(level)
 
     # -- generation -----------------------------------------------------------------------
 

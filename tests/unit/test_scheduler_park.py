@@ -1,0 +1,174 @@
+"""Warm swap decisions: plan()'s Restore and park-or-stop choices, and idle_action(), over snapshots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from core.service_state import ServiceState
+from model_orchestrator.scheduler import (
+    Join,
+    ModelView,
+    Restore,
+    Start,
+    Wait,
+    idle_action,
+    park_or_stop,
+    plan,
+)
+from tests.unit.test_scheduler import NOW, WINDOW, snap, v
+
+S = ServiceState
+
+
+def decide(target: str, views: dict[str, ModelView], host: float | None, budget: float | None = 40.0) -> Any:
+    return plan(target, views, budget, NOW, WINDOW, host_budget_gb=host)
+
+
+# --- the target's own state ---------------------------------------------------------------------
+
+
+def test_parked_target_is_restored_not_started() -> None:
+    views = snap(v("m", S.PARKED, vram_gb=20, parkable=True, host_gb=20), v("o", S.READY, vram_gb=10))
+    assert decide("m", views, host=100) == Restore((), ())
+
+
+def test_restoring_target_is_joined() -> None:
+    assert decide("m", snap(v("m", S.RESTORING, vram_gb=20)), host=100) == Join()
+
+
+def test_parking_target_waits_for_the_park_to_end() -> None:
+    decision = decide("m", snap(v("m", S.PARKING, vram_gb=20)), host=100)
+    assert isinstance(decision, Wait)
+    assert "m is parking" in decision.reason
+
+
+def test_parked_model_holds_no_gpu_memory() -> None:
+    views = snap(v("m", vram_gb=30), v("p", S.PARKED, vram_gb=30, parkable=True, host_gb=30))
+    assert decide("m", views, host=100) == Start((), ())
+
+
+# --- park or stop the victims -----------------------------------------------------------------------
+
+
+def swap(host: float | None, **victim: Any) -> Any:
+    views = snap(v("m", vram_gb=30), v("o", S.READY, vram_gb=30, last_used=5.0, **victim))
+    return decide("m", views, host)
+
+
+def test_a_parkable_victim_that_fits_the_host_budget_is_parked() -> None:
+    assert swap(100, parkable=True, park_host_gb=30) == Start(("o",), ("o",))
+
+
+def test_a_victim_that_cannot_park_is_stopped() -> None:
+    assert swap(100, parkable=False, park_host_gb=30) == Start(("o",), ())
+
+
+def test_a_victim_too_big_for_the_host_budget_is_stopped() -> None:
+    assert swap(20, parkable=True, park_host_gb=30) == Start(("o",), ())
+
+
+def test_host_budget_zero_never_parks_and_none_is_unlimited() -> None:
+    assert swap(0, parkable=True, park_host_gb=1) == Start(("o",), ())
+    assert swap(None, parkable=True, park_host_gb=1e6) == Start(("o",), ("o",))
+
+
+def test_a_kept_host_copy_costs_nothing_more_to_park() -> None:
+    # o was parked before and kept its host copy (20 GB of the 25 GB budget): parking again adds 0
+    assert swap(25, parkable=True, park_host_gb=20, host_gb=20) == Start(("o",), ("o",))
+
+
+def test_a_park_of_unknown_size_fits_only_alone() -> None:
+    assert swap(100, parkable=True, park_host_gb=None) == Start(("o",), ("o",))
+    views = snap(v("m", vram_gb=30), v("o", S.READY, vram_gb=30, parkable=True, park_host_gb=None),
+                 v("p", S.PARKED, vram_gb=30, host_gb=1, last_used=50.0))
+    assert decide("m", views, host=100) == Start(("o",), ())
+
+
+def test_older_parked_models_are_stopped_to_make_host_room() -> None:
+    views = snap(v("m", vram_gb=30), v("o", S.READY, vram_gb=30, last_used=50.0, parkable=True, park_host_gb=30),
+                 v("old", S.PARKED, vram_gb=30, host_gb=30, last_used=10.0),
+                 v("older", S.PARKED, vram_gb=30, host_gb=30, last_used=1.0))
+    # 60 held, 70 budget: the least recently used parked model goes so o can park
+    assert decide("m", views, host=70) == Start(("o", "older"), ("o",))
+
+
+def test_parked_models_used_more_recently_than_the_victim_stay() -> None:
+    views = snap(v("m", vram_gb=30), v("o", S.READY, vram_gb=30, last_used=5.0, parkable=True, park_host_gb=30),
+                 v("newer", S.PARKED, vram_gb=30, host_gb=30, last_used=50.0))
+    assert decide("m", views, host=40) == Start(("o",), ())
+
+
+def test_pinned_parked_models_are_never_stopped_for_room() -> None:
+    views = snap(v("m", vram_gb=30), v("o", S.READY, vram_gb=30, last_used=50.0, parkable=True, park_host_gb=30),
+                 v("p", S.PARKED, vram_gb=30, host_gb=30, last_used=1.0, pinned=True))
+    assert decide("m", views, host=40) == Start(("o",), ())
+
+
+def test_two_victims_share_the_host_budget_in_eviction_order() -> None:
+    views = snap(v("m"), v("a", S.READY, vram_gb=10, last_used=1.0, parkable=True, park_host_gb=10),
+                 v("b", S.READY, vram_gb=10, last_used=2.0, parkable=True, park_host_gb=10))
+    assert decide("m", views, host=15) == Start(("a", "b"), ("a",))
+
+
+def test_restoring_also_parks_its_victims() -> None:
+    views = snap(v("m", S.PARKED, vram_gb=30, parkable=True, host_gb=30),
+                 v("o", S.READY, vram_gb=30, parkable=True, park_host_gb=30))
+    assert decide("m", views, host=100) == Restore(("o",), ("o",))
+
+
+def test_the_model_being_restored_is_never_stopped_for_host_room() -> None:
+    # m holds 30 of the 40 GB host budget parked and is older than o: stopping it would make room,
+    # but m is what the swap is for, so o is stopped instead
+    views = snap(v("m", S.PARKED, last_used=1.0, parkable=True, host_gb=30),
+                 v("o", S.READY, last_used=5.0, parkable=True, park_host_gb=30))
+    assert decide("m", views, host=40) == Restore(("o",), ())
+
+
+def test_park_or_stop_adds_what_parking_holds() -> None:
+    views = snap(v("a", S.READY, parkable=True, park_host_gb=6), v("b", S.READY, parkable=True, park_host_gb=6))
+    assert park_or_stop(["a", "b"], views, 12) == (("a", "b"), ())
+    assert park_or_stop(["a", "b"], views, 11.9) == (("a",), ())
+
+
+# --- idle timers: park.idle parks, ttl stops ----------------------------------------------------------
+
+
+def idle(view: ModelView, host: float | None = 100) -> Any:
+    return idle_action(view.name, snap(view), NOW, host)
+
+
+def test_idle_past_park_idle_parks() -> None:
+    view = v("m", S.READY, last_used=NOW - 61, park_idle=60, ttl=600, parkable=True, park_host_gb=1)
+    assert idle(view) == ("park", None)
+
+
+def test_idle_before_park_idle_says_when_to_look_again() -> None:
+    view = v("m", S.READY, last_used=NOW - 10, park_idle=60, ttl=600, parkable=True, park_host_gb=1)
+    assert idle(view) == (None, NOW + 50)
+
+
+def test_parked_model_stops_at_ttl() -> None:
+    assert idle(v("m", S.PARKED, last_used=NOW - 601, park_idle=60, ttl=600)) == ("stop", None)
+    assert idle(v("m", S.PARKED, last_used=NOW - 100, park_idle=60, ttl=600)) == (None, NOW + 500)
+
+
+def test_park_that_does_not_fit_waits_for_ttl_to_stop() -> None:
+    view = v("m", S.READY, last_used=NOW - 61, park_idle=60, ttl=600, parkable=True, park_host_gb=10)
+    assert idle(view, host=5) == (None, NOW + 539)
+
+
+def test_ttl_only_stops_as_before() -> None:
+    assert idle(v("m", S.READY, last_used=NOW - 11, ttl=10)) == ("stop", None)
+    assert idle(v("m", S.READY, last_used=NOW - 5, ttl=10)) == (None, NOW + 5)
+
+
+@pytest.mark.parametrize("busy", [{"in_flight": 1}, {"oldest_waiter": NOW - 1}])
+def test_busy_or_awaited_models_are_left_alone(busy: dict[str, Any]) -> None:
+    view = v("m", S.READY, last_used=NOW - 700, park_idle=60, ttl=600, parkable=True, park_host_gb=1, **busy)
+    assert idle(view) == (None, None)
+
+
+def test_no_timers_never_wake() -> None:
+    assert idle(v("m", S.READY, last_used=NOW - 1e6)) == (None, None)

@@ -97,6 +97,29 @@ def test_three_generators_do_not_fit_so_one_was_evicted(client: openai.OpenAI, o
     assert held <= 4, states  # the budget is never exceeded
 
 
+def test_an_evicted_image_model_is_parked_and_renders_the_same_after_restore(
+        client: openai.OpenAI, orch: Orchestrator) -> None:
+    def render() -> str:
+        result = client.images.generate(model="tiny-flux", prompt="a red fox", size="64x64",
+                                        response_format="b64_json", extra_body={"seed": 11})
+        assert result.data is not None and result.data[0].b64_json is not None
+        return result.data[0].b64_json
+
+    before = render()
+    pid = orch.status()["tiny-flux"]["pid"]
+    test_music(client)
+    test_chat_and_stream(client)  # 3 x 1.5 GB > 4 GB: flux, the least recently used, makes room
+    status = orch.status()
+    assert status["tiny-flux"]["state"] == "parked" and status["tiny-flux"]["pid"] == pid, status["tiny-flux"]
+    assert status["tiny-flux"]["park"]["host_gb"] > 0  # its weights wait in host memory
+    assert render() == before  # restored, same process, same pixels
+    status = orch.status()
+    assert status["tiny-flux"]["pid"] == pid and status["tiny-flux"]["park"]["restores"] >= 1
+    test_music(client)  # musicgen (parked to make room for flux) back: tiny-qwen, now the LRU one, makes room
+    states = {name: entry["state"] for name, entry in orch.status().items()}
+    assert [states[m] for m in ("tiny-qwen", "tiny-flux", "tiny-musicgen")] == ["parked", "ready", "ready"], states
+
+
 def test_unknown_model_is_a_not_found_error(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="no-such-model", input="x")

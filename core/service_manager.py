@@ -7,9 +7,11 @@ exit watch and kill, is core/service_process.py):
 * each service is the leader of its own process group, with its own interpreter and
   environment; children die with the orchestrator (parent-death signal + reaper);
 * stdout/stderr go to ``<log_dir>/<model>.log`` and an in-memory ring buffer;
-* a start waits for the health endpoint, while watching the process and the
-  ``startup_time`` deadline; a failure reports the last log lines;
+* a start waits for the health endpoint (core/readiness.py), while watching the process and
+  the ``startup_time`` deadline; a failure reports the last log lines;
 * stop is SIGTERM to the group, ``stop_timeout``, SIGKILL to the group, then a sweep;
+* a park keeps the process and gives its GPU memory back; a restore brings it back
+  (core/service_park.py); either failing stops the service;
 * crashes are detected, counted by the restart policy, and after repeated failures the
   service is FAILED until its cooldown passes or an operator resets it; so are hangs,
   found by a health watch while READY (core/health_watch.py) or by the proxy's timeouts.
@@ -42,7 +44,7 @@ from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_a
 from core.health_watch import start_health_watch
 from core.log_capture import ServiceLog
 from core.park_client import ParkClient
-from core.process_tree import out_of_fds, tcp_connects
+from core.readiness import probe, wait_healthy
 from core.reaper import Reaper
 from core.redact import redact_argv
 from core.restart_policy import RestartPolicy, decide_restart
@@ -56,11 +58,6 @@ __all__ = ["ManagedService", "ServiceManager", "StartFailed"]
 log = logging.getLogger(__name__)
 
 State = ServiceState
-# Readiness checks: while the port is closed, a bare TCP connect every _POLL_MIN seconds
-# (microseconds of work); once it accepts, HTTP health probes from _POLL_MIN backing off to
-# _POLL_MAX, and at once whenever the child prints a line. So detection adds milliseconds,
-# not a poll period (llama-swap's 1 s loop adds up to a second per swap).
-_POLL_MIN, _POLL_MAX = 0.005, 0.1
 
 
 class ManagedService:
@@ -182,7 +179,7 @@ class ManagedService:
             await wait_all(after)
             await self._backoff()
             await self._process.spawn(self.spec.host, self.spec.port)
-            await self._wait_healthy()
+            await wait_healthy(self.spec, self._process, self.probe, self._check_still_starting)
             self._check_still_starting()
         except asyncio.CancelledError:
             if self._is_current_start():  # not cancelled by a stop (which takes over): clean up
@@ -231,37 +228,9 @@ class ManagedService:
         await self._fail(str(failure))
         return failure
 
-    async def _wait_healthy(self) -> None:
-        """Poll health until 200, the process exits, or startup_time passes."""
-        deadline = time.monotonic() + self.spec.startup_time
-        interval = _POLL_MIN
-        with_logs = self._process.with_log_tail
-        while True:
-            self._check_still_starting()
-            if self._process.exited():
-                raise StartFailed(with_logs(f"exited with status {self._process.exit_status()} during start"))
-            if await tcp_connects(self.spec.host, self.spec.port, 1.0):
-                if await self.probe(timeout=2.0):
-                    return
-                interval = min(interval * 1.5, _POLL_MAX)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise StartFailed(with_logs(f"not healthy after {self.spec.startup_time:g}s (startup_time)"))
-            await self._process.output_or_exit(min(interval, remaining))
-
     async def probe(self, timeout: float = 5.0) -> bool:
-        """True if the health endpoint answers 200 within ``timeout`` seconds.
-
-        Raises only when the orchestrator is out of file descriptors: that is no verdict on the service.
-        """
-        url = self.spec.base_url() + self.spec.health_path
-        try:
-            response = await self._health.get(url, timeout=timeout)
-        except httpx.HTTPError as exc:
-            if out_of_fds(exc):
-                raise
-            return False
-        return response.status_code == 200
+        """True if the health endpoint answers 200 within ``timeout`` seconds (core/readiness.py)."""
+        return await probe(self.spec, self._health, timeout)
 
     # -- exits and failures -------------------------------------------------------------
 

@@ -168,10 +168,13 @@ class Worker:
         return job
 
     def _cancel(self, job: _Job) -> None:
-        """The caller has gone: stop the job; its result, if any, goes nowhere."""
+        """The caller has gone: stop the job; its result, if any, goes nowhere. A job still queued
+        is dropped now: left in the queue, a close() could discard it before the thread saw it."""
         job.ctx.cancel()
         job.result.cancel()
         self._jobs.discard(job)
+        if job.thread_future is not None and job.thread_future.cancel():
+            self._drop(job)
 
     def _execute(self, job: _Job) -> None:
         ctx = job.ctx

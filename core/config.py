@@ -193,6 +193,10 @@ class Settings(_Strict):
         default_factory=dict, description="Model used per endpoint type when a request names none."
     )
     max_queue: int = Field(64, ge=1, description="Requests that may wait per model; more are refused with 503.")
+    stream_keep_alive: float = Field(
+        5, ge=0, description="Seconds between SSE comments (`: loading MODEL 12s`) sent to a streaming request "
+        "while it waits for its model to load, so proxies and clients do not drop a silent connection; 0: none."
+    )
     max_wait: float = Field(
         600, gt=0, description="Seconds a request may wait for its model (queue, swap and start) before 503."
     )

@@ -86,6 +86,7 @@ class ManagedService:
         self.last_error: str | None = None
         self.upstream_timeouts = 0  # consecutive; see upstream_timed_out()
         self.on_change: Callable[[], None] | None = None  # called after every state change
+        self.on_transition: Callable[[str, State, State], None] | None = None  # (name, old, new): metrics
         self._start_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._park_task: asyncio.Task[None] | None = None  # a park or a restore under way
@@ -145,6 +146,8 @@ class ManagedService:
         if not new.has_process and new is not State.STOPPING:  # its process, and so its host copy, is gone
             self.park_record = replace(self.park_record, level=None, host_bytes=None)
         log.info("%s: %s -> %s%s", self.name, old.value, new.value, f" ({reason})" if reason else "")
+        if self.on_transition is not None:
+            self.on_transition(self.name, old, new)
         self._watch_health_while_ready()
         if self.on_change is not None:
             self.on_change()

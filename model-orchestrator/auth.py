@@ -2,10 +2,11 @@
 
 Three scopes:
 
-* public: ``/health``, which says only that the orchestrator is up;
+* public: ``/health``, which says only that the orchestrator is up, and the dashboard's static
+  files (``/``, ``/ui/...``: no data; the page calls the admin routes with the key typed in);
 * client: the OpenAI routes (``POST /v1/...``, ``GET /v1/models``); client or admin keys;
-* admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/docs``,
-  ``/openapi.json``); admin keys only.
+* admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/metrics``,
+  ``/docs``, ``/openapi.json``); admin keys only.
 
 With no key configured at all every route is open, which ``exposure_problem`` allows only
 on a loopback address (or when ``settings.allow_unauthenticated`` says so explicitly).
@@ -44,12 +45,12 @@ class Access(enum.Enum):
 
 def route_access(method: str, path: str) -> Access:
     """The scope a request needs. Unknown paths are client scope, so a client gets its 404."""
-    if path == "/health":
+    if path in ("/health", "/", "/ui") or (method == "GET" and path.startswith("/ui/")):
         return Access.PUBLIC
     if path.startswith("/v1/") and (method == "POST" or path == "/v1/models" or path.startswith("/v1/models/")):
         return Access.CLIENT
-    if path.startswith(("/admin/", "/logs/", "/upstream/")) or path in ("/status", "/docs", "/openapi.json",
-                                                                        "/docs/oauth2-redirect"):
+    if path.startswith(("/admin/", "/logs/", "/upstream/")) or path in ("/status", "/metrics", "/docs",
+                                                                        "/openapi.json", "/docs/oauth2-redirect"):
         return Access.ADMIN
     return Access.CLIENT
 

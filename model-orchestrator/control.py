@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.config import ModelSpec
 from core.errors import ServiceError
@@ -26,6 +27,7 @@ from core.service_park import gpu_bytes_of_tree
 from core.service_state import ParkRecord, ServiceSnapshot
 from model_orchestrator.coordinator import ModelStatus
 from model_orchestrator.refusals import Refused, http_error
+from model_orchestrator.ui import mount_ui
 
 if TYPE_CHECKING:
     from model_orchestrator.orchestrator import Runtime
@@ -61,6 +63,11 @@ def build_control_app(runtime: Runtime) -> FastAPI:
         gpu_used = await asyncio.to_thread(gpu_bytes_by_pid)  # NVML: blocking calls
         return {"gpu_budget_gb": coordinator.budget_gb, "host_budget_gb": coordinator.host_budget_gb,
                 "models": {n: _status_entry(m, gpu_used) for n, m in models.items()}}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        exposition = await asyncio.to_thread(generate_latest, runtime.metrics.registry)  # NVML reads block
+        return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/logs/{model:path}", response_model=None)
     async def logs(
@@ -102,6 +109,7 @@ def build_control_app(runtime: Runtime) -> FastAPI:
         coordinator.reset(name)
         return _action_result(coordinator.snapshot(name))
 
+    mount_ui(app)
     return app
 
 

@@ -48,6 +48,15 @@ _QUEUE_FULL_RETRY_AFTER = 5.0
 _WAIT_TIMEOUT_RETRY_AFTER = 10.0
 
 
+@dataclass
+class Ticket:
+    """One admission: who asked (request, admin, preload: the swap metrics' reason), and what this
+    request's wait set off ("start" or "restore"; None when it joined one or was served at once)."""
+
+    cause: str = "request"
+    loaded: str | None = None
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     """One model as ``/status`` shows it: the service's snapshot and its queue."""
@@ -69,6 +78,7 @@ class Coordinator:
         self.settings = settings
         self.budget_gb = budget_gb
         self.host_budget_gb = host_budget_gb  # what parked models may hold (None: unlimited; 0: never park)
+        self.on_swap: Callable[[str, str, str], None] | None = None  # (model, action, reason): metrics
         self._memory_released = memory_released
         self._waiters: dict[str, list[float]] = defaultdict(list)
         self._waiting_total = 0
@@ -123,16 +133,27 @@ class Coordinator:
 
     # -- leases -----------------------------------------------------------------------
 
+    def _swapped(self, model: str, action: str, reason: str) -> None:
+        if self.on_swap is not None:
+            self.on_swap(model, action, reason)
+
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[ManagedService]:
+    async def lease(self, name: str, ticket: Ticket | None = None) -> AsyncIterator[ManagedService]:
         """Hold ``name`` ready for one request; other requests cannot evict it meanwhile."""
-        svc = await self.acquire(name)
+        svc = await self.acquire(name, ticket)
         try:
             yield svc
         finally:
             self.release(svc)
 
-    async def acquire(self, name: str) -> ManagedService:
+    def servable_now(self, name: str) -> bool:
+        """Whether ``acquire(name)`` would return at once (its fast path): no request waits for any
+        model and ``name`` has a free slot."""
+        return not self._waiting_total and can_serve_now(self.manager[name])
+
+    async def acquire(self, name: str, ticket: Ticket | None = None) -> ManagedService:
+        """``name`` ready, with a slot taken for one request (``release`` gives it back). ``ticket``
+        says who asks, and learns whether this request started or restored the model."""
         svc = self.manager[name]
         if not self._waiting_total and can_serve_now(svc):
             # Fast path, the common case: nobody queued anywhere, so nothing can be closing
@@ -146,13 +167,13 @@ class Coordinator:
         self._waiters[name].append(arrival)
         self._waiting_total += 1
         try:
-            return await self._acquire(svc, arrival)
+            return await self._acquire(svc, arrival, ticket or Ticket())
         finally:
             self._waiters[name].remove(arrival)
             self._waiting_total -= 1
             self.notify()
 
-    async def _acquire(self, svc: ManagedService, arrival: float) -> ManagedService:
+    async def _acquire(self, svc: ManagedService, arrival: float, ticket: Ticket) -> ManagedService:
         deadline = arrival + self.settings.max_wait
         while True:
             decision = self.decide(svc.name, arrival)
@@ -162,7 +183,7 @@ class Coordinator:
             if isinstance(decision, Reject):
                 raise Refused(decision.reason, decision.message, decision.retry_after)
             try:
-                await self._act(svc, decision, deadline)
+                await self._act(svc, decision, deadline, ticket)
             except asyncio.TimeoutError:
                 raise self._timed_out(svc) from None
 
@@ -170,16 +191,16 @@ class Coordinator:
         return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window, arrival,
                     self.host_budget_gb)
 
-    async def _act(self, svc: ManagedService, decision: Decision, deadline: float) -> None:
+    async def _act(self, svc: ManagedService, decision: Decision, deadline: float, ticket: Ticket) -> None:
         if isinstance(decision, (Start, Restore)):
-            self._begin_swap(svc, decision)
+            self._begin_swap(svc, decision, ticket)
         elif isinstance(decision, Join):
             await self._join_start(svc, deadline)
         elif isinstance(decision, Wait):
             log.debug("%s: waiting: %s", svc.name, decision.reason)
             await self._wait_for_change(deadline)
 
-    def _begin_swap(self, svc: ManagedService, decision: Start | Restore) -> None:
+    def _begin_swap(self, svc: ManagedService, decision: Start | Restore, ticket: Ticket) -> None:
         """Park or stop the victims, and start or restore ``svc`` once they are out. Synchronous: no await."""
         evict, park = decision.evict, decision.park
         stops: list[Awaitable[object]] = [
@@ -196,7 +217,12 @@ class Coordinator:
             log.info("swap:%s%s to %s %s", f" parking {', '.join(park)}" if park else "",
                      f" stopping {', '.join(stopped)}" if stopped else "",
                      "restore" if isinstance(decision, Restore) else "load", svc.name)
-        if isinstance(decision, Restore):
+        for victim in evict:
+            self._swapped(victim, "park" if victim in park else "stop", "eviction")
+        restoring = isinstance(decision, Restore)
+        ticket.loaded = "restore" if restoring else "start"
+        self._swapped(svc.name, ticket.loaded, ticket.cause)
+        if restoring:
             svc.restore(after=stops)
         else:
             svc.start(after=stops)
@@ -240,11 +266,11 @@ class Coordinator:
 
     # -- operator actions, preload, TTL -----------------------------------------------
 
-    async def load(self, name: str) -> ManagedService:
+    async def load(self, name: str, cause: str = "admin") -> ManagedService:
         """Make ``name`` ready (resetting a failed state) without serving a request."""
         svc = self.manager[name]
         svc.reset()
-        async with self.lease(name):
+        async with self.lease(name, Ticket(cause)):
             return svc
 
     async def park(self, name: str) -> ManagedService:
@@ -258,12 +284,15 @@ class Coordinator:
                                                   f"it is {svc.state.value}" if svc.state is not ServiceState.READY
                                                   else "requests are using or awaiting it")
             raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {why}.")
+        self._swapped(name, "park", "admin")
         await svc.park(svc.spec.park.level, "parked by operator")
         if svc.state is ServiceState.STOPPING:  # the park failed: the stop it fell back to is the outcome
             await svc.stop()
         return svc
 
     async def unload(self, name: str, reason: str = "unloaded by operator") -> None:
+        if self.manager[name].state.has_process:
+            self._swapped(name, "stop", "admin")
         await self.manager[name].stop(reason)
 
     def reset(self, name: str) -> None:
@@ -274,7 +303,7 @@ class Coordinator:
         for name, svc in self.manager.services.items():
             if svc.spec.preload:
                 try:
-                    await self.load(name)
+                    await self.load(name, "preload")
                 except Refused as exc:
                     log.error("preload of %s failed: %s", name, exc.message)
 
@@ -296,8 +325,10 @@ class Coordinator:
             for name, svc in self.manager.services.items():
                 action, at = idle_action(name, views, now, self.host_budget_gb)
                 if action == "park":
+                    self._swapped(name, "park", "idle")
                     svc.park(svc.spec.park.level, f"idle for {svc.spec.park.idle:g}s (park.idle)")
                 elif action == "stop":
+                    self._swapped(name, "stop", "ttl")
                     svc.stop(f"idle for {svc.spec.ttl:g}s (ttl)")
                 if action is not None:
                     views = self.views()  # what it holds changed: the next model decides on that

@@ -50,6 +50,7 @@ from model_orchestrator import auth
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.http_server import AccessGate, RequestCap, server_options
+from model_orchestrator.metrics import Metrics
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ModelIndex
 
@@ -71,7 +72,13 @@ class Runtime:
         host_budget = resolve_host_budget(config.settings.host_memory_gb, config.settings.host_memory_reserve_gb)
         self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released,
                                        host_budget_gb=host_budget)
-        self.proxy = Proxy(self.coordinator, self.index, limits=config.settings.limits)
+        self.metrics = Metrics(self.coordinator)
+        self.coordinator.on_swap = self.metrics.swap
+        for svc in self.manager.services.values():
+            svc.on_transition = self.metrics.transitioned
+        keep_alive = config.settings.stream_keep_alive or None
+        self.proxy = Proxy(self.coordinator, self.index, limits=config.settings.limits, metrics=self.metrics,
+                           keep_alive=keep_alive)
         self._preload: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterable
-from typing import Any
 
 import aiohttp
 
@@ -35,8 +35,11 @@ from core.asgi import ClientGone, DisconnectWatcher, Receive, Scope, Send, conte
 from core.config import Limits, ModelSpec
 from core.errors import ServiceError, error_body
 from core.service_manager import ManagedService
+from core.sse import sse_event
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker
+from model_orchestrator.loading import Answer, admit
+from model_orchestrator.metrics import Metrics
 from model_orchestrator.refusals import Refused, http_error
 from model_orchestrator.routing import (
     ModelIndex,
@@ -63,13 +66,17 @@ _DROP_RESPONSE = frozenset(
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _NO_BUFFERING = (b"x-accel-buffering", b"no")  # tells nginx in front of us not to buffer SSE
 _WATCH_AFTER = 0.05  # seconds before a client is watched for a disconnect: short requests never pay for it
+_ERROR_BODY_MAX = 1 << 20  # bytes of an upstream error read to turn it into an SSE error event
 
 
 class Proxy:
-    def __init__(self, coordinator: Coordinator, index: ModelIndex, *, limits: Limits | None = None) -> None:
+    def __init__(self, coordinator: Coordinator, index: ModelIndex, *, limits: Limits | None = None,
+                 metrics: Metrics | None = None, keep_alive: float | None = None) -> None:
         self.coordinator = coordinator
         self.index = index
         self.limits = limits or Limits()
+        self.metrics = metrics
+        self.keep_alive = keep_alive  # seconds between loading comments to a waiting stream (loading.py)
         self._renames = index.renames()
         self._json = JsonWorker()
         self._session: aiohttp.ClientSession | None = None
@@ -91,18 +98,20 @@ class Proxy:
 
     async def openai_route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/...: the body's ``model`` (or the endpoint's default) picks the service."""
+        began = time.monotonic()
         try:
             body = await self._read_body(scope, receive)
-            spec, body = await self._route_json(scope["path"], body)
+            spec, body, stream = await self._route_json(scope["path"], body)
         except ServiceError as exc:
             await send_error(send, exc)
             return
         except ClientGone:
             return
-        await self.forward(spec, scope, receive, send, body, scope["path"])
+        await self.forward(spec, scope, receive, send, body, scope["path"], stream, began)
 
     async def upstream_route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """/upstream/<model>/<path>: any method, passed through to the model's own API."""
+        began = time.monotonic()
         try:
             spec, path = split_upstream_path(scope["path"], self.index)
             body = await self._read_body(scope, receive)
@@ -111,16 +120,21 @@ class Proxy:
             return
         except ClientGone:
             return
-        await self.forward(spec, scope, receive, send, body, path)
+        await self.forward(spec, scope, receive, send, body, path, False, began)
 
-    async def forward(
-        self, spec: ModelSpec, scope: Scope, receive: Receive, send: Send, body: bytes, path: str
-    ) -> None:
+    async def forward(self, spec: ModelSpec, scope: Scope, receive: Receive, send: Send, body: bytes, path: str,
+                      stream: bool = False, began: float | None = None) -> None:
+        """Lease the model (keeping a waiting stream connected), exchange, answer; record it."""
+        began = time.monotonic() if began is None else began
         watcher = DisconnectWatcher(receive, watch_after=_WATCH_AFTER)
+        answer = Answer()
         error: ServiceError | None = None
         try:
-            async with self.coordinator.lease(spec.name) as svc:
-                await self._exchange(svc, spec, scope, send, body, path, watcher)
+            svc = await admit(self.coordinator, spec.name, send, answer, self.keep_alive if stream else None)
+            try:
+                await self._exchange(svc, spec, scope, send, body, path, watcher, answer)
+            finally:
+                self.coordinator.release(svc)
         except Refused as refused:  # the coordinator's domain reason, mapped to HTTP here at the edge
             error = http_error(refused)
         except ServiceError as exc:
@@ -132,7 +146,11 @@ class Proxy:
         finally:
             watcher.stop()
         if error is not None and not watcher.fired:  # sent once the watch is over: a disconnect cancels nothing
-            await send_error(send, error)
+            await _send_error(send, error, answer)
+        if self.metrics is not None:
+            status = 499 if watcher.fired else error.status if error is not None else answer.status
+            self.metrics.request_done(spec.name, path, status, answer.stream, began, answer.first_byte, answer.tail,
+                                      answer.waited)
 
     # -- the request body -------------------------------------------------------------
 
@@ -141,24 +159,25 @@ class Proxy:
         return await read_body(receive, body_limit(scope["path"], headers, self.limits),
                                self.limits.body_timeout, content_length(headers))
 
-    async def _route_json(self, path: str, body: bytes) -> tuple[ModelSpec, bytes]:
-        """(the model's spec, the body to send it). Large bodies are parsed in the JSON worker
-        process, so a hostile one cannot stall the event loop (see json_worker)."""
+    async def _route_json(self, path: str, body: bytes) -> tuple[ModelSpec, bytes, bool]:
+        """(the model's spec, the body to send it, whether it asks for a stream). Large bodies are
+        parsed in the JSON worker process, so a hostile one cannot stall the event loop (see
+        json_worker); those are never streamed chat requests, so they get no loading comments."""
         if len(body) <= INLINE_MAX:
             requested, data = parse_model(body, self.limits.json_max_depth)
             spec = self.index.resolve(requested, path)
-            return spec, upstream_body(body, requested, data, spec)
+            return spec, upstream_body(body, requested, data, spec), data.get("stream") is True
         try:
             requested, renamed = await self._json.inspect(body, self.limits.json_max_depth, self._renames)
         except BodyProblem as exc:
             raise problem_error(exc) from None
-        return self.index.resolve(requested, path), renamed or body
+        return self.index.resolve(requested, path), renamed or body, False
 
     # -- the exchange ----------------------------------------------------------------
 
     async def _exchange(
         self, svc: ManagedService, spec: ModelSpec, scope: Scope, send: Send, body: bytes, path: str,
-        watcher: DisconnectWatcher,
+        watcher: DisconnectWatcher, answer: Answer,
     ) -> None:
         assert self._session is not None, "Proxy.open() was not called"
         query = scope.get("query_string", b"")
@@ -180,20 +199,29 @@ class Proxy:
             raise _upstream_failed(spec, exc) from None
         svc.upstream_answered()
         async with upstream:
-            await self._relay(svc, spec, upstream, send, watcher)
+            await self._relay(svc, spec, upstream, send, watcher, answer)
 
     async def _relay(
         self, svc: ManagedService, spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send,
-        watcher: DisconnectWatcher,
+        watcher: DisconnectWatcher, answer: Answer,
     ) -> None:
-        headers = _response_headers(upstream.raw_headers)
         event_stream = upstream.content_type == "text/event-stream"
-        if event_stream:
-            headers.append(_NO_BUFFERING)
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        if answer.started and not (event_stream and upstream.status == 200):
+            await _error_event_from(upstream, send, answer)  # loading comments went out: no status now
+            watcher.complete()
+            return
+        if not answer.started:
+            await send({"type": "http.response.start", "status": upstream.status,
+                        "headers": _answer_headers(upstream.raw_headers, event_stream, answer)})
+            answer.status, answer.stream = upstream.status, event_stream
+        before = last = b""  # the last two chunks: a final usage event may arrive just before [DONE]
         try:
             async for chunk in upstream.content.iter_any():
+                if answer.first_byte is None:
+                    answer.first_byte = time.monotonic()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                before, last = last, chunk
+            answer.tail = before + last
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 svc.upstream_timed_out()  # a stream silent for request_timeout: as hung as no answer
@@ -206,6 +234,42 @@ class Proxy:
         # done, too) must not cancel the lease's and the upstream's release that follow.
         watcher.complete()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _answer_headers(raw: Iterable[tuple[bytes, bytes]], event_stream: bool, answer: Answer
+                    ) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers for the client; with what the wait cost when there was one: seconds
+    waited for the model, and whether this request started or restored it."""
+    headers = _response_headers(raw)
+    if event_stream:
+        headers.append(_NO_BUFFERING)
+    if answer.waited >= 0.001:
+        headers.append((b"x-aio-queue-seconds", f"{answer.waited:.3f}".encode()))
+    if answer.ticket.loaded is not None:
+        headers.append((b"x-aio-loaded", answer.ticket.loaded.encode()))
+    return headers
+
+
+async def _send_error(send: Send, error: ServiceError, answer: Answer) -> None:
+    """The error as an envelope with its status; as an SSE error event once loading comments went out."""
+    if not answer.started:
+        await send_error(send, error)
+        return
+    await send({"type": "http.response.body", "body": sse_event(error.body()), "more_body": False})
+
+
+async def _error_event_from(upstream: aiohttp.ClientResponse, send: Send, answer: Answer) -> None:
+    """An upstream answer that is not a 200 event stream, after loading comments: as an error event."""
+    raw = await upstream.content.read(_ERROR_BODY_MAX)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not (isinstance(body, dict) and "error" in body):
+        text = raw.decode("utf-8", "replace")[:300]
+        body = error_body(f"The model answered {upstream.status}: {text}", upstream.status, "upstream_error")
+    answer.status = upstream.status
+    await send({"type": "http.response.body", "body": sse_event(body), "more_body": False})
 
 
 def _request_headers(raw: Iterable[tuple[bytes, bytes]], token: str | None) -> list[tuple[str, str]]:
@@ -247,6 +311,6 @@ def _describe_break(spec: ModelSpec, exc: BaseException) -> str:
 
 
 def _sse_error(reason: str) -> bytes:
-    body: dict[str, Any] = error_body(reason, 502, "upstream_error")
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+    return sse_event(error_body(reason, 502, "upstream_error"))
+
 

@@ -30,6 +30,17 @@ if [[ ! -x "$ANSIBLE_VENV/bin/ansible-playbook" ]]; then
 fi
 export AIO_ANSIBLE_BIN="$ANSIBLE_VENV/bin"
 
+# The dashboard test drives a headless Chromium from Debian's packages (a browser a tool would
+# download cannot be reached from CI); it fails rather than skips without one.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "==> installing chromium and chromium-driver"
+    as_root=()
+    if [[ "$(id -u)" -ne 0 ]] && command -v sudo >/dev/null; then as_root=(sudo); fi
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 echo "==> mypy"

@@ -61,3 +61,10 @@ def test_warm_swap_bench_runs_cold_then_warm(tmp_path: Path) -> None:
     # a cold swap loads for --load-seconds; a warm one does not
     assert min(result["cold"]["swap_cost_s"]) > 0.5 > max(result["warm"]["swap_cost_s"])
     assert "warm_overhead_ms" in result["summary"] and "cold_over_warm" in done.stdout
+
+
+def test_metrics_cost_bench_runs() -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.metrics_cost"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "per request: before" in done.stdout and "per streamed event: +" in done.stdout

@@ -163,12 +163,17 @@ def check_status(answer: Answer, where: str, body_expected: bool = True, parser_
         assert problem is None, f"error body is not an OpenAI envelope ({problem})\n{where}"
 
 
+def public(path: str) -> bool:
+    """/health, and the dashboard's static files (no data: the page calls the admin routes with a key)."""
+    return path in ("/health", "/", "/ui") or path.startswith("/ui/")
+
+
 def check(sent: Sent, answer: Answer) -> None:
     where = f"{sent.describe()}{answer.describe()}"
     check_status(answer, where, body_expected=sent.method != "HEAD")  # a HEAD answer has no body
-    admin_route = sent.path.startswith(("/admin/", "/logs/", "/upstream/"))
+    admin_route = sent.path.startswith(("/admin/", "/logs/", "/upstream/")) or sent.path in ("/status", "/metrics")
     if sent.role == "none":
-        assert answer.status >= 400 or sent.path == "/health", f"reached a route without a key\n{where}"
+        assert answer.status >= 400 or public(sent.path), f"reached a route without a key\n{where}"
     elif sent.role == "client" and admin_route:
         assert not 200 <= answer.status < 300, f"a client key reached an admin route\n{where}"
     if sent.role == "admin" or (sent.role == "client" and sent.path.startswith("/v1/")):
@@ -209,9 +214,11 @@ _RESERVED = {"authorization", "content-length", "transfer-encoding", "host", "co
 
 MODEL_NAMES = ["chat", "emb", "crashy", "resets", "gpt-4o", "nope", "", "chat/extra", "..", "%2e%2e", "%00", "%FF%FE"]
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/images/generations",
-          "/v1/audio/speech", "/v1/models", "/health", "/status", "/docs", "/openapi.json"]
+          "/v1/audio/speech", "/v1/models", "/health", "/status", "/metrics", "/docs", "/openapi.json", "/",
+          "/ui/", "/ui/app.js", "/ui/../status", "/ui/%2e%2e/status", "/ui/nope"]
 TEMPLATES = ["/v1/models/{}", "/logs/{}", "/admin/models/{}/load", "/admin/models/{}/unload",
-             "/admin/models/{}/reset", "/upstream/{}/health", "/upstream/{}/v1/chat/completions", "/upstream/{}/{}"]
+             "/admin/models/{}/reset", "/admin/models/{}/park", "/upstream/{}/health", "/upstream/{}/offload",
+             "/upstream/{}/v1/chat/completions", "/upstream/{}/{}"]
 QUERIES = ["", "", "", "?lines=abc", "?lines=-1", "?lines=100000000", "?lines=5&lines=6", "?follow=maybe",
            "?%zz=%zz", "?" + "a=b&" * 2000]  # never ?follow=true: a followed log never ends
 

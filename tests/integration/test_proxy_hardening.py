@@ -13,7 +13,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -52,9 +52,14 @@ class StandInCoordinator:
     def __init__(self, svc: StandInService) -> None:
         self.svc = svc
 
-    @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[StandInService]:
-        yield self.svc
+    def servable_now(self, name: str) -> bool:
+        return True
+
+    async def acquire(self, name: str, ticket: object = None) -> StandInService:
+        return self.svc
+
+    def release(self, svc: StandInService) -> None:
+        pass
 
 
 class ProxyApp:

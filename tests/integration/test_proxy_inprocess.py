@@ -28,6 +28,7 @@ from model_orchestrator.routing import ModelIndex
 
 pytestmark = pytest.mark.integration
 
+KEEP_ALIVE = 0.05  # seconds between loading comments to a waiting stream
 PATIENCE = 10  # seconds: bounds a hang when the code under test is broken; never waited on when it works
 SSE = "text/event-stream"
 
@@ -122,9 +123,8 @@ class StandInService:
 
 
 class FakeCoordinator:
-    """``lease()`` as the proxy uses it. ``hold`` keeps every lease waiting (a model still
-    loading); ``refusal`` is raised instead of a lease. Its release awaits once, as a real
-    release that wakes waiters may: a cancellation landing there would cut it short."""
+    """``acquire()``/``release()`` as the proxy uses them. ``hold`` keeps every admission
+    waiting (a model still loading); ``refusal`` is raised instead of a lease."""
 
     def __init__(self) -> None:
         self.svc = StandInService()
@@ -135,8 +135,10 @@ class FakeCoordinator:
         self.active = 0
         self.released = 0
 
-    @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[StandInService]:
+    def servable_now(self, name: str) -> bool:
+        return self.hold is None and self.refusal is None
+
+    async def acquire(self, name: str, ticket: Any = None) -> StandInService:
         if self.refusal is not None:
             raise self.refusal
         if self.hold is not None:
@@ -146,13 +148,14 @@ class FakeCoordinator:
             except asyncio.CancelledError:
                 self.cancelled_waits += 1
                 raise
+            if self.refusal is not None:  # the start it waited for failed
+                raise self.refusal
         self.active += 1
-        try:
-            yield self.svc
-        finally:
-            self.active -= 1
-            await asyncio.sleep(0)  # the release's own await (see the class docstring)
-            self.released += 1
+        return self.svc
+
+    def release(self, svc: StandInService) -> None:
+        self.active -= 1
+        self.released += 1
 
 
 # --- the client ------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def run(scenario: Callable[[Harness], Awaitable[None]]) -> None:
             config = config_from_dict({"models": {"m": {"type": "text", "command": "unused", "port": upstream.port,
                                                         "request_timeout": 30}}}, Path("models.yaml"))
             coordinator = FakeCoordinator()
-            proxy = Proxy(cast(Any, coordinator), ModelIndex(config))
+            proxy = Proxy(cast(Any, coordinator), ModelIndex(config), keep_alive=KEEP_ALIVE)
             await proxy.open()
             try:
                 await scenario(Harness(upstream, coordinator, proxy))
@@ -335,6 +338,57 @@ def test_a_disconnect_as_the_response_completes_cancels_nothing(caplog: pytest.L
     caplog.set_level("INFO", "model_orchestrator.proxy")
     run(scenario)
     assert "disconnected" not in caplog.text
+
+
+def test_a_stream_waiting_for_its_model_gets_comments_then_the_models_events_unchanged() -> None:
+    async def scenario(h: Harness) -> None:
+        h.coordinator.hold = asyncio.Event()
+        client = Client(chat())
+        task = h.request(client)
+        assert (await client.next_body()).startswith(b": loading m ")
+        assert client.sent[0]["status"] == 200  # committed by the first comment
+        assert (await client.next_body()).startswith(b": loading m ")  # and again, every KEEP_ALIVE
+        h.coordinator.hold.set()
+        exchange = await h.upstream.next()
+        await exchange.head(SSE)
+        await exchange.chunk(b"data: 1\n\n")
+        await exchange.end()
+        await finished(task)
+        bodies = [m["body"] for m in client.sent if m["type"] == "http.response.body"]
+        assert b"data: 1\n\n" in bodies and client.completed()
+        assert [m["type"] for m in client.sent].count("http.response.start") == 1
+        assert (h.coordinator.active, h.coordinator.released) == (0, 1)
+
+    run(scenario)
+
+
+def test_a_client_that_leaves_during_the_comments_gives_its_admission_up() -> None:
+    async def scenario(h: Harness) -> None:
+        h.coordinator.hold = asyncio.Event()
+        client = Client(chat())
+        task = h.request(client)
+        assert (await client.next_body()).startswith(b": loading m ")
+        client.leave()
+        await finished(task)
+        assert h.coordinator.cancelled_waits == 1 and (h.coordinator.active, h.coordinator.released) == (0, 0)
+
+    run(scenario)
+
+
+def test_a_refusal_after_the_comments_is_an_error_event() -> None:
+    async def scenario(h: Harness) -> None:
+        h.coordinator.hold = asyncio.Event()
+        client = Client(chat())
+        task = h.request(client)
+        assert (await client.next_body()).startswith(b": loading m ")
+        h.coordinator.refusal = Refused(Reason.START_FAILED, "Model 'm' failed to start: boom")
+        h.coordinator.hold.set()
+        await finished(task)
+        last = client.sent[-1]
+        assert last["more_body"] is False and json.loads(last["body"][len(b"data: "):])["error"]["code"] == (
+            "model_start_failed")
+
+    run(scenario)
 
 
 def test_a_refusal_from_the_coordinator_is_answered_with_its_http_error() -> None:

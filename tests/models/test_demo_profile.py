@@ -12,6 +12,7 @@ import io
 import wave
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -118,6 +119,25 @@ def test_an_evicted_image_model_is_parked_and_renders_the_same_after_restore(
     test_music(client)  # musicgen (parked to make room for flux) back: tiny-qwen, now the LRU one, makes room
     states = {name: entry["state"] for name, entry in orch.status().items()}
     assert [states[m] for m in ("tiny-qwen", "tiny-flux", "tiny-musicgen")] == ["parked", "ready", "ready"], states
+
+
+def test_metrics_show_every_family_after_the_demo_served(client: openai.OpenAI, orch: Orchestrator) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    test_embeddings(client)
+    text = httpx.get(orch.url + "/metrics", timeout=30).text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    expected = {  # docs/observability.md; NVML's measured memory is absent without a GPU
+        "aio_requests", "aio_e2e_request_latency_seconds", "aio_time_to_first_byte_seconds", "aio_queue_wait_seconds",
+        "aio_prompt_tokens", "aio_generation_tokens", "aio_swaps", "aio_model_transition_seconds", "aio_model_state",
+        "aio_requests_in_flight", "aio_requests_waiting", "aio_model_restarts", "aio_model_failures",
+        "aio_model_parks", "aio_model_restores", "aio_model_park_failures", "aio_gpu_memory_declared_bytes",
+        "aio_host_memory_parked_bytes", "aio_gpu_budget_bytes", "aio_host_budget_bytes"}
+    assert expected <= set(families), expected - set(families)
+    models = {s.labels["model"] for s in families["aio_requests"].samples}
+    assert {"tiny-qwen", "tiny-flux", "tiny-musicgen", "all-minilm"} <= models
+    parks = {s.labels["model"]: s.value for s in families["aio_model_parks"].samples}
+    assert parks["tiny-flux"] >= 1  # the eviction test above parked it
 
 
 def test_unknown_model_is_a_not_found_error(client: openai.OpenAI) -> None:

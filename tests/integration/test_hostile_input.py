@@ -80,12 +80,8 @@ def orch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
         "resets": {"type": "text", "command": [sys.executable, "-c", RESETTING_SERVICE, "--port", "{port}"],
                    "port": free_port(), "startup_time": 20, "stop_timeout": 5, "vram_gb": 1},
     }
-    # An idle keep-alive connection outlives any pause of the test: hypothesis may take seconds to
-    # build a large example, and a connection the server closes just as the client reuses it is
-    # reset (a client-side race, not an answer to judge).
     config = write_config(directory, models, gpu_memory_gb=100, max_wait=10, restart_backoff_max=0.5,
-                          api_key_env="AIO_API_KEYS", admin_key_env="AIO_ADMIN_KEYS",
-                          limits={"keep_alive_timeout": 600})
+                          api_key_env="AIO_API_KEYS", admin_key_env="AIO_ADMIN_KEYS")
     started = start_orchestrator(config, directory / "orchestrator.log",
                                  {"AIO_API_KEYS": CLIENT_KEY, "AIO_ADMIN_KEYS": ADMIN_KEY})
     try:
@@ -100,7 +96,11 @@ def orch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
 
 @pytest.fixture(scope="module")
 def http(orch: Orchestrator) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=orch.url, timeout=TIMEOUT) as client:
+    # A fresh connection per example: each answer is judged alone. On a reused one, an earlier
+    # example could leave the server closing it (its unread body past the header bound, or the
+    # idle deadline while hypothesis builds a large example under load), and the next example
+    # would be blamed for the reset.
+    with httpx.Client(base_url=orch.url, timeout=TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         yield client
 
 

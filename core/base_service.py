@@ -54,7 +54,6 @@ from core.middleware import (
     CancelOnDisconnect,
     ConcurrencyCap,
     ReadinessGate,
-    RequestCounter,
     ServiceTokenAuth,
     take_service_token,
 )
@@ -93,7 +92,7 @@ class BaseService(ABC):
         self.service_token: str | None = None  # required as "Authorization: Bearer" when set
         self.parked_level: ParkLevel | None = None
         self._server: uvicorn.Server | None = None
-        self._requests = RequestCounter(None)
+        self._requests: ConcurrencyCap | None = None  # counts requests in progress; made by create_app()
         self._load_task: asyncio.Task[None] | None = None
 
     # -- what subclasses implement ------------------------------------------------------
@@ -145,11 +144,11 @@ class BaseService(ABC):
 
     def requests_in_progress(self) -> int:
         """Requests past the readiness gate that have not ended yet."""
-        return self._requests.active
+        return 0 if self._requests is None else self._requests.active
 
     async def requests_drained(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for no request to be in progress; whether none is."""
-        return await self._requests.idle(timeout)
+        return True if self._requests is None else await self._requests.idle(timeout)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -251,13 +250,11 @@ class BaseService(ABC):
 
     def _guarded(self, app: ASGIApp) -> ASGIApp:
         """``app`` behind the middlewares, outermost first: service token, readiness,
-        request counter, concurrency cap, cancel on disconnect (core/middleware.py)."""
-        guarded: ASGIApp = CancelOnDisconnect(app)
-        self._requests = RequestCounter(guarded)
-        guarded = self._requests
-        if self.max_concurrency is not None:
-            guarded = ConcurrencyCap(guarded, self.max_concurrency)
-        guarded = ReadinessGate(guarded, self.not_ready_reason)
+        concurrency cap (which also counts the requests in progress: a park waits for them), cancel on
+        disconnect (core/middleware.py)."""
+        limit = sys.maxsize if self.max_concurrency is None else self.max_concurrency
+        self._requests = ConcurrencyCap(CancelOnDisconnect(app), limit)
+        guarded: ASGIApp = ReadinessGate(self._requests, self.not_ready_reason)
         if self.service_token is not None:
             guarded = ServiceTokenAuth(guarded, self.service_token)
         return guarded

@@ -94,7 +94,8 @@ class ReadinessGate:
 class InFlightCap:
     """Answers ``refusal`` at once past ``limit`` counted requests in progress (streams count
     until they end): shed load instead of queueing without bound. ``counted`` picks the
-    requests that count; the others pass through, so health probes answer under load."""
+    requests that count; the others pass through, so health probes answer under load.
+    ``idle()`` waits for the counted requests to end (a park drains them first)."""
 
     def __init__(self, app: ASGIApp, limit: int, counted: Callable[[Scope], bool], refusal: ServiceError) -> None:
         self.app = app
@@ -102,6 +103,7 @@ class InFlightCap:
         self.counted = counted
         self.refusal = refusal
         self.active = 0
+        self._idle: asyncio.Event | None = None  # made by idle() only: nothing per request until then
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.counted(scope):
@@ -115,33 +117,14 @@ class InFlightCap:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
-
-
-class RequestCounter:
-    """Counts the gated requests in progress (``active``): a park waits for them to end."""
-
-    def __init__(self, app: ASGIApp | None) -> None:
-        self.app = app
-        self.active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self.app is not None
-        if not _gated(scope):
-            await self.app(scope, receive, send)
-            return
-        self.active += 1
-        self._idle.clear()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-            if not self.active:
+            if not self.active and self._idle is not None:
                 self._idle.set()
 
     async def idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for no request to be in progress; whether none is."""
+        """Wait up to ``timeout`` seconds for no counted request to be in progress; whether none is."""
+        if not self.active:
+            return True
+        self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
@@ -150,7 +133,8 @@ class RequestCounter:
 
 
 class ConcurrencyCap(InFlightCap):
-    """429 + Retry-After past ``max_concurrency`` requests in progress (the orchestrator queues)."""
+    """429 + Retry-After past ``max_concurrency`` requests in progress (the orchestrator queues);
+    with ``sys.maxsize``, only the count (``active``, ``idle()``)."""
 
     def __init__(self, app: ASGIApp, max_concurrency: int) -> None:
         super().__init__(app, max_concurrency, _gated, ServiceError(

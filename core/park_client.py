@@ -66,23 +66,22 @@ class ParkClient:
 
     def __init__(self, spec: ModelSpec, client: httpx.AsyncClient, service_token: str | None) -> None:
         self.spec = spec
+        self.calls = calls_of(spec)  # once: the scheduler asks `parkable` for every model at every decision
         self._client = client
         self._headers = {"Authorization": f"Bearer {service_token}"} if service_token else {}
 
     @property
     def parkable(self) -> bool:
-        return calls_of(self.spec) is not None
+        return self.calls is not None
 
     async def park(self, level: int) -> ParkOutcome:
-        calls = calls_of(self.spec)
-        if calls is None:
+        if self.calls is None:
             raise ParkUnsupported(f"{self.spec.name} has no way to park (see its park: key)")
-        return await self._run("park", calls.park, level)
+        return await self._run("park", self.calls.park, level)
 
     async def restore(self, level: int) -> ParkOutcome:
-        calls = calls_of(self.spec)
-        assert calls is not None, "restore of a model that cannot park"
-        return await self._run("restore", calls.restore, level)
+        assert self.calls is not None, "restore of a model that cannot park"
+        return await self._run("restore", self.calls.restore, level)
 
     async def _run(self, what: str, calls: list[HttpCall], level: int) -> ParkOutcome:
         began = time.monotonic()

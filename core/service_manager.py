@@ -288,7 +288,7 @@ class ManagedService:
 
     def park_settled(self, new: State, reason: str) -> bool:
         """Called by the park or restore task: go to ``new`` unless a stop or crash took over."""
-        if self._park_task is not asyncio.current_task() or self.state not in (State.PARKING, State.RESTORING):
+        if not self._is_current_park():
             return False
         if new is State.READY:
             self._last_used = time.monotonic()  # idle from now (TTL, LRU)
@@ -298,8 +298,12 @@ class ManagedService:
 
     def park_failed(self, reason: str) -> None:
         """Called by the park or restore task: stop the service, unless a stop or crash took over."""
-        if self._park_task is asyncio.current_task() and self.state in (State.PARKING, State.RESTORING):
+        if self._is_current_park():
             self.stop(reason)
+
+    def _is_current_park(self) -> bool:
+        """Called from a park or restore task: it is still the one under way (no stop or crash took over)."""
+        return self._park_task is asyncio.current_task() and self.state in (State.PARKING, State.RESTORING)
 
     # -- stop -------------------------------------------------------------------------------
 

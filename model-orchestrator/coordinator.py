@@ -147,15 +147,18 @@ class Coordinator:
             self.release(svc)
 
     def servable_now(self, name: str) -> bool:
-        """Whether ``acquire(name)`` would return at once (its fast path): no request waits for any
-        model and ``name`` has a free slot."""
-        return not self._waiting_total and can_serve_now(self.manager[name])
+        """Whether ``acquire(name)`` would return at once (its fast path)."""
+        return self._servable_now(self.manager[name])
+
+    def _servable_now(self, svc: ManagedService) -> bool:
+        """No request waits for any model and ``svc`` has a free slot."""
+        return not self._waiting_total and can_serve_now(svc)
 
     async def acquire(self, name: str, ticket: Ticket | None = None) -> ManagedService:
         """``name`` ready, with a slot taken for one request (``release`` gives it back). ``ticket``
         says who asks, and learns whether this request started or restored the model."""
         svc = self.manager[name]
-        if not self._waiting_total and can_serve_now(svc):
+        if self._servable_now(svc):
             # Fast path, the common case: nobody queued anywhere, so nothing can be closing
             # it (closing needs a waiter) and plan() would say Serve; no snapshot needed.
             svc.begin_request()

@@ -41,6 +41,7 @@ class ModelIndex:
         for spec in config.models.values():
             for name in spec.names():
                 self.by_name[name] = spec
+        self.private = {name: private_paths(spec) for name, spec in config.models.items()}  # /upstream refuses
 
     def renames(self) -> dict[str, str]:
         """Alias → model name, for every alias (what upstream_body rewrites)."""
@@ -131,7 +132,7 @@ def split_upstream_path(path: str, index: ModelIndex) -> tuple[ModelSpec, str]:
     orchestrator itself calls those, never a client, not even an admin.
     """
     spec, rest = _split(path.removeprefix("/upstream/").split("/"), index)
-    if posixpath.normpath("/" + rest.lstrip("/")) in private_paths(spec):  # "/./sleep/" is "/sleep" too
+    if posixpath.normpath("/" + rest.lstrip("/")) in index.private[spec.name]:  # "/./sleep/" is "/sleep" too
         raise ServiceError(403, f"{rest} of model {spec.name!r} is the orchestrator's own (parking); "
                            "it is not reachable through /upstream", "private_route")
     return spec, rest

@@ -32,9 +32,9 @@ def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("models") / "tiny-qwen")
 
 
-def vllm_args(model: Path) -> list[str]:
-    return ["--model", str(model), "--engine", "vllm", "--served-model-name", "tiny", "--max-model-len", "1024",
-            "--enforce-eager", "--enable-log-requests"]
+def vllm_args(model: Path, max_model_len: int = 1024) -> list[str]:
+    return ["--model", str(model), "--engine", "vllm", "--served-model-name", "tiny",
+            "--max-model-len", str(max_model_len), "--enforce-eager", "--enable-log-requests"]
 
 
 @dataclass
@@ -95,19 +95,28 @@ def test_sigterm_drains_a_stream_before_stopping_the_engine(tiny_text: Path) -> 
         assert not alive, alive
 
 
-def test_a_dead_engine_ends_requests_with_errors_and_the_service_exits(tiny_text: Path) -> None:
-    with text_service(*vllm_args(tiny_text)) as service, ThreadPoolExecutor(1) as pool:
+def test_a_dead_engine_ends_requests_with_errors_and_the_service_exits(tmp_path: Path) -> None:
+    from models.vllm.tiny import build
+
+    # Both requests enter a frozen engine, so they run in one batch and neither can end before the other
+    # has begun; the engine is frozen again once the stream has begun, then killed. Answers are ten times
+    # longer than the other tests' so that a starved test still freezes it long before the end.
+    long_context = build(tmp_path / "tiny-qwen-8k", max_position_embeddings=8192)
+    with text_service(*vllm_args(long_context, 8192)) as service, ThreadPoolExecutor(1) as pool:
         engine = service.engine_processes()
         [core] = [p for p in engine if p.name() == "VLLM::EngineCore"]
         start = service.log.mark()
-        body: dict[str, Any] = {"model": "tiny", "messages": HI, "max_tokens": 800, "ignore_eos": True}
+        core.suspend()
+        body: dict[str, Any] = {"model": "tiny", "messages": HI, "max_tokens": 8000, "ignore_eos": True}
         whole = pool.submit(httpx.post, service.url + "/v1/chat/completions", json=body, timeout=120)
         with httpx.stream("POST", service.url + "/v1/chat/completions", json={**body, "stream": True},
                           timeout=120) as response:
+            first = service.log.position("Added request", start)
+            service.log.position("Added request", first + 1)  # both requests are in the engine
+            core.resume()
             lines = (line for line in response.iter_lines() if line.startswith("data: "))
             events = [text_cases.parse_event(next(lines))]
-            first = service.log.position("Added request", start)  # both requests are in the engine
-            service.log.position("Added request", first + 1)
+            core.suspend()
             core.kill()
             events += [text_cases.parse_event(line) for line in lines]
         assert events[-1] == "[DONE]"

@@ -36,6 +36,7 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import signal
 import sys
 from abc import ABC, abstractmethod
@@ -47,6 +48,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from core.asgi import ASGIApp
+from core.child_env import MODEL_NAME_ENV
 from core.http_errors import install_error_handlers
 from core.log_setup import configure_logging
 from core.memory_share import VRAM_ENV, ShareError, share_from_env
@@ -75,7 +77,10 @@ class Health(str, enum.Enum):
 class BaseService(ABC):
     """Subclass, implement ``load`` and ``add_routes``, call ``run()``."""
 
-    name: ClassVar[str] = "service"
+    # The service's kind ("flux"). Started by the orchestrator, run() replaces it with the models.yaml
+    # entry's name (AIO_MODEL_NAME), so logs, /health and errors say which entry speaks: two entries
+    # may run the same script.
+    name: str = "service"
     default_port: ClassVar[int] = 8000
     default_model: ClassVar[str | None] = None  # --model when none is given (hub id or folder)
     # The packages the service's engine imports in load() (e.g. "diffusers"): ``--check-imports``
@@ -194,6 +199,10 @@ class BaseService(ABC):
         if self._server is not None:
             self._server.should_exit = True
 
+    def failed(self) -> bool:
+        """Whether fatal() was called: the service never serves again."""
+        return self.health is Health.FAILED
+
     def not_ready_reason(self) -> str | None:
         if self.health is Health.READY:
             return None
@@ -206,7 +215,11 @@ class BaseService(ABC):
     async def _load_and_warm(self) -> None:
         try:
             await self.load()
+            if self.failed():  # load() called fatal(): no warm-up, never ready
+                return
             await self.warmup()
+            if self.failed():
+                return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -243,7 +256,7 @@ class BaseService(ABC):
                 body["error"] = self.error
             return JSONResponse(body, 200 if self.health is Health.READY else 503)
 
-        install_error_handlers(app)
+        install_error_handlers(app, owner=self.name)
         mount_park_routes(app, self)
         self.add_routes(app)
         return self._guarded(app)
@@ -291,6 +304,7 @@ class BaseService(ABC):
     def run(self, argv: list[str] | None = None) -> None:
         """Parse the command line, serve until SIGTERM/SIGINT; exit 1 after a fatal error."""
         self.service_token = take_service_token()  # before anything can start a child process
+        self.name = os.environ.get(MODEL_NAME_ENV) or self.name
         self.options = self.argument_parser().parse_args(argv)
         self.model_path = self.options.model or self.model_path or self.default_model
         self.max_concurrency = self.options.max_concurrency

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # model services import SERVICE_TOKEN_ENV: keep the config mo
     from core.config import ModelSpec
 
 SERVICE_TOKEN_ENV = "AIO_SERVICE_TOKEN"
+MODEL_NAME_ENV = "AIO_MODEL_NAME"  # the models.yaml entry a child serves
 
 _NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TZ", "TERM", "TMPDIR", "TEMP", "TMP", "LANG", "LANGUAGE",
@@ -97,4 +98,5 @@ def service_env(spec: ModelSpec, token: str | None = None, passthrough: Iterable
         env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))
     if token is not None:
         env[SERVICE_TOKEN_ENV] = token
+    env[MODEL_NAME_ENV] = spec.name
     return env

@@ -19,14 +19,16 @@ needs the file system (scripts and interpreters exist) and cross-model rules
 
 from __future__ import annotations
 
+import difflib
 import os
 import shlex
 import shutil
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 
 from core.config_park import ParkSpec
 from core.strict_model import Strict as _Strict
@@ -82,7 +84,8 @@ class ModelSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables added for this service.")
     python: str | None = Field(
         None, description="Interpreter (path, name on PATH, or a venv folder) for service_script. "
-        "Default: the orchestrator's own interpreter."
+        "Default: the orchestrator's own interpreter. Provisioning (core/render_config.py) fills it in "
+        "with the profile's model environment only where it is left out: one you set is kept."
     )
     port: int = Field(ge=1, le=65535, description="Port the service listens on (127.0.0.1 unless host says otherwise).")
     host: str = Field("127.0.0.1", description="Address the service binds and the orchestrator connects to.")
@@ -92,7 +95,9 @@ class ModelSpec(_Strict):
     endpoint: str | None = Field(
         None, description="The model's main OpenAI route; requests to it without `model` go to this model."
     )
-    aliases: list[str] = Field(default_factory=list, description="Other names clients may use for this model.")
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may use for this model. "
+                               "The orchestrator replaces an alias by the model's name in the request body, so "
+                               "the service sees, and its answers carry, the model's name.")
     vram_gb: float | None = Field(
         None, ge=0, description="GPU memory the service needs (0: none, it runs on CPU). "
         "Unset: it needs the whole GPU, so it runs alone."
@@ -340,9 +345,48 @@ def _describe(err: Any) -> str:
     else:
         where = f"key {'.'.join(loc)!r}"
     if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key"
+        return f"{where}: unknown key{_did_you_mean(err['loc'])}"
     got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
     return f"{where}: {err['msg']}{got}"
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """" (did you mean 'ttl'?)" for a misspelt key, from the keys allowed where it stands; else
+    the allowed keys, so the message alone says what to write."""
+    allowed = allowed_keys(OrchestratorConfig, [str(part) for part in loc[:-1]])
+    if not allowed:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+
+
+def allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The keys a mapping at ``path`` inside ``model`` accepts (``["models", "qwen"]`` → ModelSpec's)."""
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        inner = _nested_model(field.annotation) if field is not None else None
+        if inner is None:
+            return []
+        nested, keyed = inner
+        if keyed:  # dict[str, Model]: the next part is a key (a model's name), not a field
+            return allowed_keys(nested, path[i + 2:]) if i + 1 < len(path) else []
+        model = nested
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _nested_model(annotation: Any) -> tuple[type[BaseModel], bool] | None:
+    """(the config model inside an annotation, whether it is the value type of a dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict and len(args) == 2:
+        found = _nested_model(args[1])
+        return (found[0], True) if found is not None and not found[1] else None
+    for arg in args:  # X | None
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def check_config(config: OrchestratorConfig) -> list[str]:

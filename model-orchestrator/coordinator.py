@@ -207,7 +207,7 @@ class Coordinator:
         """Park or stop the victims, and start or restore ``svc`` once they are out. Synchronous: no await."""
         evict, park = decision.evict, decision.park
         stops: list[Awaitable[object]] = [
-            self.manager[v].park(self.manager[v].spec.park.level, f"to make room for {svc.name}") if v in park
+            self._park_or_stop(self.manager[v], f"to make room for {svc.name}") if v in park
             else self.manager[v].stop(f"evicted for {svc.name}") for v in evict
         ]
         need = self._gpu_need(svc)
@@ -288,10 +288,21 @@ class Coordinator:
                                                   else "requests are using or awaiting it")
             raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {why}.")
         self._swapped(name, "park", "admin")
-        await svc.park(svc.spec.park.level, "parked by operator")
-        if svc.state is ServiceState.STOPPING:  # the park failed: the stop it fell back to is the outcome
-            await svc.stop()
+        await self._park_or_stop(svc, "parked by operator")
         return svc
+
+    @staticmethod
+    def _park_or_stop(svc: ManagedService, reason: str) -> Awaitable[None]:
+        """Begin parking ``svc`` now (synchronously: the scheduler sees it PARKING at once); the
+        awaitable ends when it is parked or, when the park failed, once the stop it fell back to is
+        done (its memory is only free then: the next model must not start beside it)."""
+        parking = svc.park(svc.spec.park.level, reason)
+
+        async def settled() -> None:
+            await parking
+            if svc.state is ServiceState.STOPPING:
+                await svc.stop()
+        return settled()
 
     async def unload(self, name: str, reason: str = "unloaded by operator") -> None:
         if self.manager[name].state.has_process:

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     host, port = args.host or settings.host, args.port or settings.port
     if args.check or args.print_address or args.port_free:  # preflight: answer on stdout, never serve
         if args.check:
-            print(f"{config.source}: OK, {len(config.models)} models: {', '.join(config.models)}")
+            count = f"{len(config.models)} model{'' if len(config.models) == 1 else 's'}"
+            print(f"{config.source}: OK, {count}: {', '.join(config.models)}")
         if args.print_address:
             print(host, port, flush=True)  # before a --port-free failure, so the caller can name the address
         if args.port_free and (holder := port_holder(host, port)) is not None:

@@ -77,7 +77,28 @@ class ModelIndex:
         )
 
     def resolve(self, model: str | None, path: str) -> ModelSpec:
-        return self.default_for(path) if model is None else self.lookup(model)
+        if model is None:
+            return self.default_for(path)
+        spec = self.lookup(model)
+        if not serves(spec, path):  # refused before a cold start that could only end in a 404
+            raise ServiceError(404, not_served_message(spec, model, path), "route_not_served", param="model")
+        return spec
+
+
+def serves(spec: ModelSpec, path: str) -> bool:
+    """Whether ``spec`` may serve an OpenAI route: one of its type's (a ``custom`` model, any), or
+    its own ``endpoint``. Routes outside ENDPOINT_TYPES are the service's to answer."""
+    kind = ENDPOINT_TYPES.get(path)
+    return kind is None or spec.type in ("custom", kind) or spec.endpoint == path
+
+
+def not_served_message(spec: ModelSpec, requested: str, path: str) -> str:
+    named = repr(requested) if requested == spec.name else f"{requested!r} (an alias of {spec.name!r})"
+    routes = [spec.endpoint] if spec.endpoint else [route for route, kind in ENDPOINT_TYPES.items()
+                                                    if kind == spec.type]
+    serving = f"its endpoint is {', '.join(routes)}" if routes else "it has no OpenAI route"
+    article = "an" if spec.type[0] in "aeiou" else "a"
+    return f"The model {named} is {article} {spec.type} model and does not serve {path}: {serving}."
 
 
 def body_limit(path: str, headers: Iterable[tuple[bytes, bytes]], limits: Limits) -> int:

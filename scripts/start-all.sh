@@ -12,7 +12,7 @@ ORCHESTRATOR="$REPO_ROOT/model-orchestrator/orchestrator.py"
 
 usage() {
     cat <<EOF
-Usage: $(basename "$0") [--config FILE] [--host H] [--port P] [--python PY] [--timeout S]
+Usage: $(basename "$0") [--config FILE] [--host H] [--port P] [--python PY] [--timeout S] [--check]
 
 Start the ai-orchestrator in the background and wait until GET /health answers 200.
 
@@ -27,6 +27,7 @@ Options:
                   install.sh built in the data folder, else <repo>/.venv/bin/python
                   if it exists, else python3)
   --timeout S     seconds to wait for /health (default: 60)
+  --check         only validate the config that would be served, print it and its models, and exit
   -h, --help      show this help and exit
 
 Files (runtime dir: \$AIO_RUN_DIR, else <repo>/run; created private, mode 0700/0600):
@@ -70,11 +71,13 @@ else
     PY="python3"
 fi
 TIMEOUT=60
+CHECK_ONLY=false
 
 need_value() { [[ $# -ge 2 && -n "$2" ]] || usage_error "option $1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
+        --check) CHECK_ONLY=true; shift ;;
         --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
         --config=*) CONFIG="${1#*=}"; shift ;;
         --host) need_value "$@"; HOST="$2"; shift 2 ;;
@@ -96,6 +99,10 @@ command -v "$PY" >/dev/null 2>&1 || die "python interpreter not found: $PY (use 
 PY="$(command -v "$PY")"
 [[ -f "$CONFIG" ]] || die "config not found: $CONFIG (use --config or \$AIO_CONFIG)"
 CONFIG="$(cd -- "$(dirname -- "$CONFIG")" && pwd -P)/$(basename -- "$CONFIG")"
+if [[ "$CHECK_ONLY" == true ]]; then  # the same file and interpreter a start would use
+    cd "$REPO_ROOT"
+    exec "$PY" "$ORCHESTRATOR" --config "$CONFIG" --check
+fi
 
 # shellcheck source=scripts/lib/common.sh
 source "$REPO_ROOT/scripts/lib/common.sh"

@@ -31,14 +31,18 @@ fi
 export AIO_ANSIBLE_BIN="$ANSIBLE_VENV/bin"
 
 # The dashboard test drives a headless Chromium from Debian's packages (a browser a tool would
-# download cannot be reached from CI); it fails rather than skips without one.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-    echo "==> installing chromium and chromium-driver"
+# download cannot be reached from CI); it fails rather than skips without one. The guide's test
+# (tests/integration/test_adding_models_doc.py) runs its curl commands.
+missing=()
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then missing+=(chromium chromium-driver); fi
+if ! command -v curl >/dev/null; then missing+=(curl); fi
+if ((${#missing[@]})); then
+    echo "==> installing ${missing[*]}"
     as_root=()
     if [[ "$(id -u)" -ne 0 ]] && command -v sudo >/dev/null; then as_root=(sudo); fi
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 echo "==> ruff"

@@ -49,6 +49,7 @@ class FakeService(EchoService):
         parser.add_argument("--start-delay", type=float, default=0.0, help="seconds load() takes")
         parser.add_argument("--fail-health", action="store_true", help="never become ready")
         parser.add_argument("--fail-load", action="store_true", help="raise in load() (process exits 1)")
+        parser.add_argument("--fatal-in-load", action="store_true", help="call fatal() in load() (process exits 1)")
         parser.add_argument("--crash-after", type=int, help="SIGKILL itself on request number N+1")
         parser.add_argument("--ignore-sigterm", action="store_true", help="ignore SIGTERM (needs SIGKILL)")
         parser.add_argument("--stream-chunks", type=int, help="answer with exactly N tokens")
@@ -76,8 +77,14 @@ class FakeService(EchoService):
         await asyncio.sleep(opts.start_delay)
         if opts.fail_load:
             raise RuntimeError("fake load failure (--fail-load)")
+        if opts.fatal_in_load:
+            self.fatal("the weights do not match the config (--fatal-in-load)")
         if opts.fail_health:
             await asyncio.Event().wait()
+
+    async def warmup(self) -> None:
+        print(f"{self.name}: warm-up ran", flush=True)
+        await super().warmup()
 
     async def unload(self) -> None:
         await asyncio.sleep(self.options.drain_delay)

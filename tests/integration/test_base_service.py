@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from core.child_env import SERVICE_TOKEN_ENV
+from core.child_env import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
 from core.middleware import take_service_token
 from tests.integration.conftest import FAKE, health_status, running_service, wait_until
 
@@ -83,6 +83,31 @@ def test_failed_load_exits_nonzero_with_the_reason() -> None:
         assert proc.wait(15) == 1
         assert proc.stdout is not None
         assert b"fake load failure" in proc.stdout.read()
+
+
+def test_fatal_in_load_stops_the_start_before_warm_up() -> None:
+    with service("--fatal-in-load") as (proc, _):
+        assert proc.wait(15) == 1
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode()
+        assert "fatal: the weights do not match the config" in output
+        assert "warm-up ran" not in output and "fake: ready" not in output
+
+
+def test_a_route_it_does_not_serve_is_a_404_naming_the_entry_and_its_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MODEL_NAME_ENV, "support-bot")  # what the orchestrator gives each service
+    with service() as (proc, url):
+        assert wait_until(lambda: _status(url) == 200, 10)
+        assert httpx.get(url + "/health").json()["service"] == "support-bot"
+        wrong = httpx.post(url + "/v1/classify", json={"input": "x"}, timeout=5)
+        assert wrong.status_code == 404
+        error = wrong.json()["error"]
+        assert error["code"] == "route_not_served" and error["type"] == "not_found_error"
+        assert error["message"].startswith("The model 'support-bot' does not serve POST /v1/classify; it serves ")
+        assert "POST /v1/chat/completions" in error["message"] and "/health" not in error["message"]
+        proc.terminate()
+        output = proc.communicate(timeout=15)[0].decode()
+    assert "support-bot: ready" in output and "support-bot: stopped" in output  # its log lines name the entry
 
 
 def test_service_token_is_required_on_every_route_but_health(monkeypatch: pytest.MonkeyPatch) -> None:

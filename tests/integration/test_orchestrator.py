@@ -196,7 +196,7 @@ def test_upstream_passthrough_and_logs(orchestrator: Any) -> None:
     who = httpx.get(orch.url + "/upstream/org/model-1/whoami", timeout=30)
     assert who.status_code == 200 and who.json()["service"] == "m1"
     logs = httpx.get(orch.url + "/logs/org/model-1", params={"lines": 50}, timeout=10)
-    assert "fake: ready" in logs.text
+    assert "org/model-1: ready" in logs.text  # the service labels its lines with its entry
 
 
 def test_client_disconnect_cancels_the_upstream_request(orchestrator: Any) -> None:

@@ -50,8 +50,10 @@ class Setup:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def script(self, script: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(script), *args], env=self.env, capture_output=True, text=True,
+    def script(self, script: Path, *args: str, timeout: float = 90, env_config: str | None = None
+               ) -> subprocess.CompletedProcess[str]:
+        env = self.env if env_config is None else {**self.env, "AIO_CONFIG": env_config}
+        return subprocess.run([str(script), *args], env=env, capture_output=True, text=True,
                               timeout=timeout, check=False, cwd=self.tmp)  # any cwd works
 
     def start(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -221,9 +223,21 @@ def test_the_orchestrator_cli_answers_the_preflight_questions(setup: Setup) -> N
         squatter.listen()
         taken = preflight("--check", "--print-address", "--port-free")
     assert taken.returncode == 1
-    assert taken.stdout.splitlines() == [f"{setup.config}: OK, 1 models: echo", f"127.0.0.1 {setup.port}"]
+    assert taken.stdout.splitlines() == [f"{setup.config}: OK, 1 model: echo", f"127.0.0.1 {setup.port}"]
     assert f"cannot listen on 127.0.0.1:{setup.port}: in use by pid {os.getpid()}" in taken.stderr
     assert not setup.leftovers()
+
+
+def test_check_validates_the_config_start_would_serve_and_starts_nothing(setup: Setup) -> None:
+    checked = setup.start("--check")
+    assert (checked.returncode, checked.stdout) == (0, f"{setup.config}: OK, 1 model: echo\n"), checked.stderr
+    from_env = setup.script(START, "--check", env_config=str(setup.config))
+    assert from_env.returncode == 0 and from_env.stdout.startswith(f"{setup.config}: OK"), from_env.stderr
+    setup.config.write_text(setup.config.read_text().replace("stop_timeout:", "stop_timout:"))
+    misspelt = setup.start("--check")
+    assert misspelt.returncode == 2
+    assert "model 'echo': key 'stop_timout': unknown key (did you mean 'stop_timeout'?)" in misspelt.stderr
+    assert not setup.pidfile.exists() and not setup.leftovers()
 
 
 def test_orchestrator_dying_at_startup_shows_its_log(setup: Setup) -> None:

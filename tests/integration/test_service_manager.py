@@ -31,7 +31,7 @@ def test_start_ready_then_stop_leaves_nothing(tmp_path: Path) -> None:
         assert svc.state is ServiceState.STOPPED and svc.pid is None
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         log_text = (tmp_path / "logs" / "m.log").read_text()
-        assert "fake: ready" in log_text and "exited with status" in log_text
+        assert "m: ready" in log_text and "exited with status" in log_text  # labelled with its entry
     run(scenario, tmp_path)
 
 
@@ -164,7 +164,7 @@ def test_stopping_a_sigstopped_service_ends_within_stop_timeout(tmp_path: Path, 
         assert svc.state is ServiceState.STOPPED and not alive(pid)
         if graceful:
             assert took < svc.spec.stop_timeout
-            assert "fake: stopped" in (tmp_path / "logs" / "m.log").read_text()  # its own shutdown ran
+            assert "m: stopped" in (tmp_path / "logs" / "m.log").read_text()  # its own shutdown ran
         else:
             assert svc.spec.stop_timeout <= took < svc.spec.stop_timeout + 3
     run(scenario, tmp_path, args=args, stop_timeout=2)

@@ -51,12 +51,12 @@ def test_alternating_models_park_and_restore_the_same_processes(orchestrator: An
 
 
 def test_a_service_that_cannot_park_is_stopped_and_not_asked_again(orchestrator: Any) -> None:
-    models, settings = two("--cannot-park")
+    models, settings = two("--cannot-park", "--drain-delay", "1.5")  # its stop takes 1.5 s
     orch = orchestrator(models, **settings)
     served_by(orch, "a")
     served_by(orch, "b")
     status = orch.status()["a"]
-    assert status["state"] == "stopped"
+    assert status["state"] == "stopped"  # b started only once a's fallback stop was done: never both on the GPU
     assert "cannot park" in status["park"]["unsupported"] and status["park"]["enabled"] is False
     served_by(orch, "a")
     served_by(orch, "b")  # a is stopped straight away now: no second park attempt

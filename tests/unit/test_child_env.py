@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from core import REPO_ROOT
-from core.child_env import SERVICE_TOKEN_ENV, inherited, new_service_token, service_env
+from core.child_env import MODEL_NAME_ENV, SERVICE_TOKEN_ENV, inherited, new_service_token, service_env
 from core.config import ModelSpec
 from core.memory_share import VRAM_ENV
 
@@ -88,9 +88,12 @@ def test_inherited(name: str, passed: bool) -> None:
 def test_token_and_vram_share() -> None:
     token = new_service_token()
     assert len(token) >= 40 and token != new_service_token()
-    env = service_env(spec(vram_gb=0), token, base=ORCHESTRATOR_ENV)
+    entry = spec(vram_gb=0)
+    entry._name = "support-bot"  # as config loading names it
+    env = service_env(entry, token, base=ORCHESTRATOR_ENV)
     assert env[SERVICE_TOKEN_ENV] == token
     assert env[VRAM_ENV] == "0"
+    assert env[MODEL_NAME_ENV] == "support-bot"  # the service labels its logs and errors with it
     assert VRAM_ENV not in service_env(spec(), base=ORCHESTRATOR_ENV)
 
 

@@ -206,9 +206,15 @@ def _both(*mutations: Mutation) -> Mutation:
 
 
 BAD: list[tuple[str, Mutation, list[str]]] = [
-    ("unknown-model-key", _set("models.a.colour", "red"), ["model 'a'", "key 'colour'", "unknown key"]),
-    ("unknown-settings-key", _set("settings.prot", 1), ["key 'settings.prot'", "unknown key"]),
-    ("unknown-top-key", _set("extra", 1), ["key 'extra'", "unknown key"]),
+    ("unknown-model-key", _set("models.a.colour", "red"),
+     ["model 'a'", "key 'colour'", "unknown key (allowed: type, service_script, command, args,"]),
+    ("misspelt-model-key", _set("models.a.tll", 60), ["model 'a'", "key 'tll'", "unknown key (did you mean 'ttl'?)"]),
+    ("misspelt-park-key", _set("models.a.park", {"levle": 1}),
+     ["model 'a'", "key 'park.levle'", "did you mean 'level'?"]),
+    ("unknown-settings-key", _set("settings.prot", 1), ["key 'settings.prot'", "unknown key (did you mean 'port'?)"]),
+    ("misspelt-limits-key", _set("settings.limits", {"json_body_m": 3}),
+     ["key 'settings.limits.json_body_m'", "did you mean 'json_body_mb'?"]),
+    ("unknown-top-key", _set("extra", 1), ["key 'extra'", "unknown key (allowed: settings, models)"]),
     ("missing-models", lambda data, _tmp: data.pop("models"), ["key 'models'", "required"]),
     ("missing-port", _drop("a", "port"), ["model 'a'", "key 'port'", "required"]),
     ("port-not-int", _set("models.a.port", "abc"), ["model 'a'", "key 'port'", "'abc'"]),

@@ -15,6 +15,7 @@ from model_orchestrator.routing import (
     body_limit,
     model_field,
     parse_model,
+    serves,
     split_upstream_path,
     upstream_body,
 )
@@ -54,13 +55,40 @@ def service_error(call: Any, *args: Any) -> ServiceError:
 # --- resolve --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("asked", "expected"), [("qwen", "qwen"), ("gpt-4o", "qwen"), ("q", "qwen"), ("bge", "bge")])
-def test_resolve_by_name_or_alias(asked: str, expected: str) -> None:
-    assert two_text_models().resolve(asked, "/v1/chat/completions").name == expected
+@pytest.mark.parametrize(("asked", "path", "expected"), [
+    ("qwen", "/v1/chat/completions", "qwen"), ("gpt-4o", "/v1/completions", "qwen"),
+    ("q", "/v1/chat/completions", "qwen"), ("bge", "/v1/embeddings", "bge")])
+def test_resolve_by_name_or_alias(asked: str, path: str, expected: str) -> None:
+    assert two_text_models().resolve(asked, path).name == expected
 
 
-def test_named_model_wins_over_endpoint_type() -> None:
-    assert two_text_models().resolve("bge", "/v1/chat/completions").name == "bge"
+def test_named_model_wins_over_the_default() -> None:
+    assert two_text_models(defaults={"text": "qwen"}).resolve("llama", "/v1/chat/completions").name == "llama"
+
+
+@pytest.mark.parametrize(("asked", "path", "expected"), [
+    ("bge", "/v1/chat/completions",
+     "The model 'bge' is an embedding model and does not serve /v1/chat/completions: its endpoint is /v1/embeddings."),
+    ("gpt-4o", "/v1/images/generations", "The model 'gpt-4o' (an alias of 'qwen') is a text model and does not "
+     "serve /v1/images/generations: its endpoint is /v1/chat/completions, /v1/completions."),
+    ("sd", "/v1/embeddings",
+     "The model 'sd' is an image model and does not serve /v1/embeddings: its endpoint is /v1/images/generations."),
+])
+def test_a_model_asked_for_a_route_of_another_type_is_404_naming_its_endpoint(asked: str, path: str,
+                                                                              expected: str) -> None:
+    err = service_error(two_text_models().resolve, asked, path)
+    assert (err.status, err.code, err.param, err.message) == (404, "route_not_served", "model", expected)
+
+
+@pytest.mark.parametrize(("spec", "path", "served"), [
+    (model("custom", 1), "/v1/chat/completions", True),   # a custom service answers for itself
+    (model("text", 1), "/v1/classify", True),             # not an OpenAI route the orchestrator knows
+    (model("text", 1, endpoint="/v1/embeddings"), "/v1/embeddings", True),  # its declared endpoint
+    (model("audio", 1), "/v1/audio/speech", True),
+    (model("audio", 1), "/v1/completions", False),
+])
+def test_serves(spec: dict[str, Any], path: str, served: bool) -> None:
+    assert serves(index({"m": spec}).by_name["m"], path) is served
 
 
 def test_unknown_model_is_404_listing_known_models() -> None:

@@ -2,7 +2,8 @@
 
 The guide's worked example (the ``sentiment`` service) is the template: every code block whose
 info string names a file (```` ```python file=models/sentiment/server.py ````) is written
-with ``sentiment`` replaced by NAME and its port by a free one. So the scaffold, the guide
+with ``sentiment`` replaced by NAME, its route ``/v1/classify`` by ``/v1/NAME`` and its port
+by a free one. So the scaffold, the guide
 and the test that runs the guide (tests/integration/test_adding_models_doc.py) can never
 drift apart: whatever the guide says today is what the scaffold writes and what CI runs.
 
@@ -21,7 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 GUIDE = REPO_ROOT / "docs" / "ADDING_MODELS.md"
 EXAMPLE = "sentiment"  # the worked example's name in the guide's code blocks
 EXAMPLE_PORT = 8010
-NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{1,39}")
+EXAMPLE_ROUTE = "classify"  # its route, /v1/classify
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{1,23}")  # 24 at most: the example's lines fit in 120 columns
 _FENCE = re.compile(r"^```(?P<info>[^`\n]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -71,8 +73,10 @@ def camel(name: str) -> str:
 
 
 def renamed(text: str, name: str, port: int) -> str:
-    """The example's text for a service called ``name`` on ``port``."""
+    """The example's text for a service called ``name`` on ``port``, serving ``/v1/<name>``: two
+    scaffolded services in one config never share a name, alias, port or endpoint."""
     text = text.replace(camel(EXAMPLE), camel(name)).replace(EXAMPLE, name)
+    text = re.sub(rf"(?<=/){EXAMPLE_ROUTE}\b", name, text)  # "/v1/classify", and client.post("/classify")
     return re.sub(rf"\b{EXAMPLE_PORT}\b", str(port), text)
 
 
@@ -114,8 +118,9 @@ Next, from {REPO_ROOT}:
   .venv/bin/python -m models.{name}.tiny .cache/tiny-models/{name}     # a tiny random-weight model
   .venv/bin/pytest tests/models/test_{name}.py tests/integration/test_{name}_routing.py
   scripts/start-all.sh --config models/{name}/models.yaml             # serve it on :9000
-Then replace the classifier in models/{name}/server.py with your model: docs/ADDING_MODELS.md
-walks through every file. (No .venv yet? scripts/dev-setup.sh makes one.)"""
+Then replace the classifier in models/{name}/server.py with your model (docs/ADDING_MODELS.md
+walks through every file), and add "-r {name}/requirements.txt" to models/requirements-services.txt
+so provisioning installs what it needs. (No .venv yet? scripts/dev-setup.sh makes one.)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite files that exist")
     args = parser.parse_args(argv)
     if not NAME_PATTERN.fullmatch(args.name) or args.name == EXAMPLE:
-        parser.error(f"NAME must be 2-40 of a-z, 0-9 and _, starting with a letter (a Python package name), "
+        parser.error(f"NAME must be 2-24 of a-z, 0-9 and _, starting with a letter (a Python package name), "
                      f"and not {EXAMPLE!r}; got {args.name!r}")
     port = args.port or free_port(args.root)
     try:

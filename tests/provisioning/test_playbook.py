@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,15 +144,37 @@ def test_models_tag_downloads_from_a_hub_endpoint_once(
     assert len(snapshots) == 1
 
 
-def test_install_sh_runs_the_playbook(converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path) -> None:
+def install_sh(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "AIO_ANSIBLE_VENV": str(ANSIBLE_BIN.parent), "ANSIBLE_NOCOLOR": "1"}
     env.pop("TS_AUTHKEY", None)
-    done = subprocess.run([str(REPO / "scripts" / "install.sh"), "--data-dir", str(data_dir), "--profile", "cpu",
-                           "--tags", "validate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    return subprocess.run([str(REPO / "scripts" / "install.sh"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+
+
+def test_install_sh_runs_the_playbook(converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path) -> None:
+    done = install_sh("--data-dir", str(data_dir), "--profile", "cpu", "--tags", "validate")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert recap(done.stdout)["failed"] == 0 and "Orchestrator healthy" in done.stdout
     assert f"it serves {data_dir}/models.yaml" in done.stdout
+
+
+def test_install_sh_provisions_a_config_of_ones_own(converged: tuple[subprocess.CompletedProcess[str], ...],
+                                                    data_dir: Path, tmp_path: Path) -> None:
+    """docs/ADDING_MODELS.md step 6: a deployment's own profile, rendered like the shipped one."""
+    own = tmp_path / "my pod's models.yaml"  # any character in the path
+    own.write_text(yaml.safe_dump({"models": {"mine": {
+        "type": "text", "service_script": "models/echo/server.py", "port": 8998, "python": sys.executable}}}))
+    try:
+        done = install_sh("--data-dir", str(data_dir), "--profile", "cpu", "--config", str(own),
+                          "--tags", "dependencies")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        assert f"config {own}" in done.stdout
+        rendered = load_config(data_dir / "models.yaml")
+        assert list(rendered.models) == ["mine"] and rendered.models["mine"].python == sys.executable
+    finally:
+        restored = install_sh("--data-dir", str(data_dir), "--profile", "cpu", "--tags", "dependencies")
+        assert restored.returncode == 0, restored.stdout[-3000:]
+    assert "tiny-qwen" in load_config(data_dir / "models.yaml").models
 
 
 def test_preflight_refuses_the_gpu_profile_without_a_gpu(data_dir: Path) -> None:

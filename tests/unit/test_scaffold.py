@@ -41,10 +41,13 @@ def test_camel(name: str, expected: str) -> None:
     assert camel(name) == expected
 
 
-def test_renamed_replaces_the_name_the_class_and_the_port_only() -> None:
-    text = "class SentimentService: name = 'sentiment'  # models/sentiment/ on 8010, not 80100 or 18010"
+def test_renamed_replaces_the_name_the_class_the_route_and_the_port_only() -> None:
+    text = ("class SentimentService: name = 'sentiment'  # models/sentiment/ on 8010, not 80100 or 18010\n"
+            "aliases: [sentiment-en]; POST /v1/classify; client.post('/classify'); a classifier; /v1/classifyx")
     assert renamed(text, "review_tagger", 8123) == (
-        "class ReviewTaggerService: name = 'review_tagger'  # models/review_tagger/ on 8123, not 80100 or 18010")
+        "class ReviewTaggerService: name = 'review_tagger'  # models/review_tagger/ on 8123, not 80100 or 18010\n"
+        "aliases: [review_tagger-en]; POST /v1/review_tagger; client.post('/review_tagger'); a classifier; "
+        "/v1/classifyx")
 
 
 def test_the_guide_holds_every_file_the_scaffold_writes() -> None:
@@ -53,7 +56,14 @@ def test_the_guide_holds_every_file_the_scaffold_writes() -> None:
         "models/review_tagger/__init__.py", "models/review_tagger/models.yaml",
         "models/review_tagger/requirements.txt", "models/review_tagger/server.py", "models/review_tagger/tiny.py",
         "tests/integration/test_review_tagger_routing.py", "tests/models/test_review_tagger.py"]
-    assert not any("sentiment" in text.lower() or "8010" in text for text in files.values())
+    assert not any("sentiment" in text.lower() or "8010" in text or "/classify" in text for text in files.values())
+
+
+def test_the_longest_name_keeps_every_python_line_within_the_line_length() -> None:
+    files = scaffold("n" * 24, 65535, GUIDE.read_text())
+    long = [(path, number) for path, text in files.items() if path.endswith(".py")
+            for number, line in enumerate(text.splitlines(), 1) if len(line) > 120]
+    assert not long, long
 
 
 def test_free_port_skips_every_port_a_profile_uses(tmp_path: Path) -> None:
@@ -74,7 +84,7 @@ def test_write_never_overwrites_without_force(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "b.py").read_text() == "two"
 
 
-@pytest.mark.parametrize("name", ["Bad", "1st", "with-dash", "x", "sentiment"])
+@pytest.mark.parametrize("name", ["Bad", "1st", "with-dash", "x", "sentiment", "n" * 25])
 def test_names_that_are_not_package_names_are_refused(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([name, "--root", "/nonexistent"])

@@ -50,16 +50,13 @@ def install_error_handlers(app: FastAPI, owner: str | None = None) -> None:
         return JSONResponse(error_body(f"Internal error: {type(exc).__name__}: {exc}", 500, "internal_error"), 500)
 
 
-# Routes every service has that are not what it serves: health, the orchestrator's park calls, docs.
-_PLUMBING = frozenset({"/health", "/state", "/offload", "/restore", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-
-
 def public_routes(app: FastAPI) -> list[str]:
-    """"METHOD /path" for each route the app serves to clients, in the order they were added."""
+    """"METHOD /path" for each route the app serves to clients, in the order they were added: those
+    in its schema but /health (so not the orchestrator's park calls, nor the docs)."""
     found = []
     for route in app.routes:
         path, methods = getattr(route, "path", None), getattr(route, "methods", None)
-        if path is None or not methods or path in _PLUMBING:
+        if path is None or not methods or path == "/health" or not getattr(route, "include_in_schema", True):
             continue
         found += [f"{method} {path}" for method in sorted(methods - {"HEAD", "OPTIONS"})]
     return found

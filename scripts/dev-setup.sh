@@ -23,16 +23,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-bash "$REPO_ROOT/scripts/lib/dev-venv.sh" --venv "$VENV" --extras test --models none
-# Strict editable mode lets mypy see model_orchestrator (the folder is model-orchestrator/).
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-    --config-settings editable_mode=strict -e "$REPO_ROOT"
-
-# torch's pin is the CPU profile's (one place for it); the services' packages are shared by both profiles.
-TORCH="$(grep -Eo '^torch==[^[:space:]]+' "$REPO_ROOT/models/requirements-cpu.txt")" \
-    || die "no torch pin in models/requirements-cpu.txt"
-echo "==> installing $TORCH (CPU) and the services' packages (models/requirements-services.txt) into $VENV"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH" \
-    -r "$REPO_ROOT/models/requirements-services.txt" "${EXTRA[@]}"
-"$VENV/bin/python" -c 'import torch, transformers' || die "torch and transformers do not import"
+bash "$REPO_ROOT/scripts/lib/dev-venv.sh" --venv "$VENV" --extras test --models light
+if ((${#EXTRA[@]})); then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${EXTRA[@]}"
+fi
 echo "==> ready: $VENV (next: docs/ADDING_MODELS.md, or scripts/new-model NAME)"

@@ -15,10 +15,6 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 fi
 
 bash scripts/lib/dev-venv.sh --venv "$VENV" --extras test --models cpu
-# Strict editable mode lets mypy see model_orchestrator (the folder is model-orchestrator/).
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-    --config-settings editable_mode=strict -e . 2>/dev/null \
-    || uv pip install --quiet --python "$VENV/bin/python" --no-deps --config-settings editable_mode=strict -e .
 
 # The provisioning tests run the real playbook; its tooling lives apart from the model stack.
 ANSIBLE_VENV="${AIO_ANSIBLE_VENV:-$REPO_ROOT/.venv-ansible}"

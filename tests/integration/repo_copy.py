@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.integration.conftest import REPO
+from tests.integration.conftest import REPO, processes_with
 
 _LEFT_OUT = shutil.ignore_patterns(".git", ".venv*", ".data", ".cache", "run", "logs", "build", "*.egg-info",
                                    "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis",
@@ -38,11 +38,4 @@ def run(root: Path, argv: list[str], timeout: float = 600) -> subprocess.Complet
 
 def processes_under(root: Path) -> list[psutil.Process]:
     """Live processes started from the copy (its path is in their command line)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and str(root) in " ".join(proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
+    return processes_with(str(root))

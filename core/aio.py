@@ -48,3 +48,36 @@ def done_future() -> asyncio.Future[None]:
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     future.set_result(None)
     return future
+
+
+async def within(aw: Awaitable[T], timeout: float | None) -> T:
+    """``aw``'s result, or ``asyncio.TimeoutError`` after ``timeout`` seconds (``aw`` is then cancelled).
+
+    ``asyncio.wait_for`` without its hazard: a cancellation of the caller always propagates
+    (``aw`` is cancelled with it), even when ``aw`` completes at the same moment.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(retrieve_exception)
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.wait({task})  # let it unwind (e.g. an HTTP request closing its connection)
+        if not task.cancelled():
+            task.exception()  # it ended some other way as it was timed out: the timeout stands
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+async def event_within(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``event``; whether it is set. (``within`` for the common case.)"""
+    if event.is_set():
+        return True
+    try:
+        await within(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True

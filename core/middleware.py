@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Callable, MutableMapping
 
+from core.aio import event_within
 from core.asgi import ASGIApp, ClientGone, DisconnectWatcher, Message, Receive, Scope, Send, read_body, send_error
 from core.child_env import SERVICE_TOKEN_ENV
 from core.errors import ServiceError
@@ -125,11 +126,7 @@ class InFlightCap:
         if not self.active:
             return True
         self._idle = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await event_within(self._idle, timeout)
 
 
 class ConcurrencyCap(InFlightCap):

@@ -10,7 +10,6 @@ instead and remembers why). When and whom to park is decided elsewhere (the sche
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from core.aio import within
 from core.config import ModelSpec
 from core.config_park import HttpCall, ParkCalls
 from core.parking import PARK_PATHS
@@ -86,7 +86,7 @@ class ParkClient:
     async def _run(self, what: str, calls: list[HttpCall], level: int) -> ParkOutcome:
         began = time.monotonic()
         try:
-            host_bytes = await asyncio.wait_for(self._send_all(what, calls, level), self.spec.park.timeout)
+            host_bytes = await within(self._send_all(what, calls, level), self.spec.park.timeout)
         except asyncio.TimeoutError:
             raise ParkFailed(f"{what} took longer than park.timeout ({self.spec.park.timeout:g}s)") from None
         return ParkOutcome(time.monotonic() - began, host_bytes)
@@ -99,7 +99,7 @@ class ParkClient:
 
     async def _send(self, what: str, call: HttpCall, level: int) -> Any:
         path = _fill(call.path, level, self.spec.name)
-        body = None if call.body is None else json.loads(_fill(json.dumps(call.body), level, self.spec.name))
+        body = _fill_json(call.body, level, self.spec.name)
         try:
             response = await self._client.request(call.method, self.spec.base_url() + path, json=body,
                                                   headers=self._headers, timeout=self.spec.park.timeout)
@@ -124,6 +124,18 @@ class ParkClient:
 
 def _fill(text: str, level: int, model: str) -> str:
     return text.replace("{level}", str(level)).replace("{model}", model)
+
+
+def _fill_json(value: Any, level: int, model: str) -> Any:
+    """A call's JSON body with ``{level}``/``{model}`` filled into its strings (in the parsed value, never
+    the JSON text: a model name with a quote or a backslash in it must stay one string)."""
+    if isinstance(value, str):
+        return _fill(value, level, model)
+    if isinstance(value, list):
+        return [_fill_json(item, level, model) for item in value]
+    if isinstance(value, dict):
+        return {key: _fill_json(item, level, model) for key, item in value.items()}
+    return value
 
 
 def _host_bytes(answer: Any, previous: int | None) -> int | None:

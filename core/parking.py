@@ -51,7 +51,7 @@ class MemoryUse:
     """What a service's model holds now (``BaseService.memory_use()``)."""
 
     vram_bytes: int = 0  # on the GPU (0 on CPU)
-    host_bytes: int = 0  # host memory kept for a restore (the permanent host copy; pinned with CUDA)
+    host_bytes: int | None = 0  # host memory kept for a restore (the host copy; pinned with CUDA); None: unknown
 
 
 class ParkUnsupported(Exception):

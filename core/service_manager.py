@@ -87,9 +87,8 @@ class ManagedService:
         self.upstream_timeouts = 0  # consecutive; see upstream_timed_out()
         self.on_change: Callable[[], None] | None = None  # called after every state change
         self.on_transition: Callable[[str, State, State], None] | None = None  # (name, old, new): metrics
-        self._start_task: asyncio.Task[None] | None = None
-        self._stop_task: asyncio.Task[None] | None = None
-        self._park_task: asyncio.Task[None] | None = None  # a park or a restore under way
+        # The operation under way per kind ("start", "park": a park or a restore, "stop"); see _begin.
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self.parker = ParkClient(spec, health, service_token)
         self.park_record = ParkRecord()
         self._health_watch: asyncio.Task[None] | None = None
@@ -168,14 +167,30 @@ class ManagedService:
         start is under way, calling again joins it. The future raises StartFailed, or is
         cancelled when a stop aborted the start; cancelling it only gives up the wait.
         """
-        if self.state is State.STARTING and self._start_task is not None:
-            return joined(self._start_task)
         if self.state is State.FAILED:
             self.failures.clear()  # the cooldown is over or an operator asked: a fresh budget
-        self._transition(State.STARTING)
-        self._start_task = asyncio.create_task(self._run_start(list(after)), name=f"start:{self.name}")
-        self._start_task.add_done_callback(retrieve_exception)
-        return joined(self._start_task)
+        return self._begin("start", State.STARTING, "", lambda: self._run_start(list(after)))
+
+    def _begin(self, kind: str, state: State, reason: str, work: Callable[[], Coroutine[Any, Any, None]]
+               ) -> asyncio.Future[None]:
+        """Begin or join: the one way a start, park, restore or stop begins.
+
+        In ``state`` with that operation still running: join it. Else go to ``state`` now
+        (synchronously, so every decision made after this call sees it) and run ``work()`` as the
+        ``kind`` task. The future is shielded: a waiter giving up never cancels the operation.
+        """
+        task = self._tasks.get(kind)
+        if self.state is state and task is not None and not task.done():
+            return joined(task)
+        if self.state is not state:
+            self._transition(state, reason)
+        task = self._tasks[kind] = asyncio.create_task(work(), name=f"{state.value}:{self.name}")
+        task.add_done_callback(retrieve_exception)
+        return joined(task)
+
+    def _is_current(self, kind: str, *states: State) -> bool:
+        """Called from an operation's task: it is still the one under way (no stop or crash took over)."""
+        return self.state in states and self._tasks.get(kind) is asyncio.current_task()
 
     async def _run_start(self, after: list[Awaitable[object]]) -> None:
         try:
@@ -202,7 +217,7 @@ class ManagedService:
         self._transition(State.READY, f"pid {self.pid}")
 
     def _is_current_start(self) -> bool:
-        return self.state is State.STARTING and self._start_task is asyncio.current_task()
+        return self._is_current("start", State.STARTING)
 
     def _check_still_starting(self) -> None:
         """Raise CancelledError once a stop has taken this start over, should its cancellation
@@ -238,9 +253,13 @@ class ManagedService:
     # -- exits and failures -------------------------------------------------------------
 
     async def _on_exit(self, process: asyncio.subprocess.Process, returncode: int | None) -> None:
-        """The process exited (its output drained): while READY that is a crash."""
+        """The process exited (its output drained): while READY, parking, parked or restoring that is a
+        crash. STOPPING at once (no request is sent to a dead port, no eviction parks it) while what is
+        left of the process tree is cleaned up; then STOPPED or FAILED per the restart policy."""
         if self.state.has_process and process is self.process:
-            await self._fail(self._process.with_log_tail(f"crashed: exited with status {returncode}"))
+            reason = f"crashed: exited with status {returncode}"
+            log.error("%s: %s", self.name, reason)
+            self.stop(reason, failure=reason)  # not awaited: the stop's kill() waits for this exit watch
 
     async def _fail(self, reason: str) -> None:
         """Record a failure, clean up what is left of the process, go STOPPED or FAILED."""
@@ -266,25 +285,18 @@ class ManagedService:
 
     # -- park and restore (core/service_park.py carries them out) ---------------------------
 
-    def park(self, level: int, reason: str) -> asyncio.Future[None]:
-        """Begin parking a READY service (PARKING at once); a future of its end, which never raises:
-        a park that fails stops the service instead (``park_record`` says why)."""
-        return self._begin_park(State.PARKING, f"level {level}: {reason}", run_park(self, level))
+    def park(self, level: int, reason: str, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
+        """Begin parking a READY service (PARKING at once; ``after`` awaited before its park calls); a
+        future of its end, which never raises: a park that fails stops the service instead
+        (``park_record`` says why). A stop cancels it."""
+        return self._begin("park", State.PARKING, f"level {level}: {reason}",
+                           lambda: run_park(self, level, list(after)))
 
     def restore(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
         """Begin restoring a PARKED service (RESTORING at once; ``after`` awaited first, as for a
         start), or join the restore under way. Never raises: a restore that fails stops the
         service, so the next start is cold."""
-        return self._begin_park(State.RESTORING, "", run_restore(self, list(after)))
-
-    def _begin_park(self, state: State, reason: str, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
-        if self.state is state and self._park_task is not None:
-            work.close()
-            return joined(self._park_task)
-        self._transition(state, reason)
-        self._park_task = asyncio.create_task(work, name=f"{state.value}:{self.name}")
-        self._park_task.add_done_callback(retrieve_exception)
-        return joined(self._park_task)
+        return self._begin("park", State.RESTORING, "", lambda: run_restore(self, list(after)))
 
     def park_settled(self, new: State, reason: str) -> bool:
         """Called by the park or restore task: go to ``new`` unless a stop or crash took over."""
@@ -302,8 +314,7 @@ class ManagedService:
             self.stop(reason)
 
     def _is_current_park(self) -> bool:
-        """Called from a park or restore task: it is still the one under way (no stop or crash took over)."""
-        return self._park_task is asyncio.current_task() and self.state in (State.PARKING, State.RESTORING)
+        return self._is_current("park", State.PARKING, State.RESTORING)
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -316,15 +327,10 @@ class ManagedService:
         """
         if self.state in (State.STOPPED, State.FAILED):
             return done_future()
-        if self.state is not State.STOPPING:
-            self._transition(State.STOPPING, reason)
-        if self._stop_task is None or self._stop_task.done():  # done while STOPPING: a stop was lost
-            self._stop_task = asyncio.create_task(self._run_stop(failure), name=f"stop:{self.name}")
-            self._stop_task.add_done_callback(retrieve_exception)
-        return joined(self._stop_task)
+        return self._begin("stop", State.STOPPING, reason, lambda: self._run_stop(failure))
 
     async def _run_stop(self, failure: str | None) -> None:
-        for task in (self._start_task, self._park_task):
+        for task in (self._tasks.get("start"), self._tasks.get("park")):
             if task is not None and not task.done() and task is not asyncio.current_task():
                 task.cancel()
                 await asyncio.wait({task})  # however it ends, this stop finishes the job

@@ -9,6 +9,7 @@ would only block the model it made room for.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -29,17 +30,18 @@ log = logging.getLogger(__name__)
 _STILL_HELD_BYTES = 2 * 1024**3  # CUDA context, vLLM's kept CUDA graphs: some memory always stays
 
 
-async def run_park(svc: ManagedService, level: int) -> None:
-    before = gpu_bytes_of_tree(svc.pid)
+async def run_park(svc: ManagedService, level: int, after: list[Awaitable[object]]) -> None:
+    await wait_all(after)  # the parked models stopped to make host room for this one go first
     try:
+        before = await asyncio.to_thread(gpu_bytes_of_tree, svc.pid)  # NVML blocks: never on the loop
         outcome = await svc.parker.park(level)
-        _check_freed(before, gpu_bytes_of_tree(svc.pid))
+        _check_freed(before, await asyncio.to_thread(gpu_bytes_of_tree, svc.pid))
     except ParkUnsupported as exc:
         svc.park_record = replace(svc.park_record, unsupported=str(exc))
         svc.park_failed(f"cannot park: {exc}")
         return
-    except ParkFailed as exc:
-        _record_failure(svc, f"park failed: {exc}")
+    except Exception as exc:  # ParkFailed, or a bug: either way the park is over and the service stops
+        _record_failure(svc, f"park failed: {_reason(exc)}")
         return
     svc.park_record = replace(svc.park_record, parks=svc.park_record.parks + 1, level=level,
                               host_bytes=outcome.host_bytes, seconds=outcome.seconds, last_error=None)
@@ -51,12 +53,19 @@ async def run_restore(svc: ManagedService, after: list[Awaitable[object]]) -> No
     level = svc.park_record.level or svc.spec.park.level
     try:
         outcome = await svc.parker.restore(level)
-    except ParkFailed as exc:
-        _record_failure(svc, f"restore failed: {exc}")
+    except Exception as exc:  # ParkFailed, or a bug: never left RESTORING (it holds its GPU share)
+        _record_failure(svc, f"restore failed: {_reason(exc)}")
         return
     svc.park_record = replace(svc.park_record, restores=svc.park_record.restores + 1, level=None,
                               host_bytes=outcome.host_bytes, seconds=outcome.seconds, last_error=None)
     svc.park_settled(ServiceState.READY, f"restored in {outcome.seconds:.2f}s")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ParkFailed):
+        return str(exc)
+    log.error("unexpected error while parking or restoring", exc_info=exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _record_failure(svc: ManagedService, reason: str) -> None:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from core.aio import event_within, wait_all
 from core.config import ModelSpec, Settings
 from core.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
@@ -38,6 +39,7 @@ from model_orchestrator.scheduler import (
     Wait,
     can_serve_now,
     idle_action,
+    park_room,
     plan,
 )
 
@@ -98,8 +100,7 @@ class Coordinator:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise asyncio.TimeoutError
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), min(remaining, _SAFETY_RECHECK))
+        await event_within(self._changed, min(remaining, _SAFETY_RECHECK))
 
     # -- snapshots --------------------------------------------------------------------
 
@@ -108,8 +109,8 @@ class Coordinator:
         record, spec = svc.park_record, svc.spec
         would_hold = _park_host_gb(spec, record.host_bytes)
         holds = record.host_bytes / GIB if record.host_bytes is not None else 0.0
-        if svc.state in (ServiceState.PARKING, ServiceState.PARKED) and record.host_bytes is None:
-            holds = math.inf if would_hold is None else would_hold  # it did not say: assume the estimate
+        if svc.state in (ServiceState.PARKING, ServiceState.PARKED):  # at least the estimate; unknown: all of it
+            holds = math.inf if would_hold is None else max(holds, would_hold)
         return ModelView(
             name=svc.name, state=svc.state, vram_gb=spec.vram_gb, pinned=spec.pinned,
             in_flight=svc.in_flight, last_used=svc.last_used, max_concurrency=spec.max_concurrency,
@@ -254,8 +255,9 @@ class Coordinator:
         if isinstance(exc, StartFailed):
             raise Refused(Reason.START_FAILED, f"Model {svc.name!r} failed to start: {exc}",
                           retry_after=max(1.0, svc.not_before - time.monotonic()))
-        if exc is not None:
-            raise exc
+        if exc is not None:  # a bug in the start: still an answer in the envelope, never a bare 500
+            raise Refused(Reason.START_FAILED, f"Model {svc.name!r} failed to start: {type(exc).__name__}: {exc}",
+                          retry_after=1.0)
 
     def _timed_out(self, svc: ManagedService) -> Refused:
         return Refused(Reason.WAIT_TIMEOUT, f"Timed out after {self.settings.max_wait:g}s waiting for model "
@@ -263,8 +265,8 @@ class Coordinator:
 
     def release(self, svc: ManagedService) -> None:
         svc.end_request()
-        # Wake waiters (this slot, or this model draining) and the TTL watch (idle from now).
-        if self._waiting_total or (svc.in_flight == 0 and svc.spec.ttl > 0):
+        # Wake waiters (this slot, or this model draining) and the idle watch (idle from now: ttl, park.idle).
+        if self._waiting_total or (svc.in_flight == 0 and (svc.spec.ttl > 0 or svc.spec.park.idle > 0)):
             self.notify()
 
     # -- operator actions, preload, TTL -----------------------------------------------
@@ -281,27 +283,45 @@ class Coordinator:
         svc = self.manager[name]
         if svc.state is ServiceState.PARKED:
             return svc
-        view = self.view(svc)
-        if not view.parkable or not view.idle or view.oldest_waiter is not None:
+        views = self.views()
+        view = views[name]
+        room = park_room(name, views, self.host_budget_gb) if view.parkable else None
+        if not view.idle or view.oldest_waiter is not None or room is None:
             why = svc.park_record.unsupported or ("it cannot park" if not view.parkable else
                                                   f"it is {svc.state.value}" if svc.state is not ServiceState.READY
-                                                  else "requests are using or awaiting it")
+                                                  else "requests are using or awaiting it" if not view.idle
+                                                  or view.oldest_waiter is not None else self._no_host_room(view))
             raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {why}.")
         self._swapped(name, "park", "admin")
-        await self._park_or_stop(svc, "parked by operator")
+        await self._park_or_stop(svc, "parked by operator", self._stop_for_room(room, name))
         return svc
 
+    def _no_host_room(self, view: ModelView) -> str:
+        if self.host_budget_gb == 0:
+            return "parking is off (settings.host_memory_gb: 0)"
+        needs = "an unknown amount" if view.park_host_gb is None else f"{view.park_host_gb:g} GB"
+        return (f"parked it would hold {needs} of host memory, more than the host budget "
+                f"({self.host_budget_gb:g} GB, settings.host_memory_gb) has room for")
+
+    def _stop_for_room(self, names: tuple[str, ...], parking: str) -> list[Awaitable[None]]:
+        """Stop the parked models ``names`` so ``parking`` fits the host budget (``park_room``)."""
+        for name in names:
+            self._swapped(name, "stop", "host_room")
+        return [self.manager[name].stop(f"to make host memory room for {parking}") for name in names]
+
     @staticmethod
-    def _park_or_stop(svc: ManagedService, reason: str) -> Awaitable[None]:
-        """Begin parking ``svc`` now (synchronously: the scheduler sees it PARKING at once); the
-        awaitable ends when it is parked or, when the park failed, once the stop it fell back to is
-        done (its memory is only free then: the next model must not start beside it)."""
-        parking = svc.park(svc.spec.park.level, reason)
+    def _park_or_stop(svc: ManagedService, reason: str, after: list[Awaitable[None]] | None = None
+                      ) -> Awaitable[None]:
+        """Begin parking ``svc`` now (synchronously: the scheduler sees it PARKING at once; ``after``
+        are awaited before the park calls, e.g. parked models stopped for host room); the awaitable
+        never raises and ends when it is parked or, when the park failed or a stop cancelled it, once
+        that stop is done (its memory is only free then: the next model must not start beside it)."""
+        parking = svc.park(svc.spec.park.level, reason, after or [])
 
         async def settled() -> None:
-            await parking
+            await wait_all([parking])  # not `await parking`: a stop cancelling the park ends it too
             if svc.state is ServiceState.STOPPING:
-                await svc.stop()
+                await wait_all([svc.stop()])
         return settled()
 
     async def unload(self, name: str, reason: str = "unloaded by operator") -> None:
@@ -337,10 +357,11 @@ class Coordinator:
             next_check = now + 3600.0
             views = self.views()
             for name, svc in self.manager.services.items():
-                action, at = idle_action(name, views, now, self.host_budget_gb)
+                action, at, room = idle_action(name, views, now, self.host_budget_gb)
                 if action == "park":
                     self._swapped(name, "park", "idle")
-                    svc.park(svc.spec.park.level, f"idle for {svc.spec.park.idle:g}s (park.idle)")
+                    self._park_or_stop(svc, f"idle for {svc.spec.park.idle:g}s (park.idle)",
+                                       self._stop_for_room(room, name))
                 elif action == "stop":
                     self._swapped(name, "stop", "ttl")
                     svc.stop(f"idle for {svc.spec.ttl:g}s (ttl)")
@@ -348,8 +369,7 @@ class Coordinator:
                     views = self.views()  # what it holds changed: the next model decides on that
                 elif at is not None:
                     next_check = min(next_check, at)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.0, next_check - now))
+            await event_within(self._changed, max(0.0, next_check - now))
 
 
 def _park_host_gb(spec: ModelSpec, measured_bytes: int | None) -> float | None:
@@ -357,8 +377,8 @@ def _park_host_gb(spec: ModelSpec, measured_bytes: int | None) -> float | None:
     the declared park.host_gb, the weights' size or its vram_gb; None when nothing says."""
     if spec.park.level == 2:
         return 0.0
-    if measured_bytes is not None:
-        return measured_bytes / GIB
+    if measured_bytes is not None:  # a service that under-reports (0: "unknown") never undercuts the declared size
+        return max(measured_bytes / GIB, spec.park.host_gb or 0.0)
     for value in (spec.park.host_gb, spec.weights.size_gb if spec.weights else None, spec.vram_gb):
         if value is not None:
             return value

@@ -10,6 +10,8 @@
 * ``server_options(limits)``: the ``uvicorn.run`` keyword arguments for ``settings.limits``.
 * ``RequestCap``: at most ``max_requests`` requests in progress across all models; more
   get 503 + Retry-After in the OpenAI envelope.
+* ``CanonicalPath``: the request's path decoded once into the one form every later layer
+  reads and the proxy sends on (model_orchestrator.paths), or a 400 before anything reads it.
 * ``AccessGate``: every request checked against its route's scope (the policy is
   model_orchestrator.auth) before any work is done for it.
 
@@ -33,6 +35,7 @@ from core.config import Limits
 from core.errors import ServiceError
 from core.middleware import InFlightCap
 from model_orchestrator import auth
+from model_orchestrator.paths import canonical_path
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +181,24 @@ class AccessGate:
         if refusal is None and needed is auth.Access.ADMIN:
             refusal = auth.cross_site_problem(scope["headers"], self._loopback_bind)
         return refusal
+
+
+class CanonicalPath:
+    """ASGI middleware: ``scope["path"]`` becomes the request's canonical path (paths.canonical_path),
+    and a path that has none is answered 400 here, before the access policy or the routing read it.
+    So the scope a route is checked against is the path its service is sent, byte for byte."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            try:
+                path = canonical_path(scope.get("raw_path") or scope["path"].encode())
+            except ServiceError as exc:
+                if scope["type"] == "http":
+                    await send_error(send, exc)
+                return  # a websocket closes unaccepted
+            if path != scope["path"]:
+                scope = {**scope, "path": path}
+        await self.app(scope, receive, send)

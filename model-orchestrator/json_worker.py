@@ -143,8 +143,9 @@ class JsonWorker:
                 process = self._process
                 if process is None or process.returncode is not None:  # first use, or it died idle
                     process = await self._start()
-                head, new_body = await asyncio.wait_for(
-                    self._exchange(process, body, max_depth, renames), _EXCHANGE_TIMEOUT)
+                from core.aio import within  # here: this file also runs as the stdlib-only helper
+
+                head, new_body = await within(self._exchange(process, body, max_depth, renames), _EXCHANGE_TIMEOUT)
             except BaseException as exc:  # died, stuck or cancelled mid-message: the pipe is out of step
                 self._discard()
                 if isinstance(exc, (OSError, ValueError, EOFError, asyncio.TimeoutError)):
@@ -159,8 +160,10 @@ class JsonWorker:
         process, self._process = self._process, None
         if process is not None and process.stdin is not None:
             process.stdin.close()  # EOF: the helper's loop ends
+            from core.aio import within
+
             try:
-                await asyncio.wait_for(process.wait(), 2)
+                await within(process.wait(), 2)
             except asyncio.TimeoutError:
                 process.kill()
                 await process.wait()

@@ -49,7 +49,7 @@ from core.service_manager import ServiceManager
 from model_orchestrator import auth
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
-from model_orchestrator.http_server import AccessGate, RequestCap, server_options
+from model_orchestrator.http_server import AccessGate, CanonicalPath, RequestCap, server_options
 from model_orchestrator.metrics import Metrics
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ModelIndex
@@ -103,6 +103,7 @@ class Runtime:
 
 class OrchestratorApp:
     """The ASGI app. Layers, outermost first: lifespan (starts and stops the ``Runtime``),
+    ``CanonicalPath`` (the one form of the path every layer reads and the proxy sends, or a 400),
     ``AccessGate`` (every request checked against its route's scope, model_orchestrator.auth),
     then ``route``: POST /v1/* and /upstream/* on the lean data path, the rest to the control app.
     """
@@ -112,7 +113,7 @@ class OrchestratorApp:
         self.runtime = Runtime(config, use_reaper=use_reaper)
         self.control = build_control_app(self.runtime)
         keys = keys if keys is not None else auth.Keys.from_env(config.settings)
-        self._gated = AccessGate(self.route, keys, auth.is_loopback_host(host or config.settings.host))
+        self._gated = CanonicalPath(AccessGate(self.route, keys, auth.is_loopback_host(host or config.settings.host)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterable
 
 import aiohttp
+from yarl import URL
 
 from core.asgi import ClientGone, DisconnectWatcher, Receive, Scope, Send, content_length, read_body, send_error
 from core.config import Limits, ModelSpec
@@ -40,6 +41,7 @@ from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker
 from model_orchestrator.loading import Answer, admit
 from model_orchestrator.metrics import Metrics
+from model_orchestrator.paths import upstream_query, upstream_target
 from model_orchestrator.refusals import Refused, http_error
 from model_orchestrator.routing import (
     ModelIndex,
@@ -180,8 +182,11 @@ class Proxy:
         watcher: DisconnectWatcher, answer: Answer,
     ) -> None:
         assert self._session is not None, "Proxy.open() was not called"
+        # ``path`` is canonical (paths.py): sent as it is, so the service gets the path that was
+        # checked; a plain str URL would be normalised again by yarl (dot-segments resolved).
         query = scope.get("query_string", b"")
-        url = spec.base_url() + path + ("?" + query.decode("latin-1") if query else "")
+        url = URL(spec.base_url() + upstream_target(path) + ("?" + upstream_query(query) if query else ""),
+                  encoded=True)
         timeout = self._timeouts.get(spec.name)
         if timeout is None:
             timeout = self._timeouts[spec.name] = aiohttp.ClientTimeout(

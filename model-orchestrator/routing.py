@@ -8,7 +8,6 @@ is this path, else the only model of the endpoint's type.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -42,6 +41,11 @@ class ModelIndex:
             for name in spec.names():
                 self.by_name[name] = spec
         self.private = {name: private_paths(spec) for name, spec in config.models.items()}  # /upstream refuses
+        # Routes that some model declares as its own (custom endpoints): only it, or a custom model, serves them.
+        self.endpoints = frozenset(s.endpoint for s in config.models.values() if s.endpoint is not None)
+
+    def serves(self, spec: ModelSpec, path: str) -> bool:
+        return serves(spec, path, self.endpoints)
 
     def renames(self) -> dict[str, str]:
         """Alias → model name, for every alias (what upstream_body rewrites)."""
@@ -80,16 +84,19 @@ class ModelIndex:
         if model is None:
             return self.default_for(path)
         spec = self.lookup(model)
-        if not serves(spec, path):  # refused before a cold start that could only end in a 404
+        if not self.serves(spec, path):  # refused before a cold start that could only end in a 404
             raise ServiceError(404, not_served_message(spec, model, path), "route_not_served", param="model")
         return spec
 
 
-def serves(spec: ModelSpec, path: str) -> bool:
-    """Whether ``spec`` may serve an OpenAI route: one of its type's (a ``custom`` model, any), or
-    its own ``endpoint``. Routes outside ENDPOINT_TYPES are the service's to answer."""
+def serves(spec: ModelSpec, path: str, endpoints: frozenset[str] = frozenset()) -> bool:
+    """Whether ``spec`` may serve a route: an OpenAI route of its type's (a ``custom`` model, any),
+    or its own ``endpoint``. Another model's ``endpoint`` (one of ``endpoints``) is that model's
+    alone; any other route is the service's to answer."""
+    if spec.type == "custom" or spec.endpoint == path:
+        return True
     kind = ENDPOINT_TYPES.get(path)
-    return kind is None or spec.type in ("custom", kind) or spec.endpoint == path
+    return spec.type == kind if kind is not None else path not in endpoints
 
 
 def not_served_message(spec: ModelSpec, requested: str, path: str) -> str:
@@ -153,7 +160,9 @@ def split_upstream_path(path: str, index: ModelIndex) -> tuple[ModelSpec, str]:
     orchestrator itself calls those, never a client, not even an admin.
     """
     spec, rest = _split(path.removeprefix("/upstream/").split("/"), index)
-    if posixpath.normpath("/" + rest.lstrip("/")) in index.private[spec.name]:  # "/./sleep/" is "/sleep" too
+    # ``path`` is canonical (paths.py: no dot or empty segments, no encoded separators), so only a
+    # trailing "/" can spell a private route another way.
+    if (rest.rstrip("/") or "/") in index.private[spec.name]:
         raise ServiceError(403, f"{rest} of model {spec.name!r} is the orchestrator's own (parking); "
                            "it is not reachable through /upstream", "private_route")
     return spec, rest

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from core.service_state import ServiceState
 from model_orchestrator.refusals import Reason
@@ -196,6 +196,14 @@ def park_or_stop(
     return tuple(park), tuple(stops)
 
 
+def park_room(name: str, views: Mapping[str, ModelView], host_budget_gb: float | None) -> tuple[str, ...] | None:
+    """Whether ``name`` may park now: the parked models to stop first so it fits the host budget
+    (often none), or None when it cannot park (it cannot, parking is off, or no room can be made).
+    The one rule for every park: an eviction's (``park_or_stop``), the idle timer's, an operator's."""
+    park, stops = park_or_stop([name], views, host_budget_gb)
+    return stops if park == (name,) else None
+
+
 def _park_adds(view: ModelView) -> float:
     """Host memory parking ``view`` adds to what it holds already (a kept host copy costs nothing)."""
     return max(0.0, (view.park_host_gb if view.park_host_gb is not None else math.inf) - view.host_gb)
@@ -286,19 +294,28 @@ def _no_fit_message(target: str, views: Mapping[str, ModelView], budget_gb: floa
 IdleAction = Literal["park", "stop"]
 
 
-def idle_action(
-    name: str, views: Mapping[str, ModelView], now: float, host_budget_gb: float | None
-) -> tuple[IdleAction | None, float | None]:
+class IdleDecision(NamedTuple):
+    """What a model's idle timers call for now."""
+
+    action: IdleAction | None
+    at: float | None = None  # when to look again (None: no timer pending)
+    stops: tuple[str, ...] = ()  # with "park": parked models to stop first for host room (``park_room``)
+
+
+def idle_action(name: str, views: Mapping[str, ModelView], now: float, host_budget_gb: float | None) -> IdleDecision:
     """What ``name``'s idle timers call for now (``park.idle`` parks, ``ttl`` stops, a parked
-    model too), and when they next might (None: never); nothing while a request uses or awaits it."""
+    model too), and when they next might; nothing while a request uses or awaits it. A park
+    follows the host budget as any park does (``park_room``); one that cannot fit waits for ``ttl``."""
     view = views[name]
     if view.in_flight or view.oldest_waiter is not None or view.state not in (READY, PARKED):
-        return None, None
+        return IdleDecision(None)
     park_at = view.last_used + view.park_idle if view.park_idle > 0 and view.state is READY else math.inf
     stop_at = view.last_used + view.ttl if view.ttl > 0 else math.inf
-    if park_at <= now and park_at < stop_at and park_or_stop([name], views, host_budget_gb)[0] == (name,):
-        return "park", None
+    if park_at <= now and park_at < stop_at:
+        stops = park_room(name, views, host_budget_gb)
+        if stops is not None:
+            return IdleDecision("park", None, stops)
     if stop_at <= now:
-        return "stop", None
+        return IdleDecision("stop")
     upcoming = min(t for t in (park_at, stop_at, math.inf) if t > now)
-    return None, None if upcoming == math.inf else upcoming
+    return IdleDecision(None, None if upcoming == math.inf else upcoming)

@@ -229,7 +229,9 @@ class Footprint:
     since ``memory_use()`` is synchronous and vLLM's memory lives in its engine-core process."""
 
     vram_bytes: int = 0  # vLLM's GPU budget (gpu_memory_utilization x the device); its KV cache fills it
-    weight_bytes: int = 0  # the checkpoint's weight files: an estimate of what level 1 keeps in host memory
+    # The checkpoint's weight files: an estimate of what level 1 keeps in host memory; None when they
+    # cannot be found (the orchestrator then uses park.host_gb or its other estimates, never 0).
+    weight_bytes: int | None = 0
 
     def memory_use(self, parked_level: int | None) -> MemoryUse:
         if parked_level is None:
@@ -255,9 +257,10 @@ def footprint(engine: Any, sleep_mode: bool) -> Footprint:
     return Footprint(vram_bytes=vram, weight_bytes=weights)
 
 
-def checkpoint_bytes(model: str, revision: str | None = None) -> int:
+def checkpoint_bytes(model: str, revision: str | None = None) -> int | None:
     """Bytes of a model's weight files (safetensors, else ``pytorch_model*.bin``, ``*.pt``): a local folder,
-    or a hub id's snapshot in the local Hugging Face cache (never fetched); 0 when not found."""
+    or a hub id's snapshot in the local Hugging Face cache (never fetched); None when not found (unknown:
+    a 0 would tell the orchestrator that parking this model costs no host memory)."""
     folder = Path(model)
     if not folder.is_dir():
         try:
@@ -266,9 +269,9 @@ def checkpoint_bytes(model: str, revision: str | None = None) -> int:
             folder = Path(snapshot_download(model, revision=revision, local_files_only=True))
         except Exception as exc:  # not in the cache, or not a hub id: the estimate is unknown
             log.warning("cannot find %s's weight files to estimate its host memory: %s", model, exc)
-            return 0
+            return None
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt"):
         sizes = [path.stat().st_size for path in folder.glob(pattern) if path.is_file()]
         if sizes:
             return sum(sizes)
-    return 0
+    return None

@@ -124,8 +124,8 @@ def test_a_start_cancelled_by_anything_but_a_stop_cleans_up(tmp_path: Path) -> N
         start = svc.start()
         await wait_for_condition(lambda: svc.pid is not None, "the spawn")
         pid = svc.pid
-        assert pid is not None and svc._start_task is not None
-        svc._start_task.cancel()
+        assert pid is not None and "start" in svc._tasks
+        svc._tasks["start"].cancel()
         await asyncio.wait({start})
         assert start.cancelled()
         await wait_state(svc, ServiceState.STOPPED)

@@ -246,7 +246,10 @@ def test_the_level_1_host_copy_is_estimated_from_the_weight_files(tiny_text: Pat
     assert (use.memory_use(None).vram_bytes, use.memory_use(None).host_bytes) == (5, 0)
     assert (use.memory_use(1).vram_bytes, use.memory_use(1).host_bytes) == (0, weights)
     assert (use.memory_use(2).vram_bytes, use.memory_use(2).host_bytes) == (0, 0)
-    assert checkpoint_bytes(str(tiny_text / "missing")) == 0  # neither a folder nor a cached hub id
+    # Neither a folder nor a cached hub id: unknown (None), never 0, which would say parking costs
+    # nothing (#19: the coordinator preferred that 0 over park.host_gb); /state then says null.
+    assert checkpoint_bytes(str(tiny_text / "missing")) is None
+    assert Footprint(vram_bytes=5, weight_bytes=None).memory_use(1).host_bytes is None
 
 
 @vllm_import_warnings

@@ -8,6 +8,7 @@ import pytest
 
 from core.service_state import ServiceState
 from model_orchestrator.scheduler import (
+    IdleDecision,
     Join,
     ModelView,
     Restore,
@@ -15,6 +16,7 @@ from model_orchestrator.scheduler import (
     Wait,
     idle_action,
     park_or_stop,
+    park_room,
     plan,
 )
 from tests.unit.test_scheduler import NOW, WINDOW, snap, v
@@ -135,8 +137,11 @@ def test_park_or_stop_adds_what_parking_holds() -> None:
 # --- idle timers: park.idle parks, ttl stops ----------------------------------------------------------
 
 
-def idle(view: ModelView, host: float | None = 100) -> Any:
-    return idle_action(view.name, snap(view), NOW, host)
+def idle(view: ModelView, host: float | None = 100) -> tuple[Any, ...]:
+    """(action, when to look again), for a model alone: nothing to stop for host room."""
+    decision = idle_action(view.name, snap(view), NOW, host)
+    assert decision.stops == ()
+    return decision.action, decision.at
 
 
 def test_idle_past_park_idle_parks() -> None:
@@ -172,3 +177,35 @@ def test_busy_or_awaited_models_are_left_alone(busy: dict[str, Any]) -> None:
 
 def test_no_timers_never_wake() -> None:
     assert idle(v("m", S.READY, last_used=NOW - 1e6)) == (None, None)
+
+
+# --- one rule for every park: park_room (#19: the idle timer and the admin route ignored the budget) ----
+
+
+def test_idle_park_stops_older_parked_models_to_fit_the_host_budget() -> None:
+    # Budget 15 GB, a parked at 10 GB, c idle at 10 GB: parking c as well would pin 20 GB. The idle
+    # timer must stop a first (used less recently than c), as an eviction would.
+    views = snap(v("a", S.PARKED, last_used=NOW - 500, parkable=True, host_gb=10, park_host_gb=10),
+                 v("c", S.READY, last_used=NOW - 61, park_idle=60, parkable=True, park_host_gb=10))
+    assert idle_action("c", views, NOW, 15) == IdleDecision("park", None, ("a",))
+    assert park_room("c", views, 15) == ("a",)
+
+
+def test_idle_park_that_cannot_make_room_does_not_park() -> None:
+    # a was used more recently than c: it is not stopped for c, so c cannot park within 15 GB
+    views = snap(v("a", S.PARKED, last_used=NOW - 10, parkable=True, host_gb=10, park_host_gb=10),
+                 v("c", S.READY, last_used=NOW - 61, park_idle=60, parkable=True, park_host_gb=10))
+    assert idle_action("c", views, NOW, 15) == IdleDecision(None, None)
+    assert park_room("c", views, 15) is None
+
+
+@pytest.mark.parametrize("budget", [0.0, 5.0])
+def test_park_room_refuses_when_parking_is_off_or_too_big(budget: float) -> None:
+    views = snap(v("c", S.READY, parkable=True, park_host_gb=10))
+    assert park_room("c", views, budget) is None
+    assert park_room("c", views, 10.0) == ()
+    assert park_room("c", views, None) == ()  # no budget: anything fits
+
+
+def test_park_room_needs_a_parkable_model() -> None:
+    assert park_room("c", snap(v("c", S.READY, parkable=False, park_host_gb=1)), 100) is None

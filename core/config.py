@@ -138,6 +138,17 @@ class ModelSpec(_Strict):
             raise ValueError(f"must start with '/', got {value!r}")
         return value
 
+    @field_validator("endpoint")
+    @classmethod
+    def _client_route(cls, value: str | None) -> str | None:
+        # Clients reach a service only under /v1/, on a path in its one plain form (model_orchestrator/paths.py).
+        if value is None:
+            return value
+        segments = value.split("/")[1:]
+        if not value.startswith("/v1/") or any(s in ("", ".", "..") for s in segments) or set("%?#\\") & set(value):
+            raise ValueError(f"must be a plain route under /v1/ (e.g. /v1/rerank), got {value!r}")
+        return value
+
     @field_validator("command")
     @classmethod
     def _non_empty_command(cls, value: str | list[str] | None) -> str | list[str] | None:

@@ -31,8 +31,10 @@ def _nvml() -> Any | None:
 def gpu_memory_gb(index: int = 0) -> tuple[float, float] | None:
     """(total, free) GiB of GPU ``index``, or None when it cannot be read."""
     nvml = _nvml()
-    if nvml is None:
-        return None
+    return None if nvml is None else _memory_gb(nvml, index)
+
+
+def _memory_gb(nvml: Any, index: int) -> tuple[float, float] | None:
     try:
         info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
     except Exception as exc:
@@ -56,7 +58,11 @@ async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: 
     model before that makes it fail with out-of-memory. Without NVML this returns at once.
     """
     deadline = time.monotonic() + timeout
-    while (memory := gpu_memory_gb()) is not None and memory[1] < need_gb:
+    # NVML blocks (and nvmlInit is slow): off the event loop, initialised once per wait.
+    nvml = await asyncio.to_thread(_nvml)
+    if nvml is None:
+        return
+    while (memory := await asyncio.to_thread(_memory_gb, nvml, 0)) is not None and memory[1] < need_gb:
         if time.monotonic() >= deadline:
             log.warning("GPU still has only %.1f GiB free after %.0fs (need %.1f); starting anyway",
                         memory[1], timeout, need_gb)

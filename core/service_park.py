@@ -41,7 +41,7 @@ async def run_park(svc: ManagedService, level: int, after: list[Awaitable[object
         svc.park_failed(f"cannot park: {exc}")
         return
     except Exception as exc:  # ParkFailed, or a bug: either way the park is over and the service stops
-        _record_failure(svc, f"park failed: {_reason(exc)}")
+        _park_failed(svc, f"park failed: {_reason(exc)}")
         return
     svc.park_record = replace(svc.park_record, parks=svc.park_record.parks + 1, level=level,
                               host_bytes=outcome.host_bytes, seconds=outcome.seconds, last_error=None)
@@ -54,7 +54,7 @@ async def run_restore(svc: ManagedService, after: list[Awaitable[object]]) -> No
     try:
         outcome = await svc.parker.restore(level)
     except Exception as exc:  # ParkFailed, or a bug: never left RESTORING (it holds its GPU share)
-        _record_failure(svc, f"restore failed: {_reason(exc)}")
+        _park_failed(svc, f"restore failed: {_reason(exc)}")
         return
     svc.park_record = replace(svc.park_record, restores=svc.park_record.restores + 1, level=None,
                               host_bytes=outcome.host_bytes, seconds=outcome.seconds, last_error=None)
@@ -68,7 +68,7 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _record_failure(svc: ManagedService, reason: str) -> None:
+def _park_failed(svc: ManagedService, reason: str) -> None:
     log.error("%s: %s; stopping it (it starts cold next time)", svc.name, reason)
     svc.park_record = replace(svc.park_record, failures=svc.park_record.failures + 1, last_error=reason, level=None)
     svc.park_failed(reason)

@@ -284,19 +284,21 @@ class Coordinator:
         if svc.state is ServiceState.PARKED:
             return svc
         views = self.views()
-        view = views[name]
-        room = park_room(name, views, self.host_budget_gb) if view.parkable else None
-        if not view.idle or view.oldest_waiter is not None or room is None:
-            why = svc.park_record.unsupported or ("it cannot park" if not view.parkable else
-                                                  f"it is {svc.state.value}" if svc.state is not ServiceState.READY
-                                                  else "requests are using or awaiting it" if not view.idle
-                                                  or view.oldest_waiter is not None else self._no_host_room(view))
-            raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {why}.")
+        room = park_room(name, views, self.host_budget_gb)
+        if room is None or not views[name].idle or views[name].oldest_waiter is not None:
+            raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {self._why_not(views[name])}.")
         self._swapped(name, "park", "admin")
         await self._park_or_stop(svc, "parked by operator", self._stop_for_room(room, name))
         return svc
 
-    def _no_host_room(self, view: ModelView) -> str:
+    def _why_not(self, view: ModelView) -> str:
+        """Why the operator cannot park ``view``'s model now."""
+        if not view.parkable:
+            return self.manager[view.name].park_record.unsupported or "it cannot park"
+        if view.state is not ServiceState.READY:
+            return f"it is {view.state.value}"
+        if not view.idle or view.oldest_waiter is not None:
+            return "requests are using or awaiting it"
         if self.host_budget_gb == 0:
             return "parking is off (settings.host_memory_gb: 0)"
         needs = "an unknown amount" if view.park_host_gb is None else f"{view.park_host_gb:g} GB"

@@ -107,8 +107,8 @@ class Metrics:
         r = self.registry
         self.models: dict[str, _ModelRequests] = {}
         self.swaps = Counter("aio_swaps", "Models loaded, restored, parked or stopped by the scheduler, by "
-                             "reason (request, eviction, ttl, idle, admin, preload).", ["model", "action", "reason"],
-                             registry=r)
+                             "reason (request, eviction, host_room, ttl, idle, admin, preload).",
+                             ["model", "action", "reason"], registry=r)
         self.transition = Histogram("aio_model_transition_seconds", "How long each start, stop, park and "
                                     "restore took.", ["model", "kind"], buckets=TRANSITION_BUCKETS, registry=r)
         r.register(RequestCollector(self.models))

@@ -212,7 +212,7 @@ class Proxy:
     ) -> None:
         event_stream = upstream.content_type == "text/event-stream"
         if answer.started and not (event_stream and upstream.status == 200):
-            await _error_event_from(upstream, send, answer)  # loading comments went out: no status now
+            await _error_event_from(spec, upstream, send, answer)  # loading comments went out: no status now
             watcher.complete()
             return
         if not answer.started:
@@ -263,9 +263,17 @@ async def _send_error(send: Send, error: ServiceError, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": sse_event(error.body()), "more_body": False})
 
 
-async def _error_event_from(upstream: aiohttp.ClientResponse, send: Send, answer: Answer) -> None:
-    """An upstream answer that is not a 200 event stream, after loading comments: as an error event."""
-    raw = await upstream.content.read(_ERROR_BODY_MAX)
+async def _error_event_from(spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send, answer: Answer) -> None:
+    """An upstream answer that is not a 200 event stream, after loading comments: as an error event
+    (one that breaks off while its body is read, too: the client still gets an event, never a bare close)."""
+    try:
+        raw = await upstream.content.read(_ERROR_BODY_MAX)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        reason = _describe_break(spec, exc)
+        log.warning("%s", reason)
+        answer.status = 502
+        await send({"type": "http.response.body", "body": _sse_error(reason), "more_body": False})
+        return
     try:
         body = json.loads(raw)
     except ValueError:

@@ -402,3 +402,28 @@ def test_a_refusal_from_the_coordinator_is_answered_with_its_http_error() -> Non
         assert h.upstream.exchanges.empty()
 
     run(scenario)
+
+
+def test_an_error_answer_that_breaks_off_after_the_comments_is_still_an_error_event() -> None:
+    # #19: after loading comments a non-stream answer is turned into an error event; reading its body
+    # was outside the relay's guard, so an upstream dying there escaped the proxy: no event, no release
+    # accounting, and the client saw the connection drop.
+    async def scenario(h: Harness) -> None:
+        h.coordinator.hold = asyncio.Event()
+        client = Client(chat())
+        task = h.request(client)
+        assert (await client.next_body()).startswith(b": loading m ")
+        h.coordinator.hold.set()
+        exchange = await h.upstream.next()
+        await exchange.raw(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                           b"content-length: 100\r\n\r\n")
+        exchange.die()  # before a byte of its body
+        await finished(task)
+        last = client.sent[-1]
+        assert last["more_body"] is False and last["body"].startswith(b"data: ")
+        error = json.loads(last["body"][len(b"data: "):])["error"]
+        assert error["code"] == "upstream_error" and "'m' broke off the response" in error["message"]
+        assert [m["type"] for m in client.sent].count("http.response.start") == 1
+        assert (h.coordinator.active, h.coordinator.released) == (0, 1)
+
+    run(scenario)

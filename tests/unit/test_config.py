@@ -255,6 +255,10 @@ BAD: list[tuple[str, Mutation, list[str]]] = [
     ("vram-over-budget", _both(_set("settings.gpu_memory_gb", 24), _set("models.a.vram_gb", 40)),
      ["model 'a'", "key 'vram_gb'", "40", "24"]),
     ("endpoint-relative", _set("models.a.endpoint", "v1/chat"), ["model 'a'", "key 'endpoint'", "'/'"]),
+    # A client reaches a service only under /v1/, on a plain path (#19): another endpoint could never be served.
+    ("endpoint-outside-v1", _set("models.a.endpoint", "/predict"), ["model 'a'", "key 'endpoint'", "under /v1/"]),
+    ("endpoint-dot-segment", _set("models.a.endpoint", "/v1/../offload"), ["model 'a'", "key 'endpoint'", "plain"]),
+    ("endpoint-encoded", _set("models.a.endpoint", "/v1/a%2Fb"), ["model 'a'", "key 'endpoint'", "plain"]),
     ("health-relative", _set("models.a.health_path", "health"), ["model 'a'", "key 'health_path'", "'/'"]),
     ("empty-command-string", _set("models.a.command", ""), ["model 'a'", "key 'command'", "empty"]),
     ("blank-command-string", _set("models.a.command", "   "), ["model 'a'", "key 'command'", "empty"]),

@@ -91,6 +91,19 @@ def test_serves(spec: dict[str, Any], path: str, served: bool) -> None:
     assert serves(index({"m": spec}).by_name["m"], path) is served
 
 
+def test_another_models_custom_endpoint_is_not_served_before_anything_starts() -> None:
+    # #19: POST /v1/ner {"model": "echo"} started echo (parking ner to make room) only to get its 404.
+    idx = index({"ner": model("text", 1, endpoint="/v1/ner"), "echo": model("text", 2),
+                 "any": model("custom", 3)})
+    assert idx.resolve("ner", "/v1/ner").name == "ner"
+    assert idx.resolve(None, "/v1/ner").name == "ner"
+    assert idx.resolve("any", "/v1/ner").name == "any"  # a custom service answers for itself
+    assert idx.resolve("echo", "/v1/classify").name == "echo"  # nobody's endpoint: the service's to answer
+    err = service_error(idx.resolve, "echo", "/v1/ner")
+    assert (err.status, err.code, err.param) == (404, "route_not_served", "model")
+    assert "does not serve /v1/ner" in err.message
+
+
 def test_unknown_model_is_404_listing_known_models() -> None:
     err = service_error(two_text_models().resolve, "gpt-5", "/v1/chat/completions")
     assert (err.status, err.code, err.param) == (404, "model_not_found", "model")

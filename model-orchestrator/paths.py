@@ -24,9 +24,10 @@ from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
 from core.errors import ServiceError
 
-# Anything that may need the careful path: an escape, a dot or empty segment, a backslash,
-# a byte outside printable ASCII. Most requests match none and are decoded as they are.
-_SUSPECT = re.compile(rb"[%\\\x00-\x20\x7f-\xff]|/\.|//")
+# Anything that may need the careful path: an escape, a dot or empty segment, a backslash, a
+# "#" (h11 keeps a fragment in the raw path), a byte outside printable ASCII. Most requests match
+# none and are decoded as they are.
+_SUSPECT = re.compile(rb"[%#\\\x00-\x20\x7f-\xff]|/\.|//")
 _ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FORBIDDEN_DECODED = ("\\", "?", "#", "%")

@@ -93,10 +93,11 @@ def serves(spec: ModelSpec, path: str, endpoints: frozenset[str] = frozenset()) 
     """Whether ``spec`` may serve a route: an OpenAI route of its type's (a ``custom`` model, any),
     or its own ``endpoint``. Another model's ``endpoint`` (one of ``endpoints``) is that model's
     alone; any other route is the service's to answer."""
-    if spec.type == "custom" or spec.endpoint == path:
+    route = path.rstrip("/") or "/"  # "/v1/ner/" is the same route to a service
+    if spec.type == "custom" or spec.endpoint == route:
         return True
-    kind = ENDPOINT_TYPES.get(path)
-    return spec.type == kind if kind is not None else path not in endpoints
+    kind = ENDPOINT_TYPES.get(route)
+    return spec.type == kind if kind is not None else route not in endpoints
 
 
 def not_served_message(spec: ModelSpec, requested: str, path: str) -> str:

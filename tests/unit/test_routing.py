@@ -99,9 +99,11 @@ def test_another_models_custom_endpoint_is_not_served_before_anything_starts() -
     assert idx.resolve(None, "/v1/ner").name == "ner"
     assert idx.resolve("any", "/v1/ner").name == "any"  # a custom service answers for itself
     assert idx.resolve("echo", "/v1/classify").name == "echo"  # nobody's endpoint: the service's to answer
-    err = service_error(idx.resolve, "echo", "/v1/ner")
-    assert (err.status, err.code, err.param) == (404, "route_not_served", "model")
-    assert "does not serve /v1/ner" in err.message
+    for path in ("/v1/ner", "/v1/ner/"):  # a trailing "/" is the same route to a service
+        err = service_error(idx.resolve, "echo", path)
+        assert (err.status, err.code, err.param) == (404, "route_not_served", "model")
+        assert f"does not serve {path}" in err.message
+    assert service_error(idx.resolve, "echo", "/v1/embeddings/").code == "route_not_served"
 
 
 def test_unknown_model_is_404_listing_known_models() -> None:

@@ -84,12 +84,14 @@ def inherited(name: str, passthrough: Iterable[str] = ()) -> bool:
 def service_env(spec: ModelSpec, token: str | None = None, passthrough: Iterable[str] = (),
                 base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The child's environment: the allowlisted part of ours (``base``, default ``os.environ``),
-    the spec's additions, unbuffered output, `core` importable, the service token, and its GPU
-    share (``vram_gb``) for the engines to keep to (see core/memory_share.py)."""
+    the spec's additions, unbuffered output, CUDA's device order as NVML's, `core` importable, the
+    service token, and its GPU share (``vram_gb``) for the engines to keep to (see core/memory_share.py)."""
     patterns = tuple(passthrough)
     source = os.environ if base is None else base
     env = {name: value for name, value in source.items() if inherited(name, patterns)}
-    env.update({"PYTHONUNBUFFERED": "1", **spec.env})
+    # CUDA numbers devices fastest first by default, NVML (the orchestrator's view) by PCI bus: on a
+    # multi-GPU host device 0 would be two different cards. The model's own env may still say otherwise.
+    env.update({"PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **spec.env})
     env.pop(VRAM_ENV, None)  # never inherit another model's share
     env.pop(SERVICE_TOKEN_ENV, None)
     if spec.vram_gb is not None:  # 0 too: a service told it has no GPU share refuses to use the GPU

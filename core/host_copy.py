@@ -141,6 +141,7 @@ class HostCopy:
                     same = fresh.device == self.device
                     slot.tensor.data = fresh if same else _copy_to_device(torch, slot, fresh, self.device)
         _synchronize(torch, self.device)
+        _reflatten_rnns(torch, self.modules)
         log.info("restored %d tensors from level %d in %.2fs", len(self._slots), self.parked_level,
                  time.monotonic() - began)
         self.parked_level = None
@@ -349,3 +350,17 @@ class ParksWithHostCopy:
     def memory_use(self) -> MemoryUse:
         weights = self.parked_weights()
         return MemoryUse() if weights is None else weights.memory_use()
+
+
+def _reflatten_rnns(torch: Any, modules: Sequence[Any]) -> None:
+    """Give every RNN (EnCodec's LSTMs in MusicGen) its one contiguous cuDNN weight buffer back.
+
+    On CUDA an RNN's weights are views of one flat buffer that cuDNN reads at once; restoring
+    gives each weight its own allocation, and every later call then warns ("RNN module weights
+    are not part of single contiguous chunk of memory") and copies them all (an error under
+    warnings-as-errors). ``flatten_parameters`` rebuilds the buffer; on the CPU it does nothing.
+    """
+    for module in modules:
+        for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
+            if isinstance(sub, torch.nn.RNNBase):
+                sub.flatten_parameters()

@@ -97,6 +97,15 @@ def test_token_and_vram_share() -> None:
     assert VRAM_ENV not in service_env(spec(), base=ORCHESTRATOR_ENV)
 
 
+def test_every_service_numbers_gpus_as_nvml_does() -> None:
+    # #20: CUDA's default order is fastest first, NVML's (the budgets, /status) is by PCI bus: without
+    # this, "device 0" could be two different cards on a multi-GPU host.
+    assert service_env(spec(), base={**ORCHESTRATOR_ENV, "CUDA_DEVICE_ORDER": "FASTEST_FIRST"})[
+        "CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert service_env(spec(env={"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}), base=ORCHESTRATOR_ENV)[
+        "CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"  # the model's own env still wins
+
+
 def test_a_command_service_gets_no_repo_pythonpath() -> None:
     env = service_env(spec(service_script=None, command="vllm serve x --port {port}"), base=ORCHESTRATOR_ENV)
     assert env["PYTHONPATH"] == "/opt/extra"

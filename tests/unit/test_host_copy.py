@@ -238,3 +238,57 @@ def test_cuda_host_copy_is_registered_and_device_memory_is_freed() -> None:
     views = copy.host_tensors
     copy.close()  # unregistered: the memory is pageable again
     assert not views[0].is_pinned()
+
+
+class Codec(torch.nn.Module):  # type: ignore[misc]
+    """An LSTM as in EnCodec (MusicGen's audio decoder), behind a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(8, 16)
+        self.lstm = torch.nn.LSTM(16, 16, num_layers=2, batch_first=True)
+
+    def forward(self, x: Any) -> Any:
+        return self.lstm(self.inp(x))[0]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_every_rnn_is_flattened_again_after_a_restore(level: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # #20: on CUDA an LSTM's weights are views of one cuDNN buffer, which a restore breaks up; the
+    # restore must rebuild it (flatten_parameters), or every call warns and copies. On the CPU the
+    # call does nothing, so here it is counted; the CUDA effect is the gpu test below.
+    flattened: list[Any] = []
+
+    def record(self: Any) -> None:  # a function, not flattened.append: it must bind as a method
+        flattened.append(self)
+
+    monkeypatch.setattr(torch.nn.LSTM, "flatten_parameters", record)
+    model = Codec().eval()
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        expected = model(x)
+    copy = HostCopy([model], "cpu", loader=lambda: [Codec()])
+    copy.park(level)
+    flattened.clear()  # an LSTM flattens itself when built: count only what the restore does
+    copy.restore()
+    assert [m for m in flattened if m is model.lstm] == [model.lstm]
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.gpu
+def test_an_lstm_restored_on_cuda_runs_without_the_non_contiguous_weights_warning() -> None:
+    import warnings
+
+    model = Codec().to("cuda").eval()
+    x = torch.randn(1, 5, 8, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+    copy = HostCopy([model], "cuda")
+    copy.park(1)
+    copy.restore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "RNN module weights are not part of single contiguous chunk"
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)

@@ -9,10 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
+
+import psutil
 
 log = logging.getLogger(__name__)
 _GIB = 1024**3
+_BLIND_FLOOR = 1 * _GIB  # device memory no process accounts for that is still not "blindness" (driver, contexts)
+_warned_blind = False
 
 
 def _nvml() -> Any | None:
@@ -71,21 +76,54 @@ async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: 
 
 
 def gpu_bytes_by_pid() -> dict[int, int] | None:
-    """GPU memory each process uses now, over every GPU (NVML); None when it cannot be read.
-
-    A process whose usage NVML cannot see (some containers hide other PID namespaces) is absent.
-    """
+    """GPU memory each process uses now, over every GPU (NVML); None when it cannot be read, or
+    cannot be trusted (``blind_view``). A process whose usage NVML cannot measure is absent."""
     nvml = _nvml()
     if nvml is None:
         return None
     used: dict[int, int] = {}
+    device_used = 0
     try:
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            device_used += int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
             for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.usedGpuMemory is not None:
                     used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory)
     except Exception as exc:
         log.debug("NVML could not list GPU processes: %s", exc)
         return None
-    return used
+    return None if blind_view(used, device_used) else used
+
+
+def blind_view(by_pid: dict[int, int], device_used: int, pid_exists: Callable[[int], bool] = psutil.pid_exists
+               ) -> bool:
+    """Whether NVML's per-process view is blind here: the devices hold memory (beyond the driver's
+    own, ``_BLIND_FLOOR``) but none of it is charged to a process this PID namespace can see.
+
+    Inside a container NVML can report the host's PIDs (NVIDIA/nvidia-docker#1483) or 0 bytes per
+    process; summing such a view gives 0 for every service, before and after a park alike.
+    """
+    visible = sum(used for pid, used in by_pid.items() if pid_exists(pid))
+    if visible == 0 and device_used > _BLIND_FLOOR:
+        global _warned_blind
+        if not _warned_blind:
+            _warned_blind = True
+            log.warning("NVML charges the GPUs' %.1f GiB to no process visible here (a container's PID "
+                        "namespace?): per-model GPU memory is unknown; parks are checked on the devices' "
+                        "free memory instead", device_used / _GIB)
+        return True
+    return False
+
+
+def gpu_used_bytes() -> int | None:
+    """Memory in use on every GPU together (NVML's device view, which containers do not hide)."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        return sum(int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)).used)
+                   for i in range(nvml.nvmlDeviceGetCount()))
+    except Exception as exc:
+        log.debug("NVML could not read the GPUs' memory: %s", exc)
+        return None

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import psutil
 
 from core.aio import wait_all
-from core.gpu import gpu_bytes_by_pid
+from core.gpu import gpu_bytes_by_pid, gpu_used_bytes
 from core.park_client import ParkFailed, ParkUnsupported
 from core.service_state import ServiceState
 
@@ -33,9 +33,9 @@ _STILL_HELD_BYTES = 2 * 1024**3  # CUDA context, vLLM's kept CUDA graphs: some m
 async def run_park(svc: ManagedService, level: int, after: list[Awaitable[object]]) -> None:
     await wait_all(after)  # the parked models stopped to make host room for this one go first
     try:
-        before = await asyncio.to_thread(gpu_bytes_of_tree, svc.pid)  # NVML blocks: never on the loop
+        before = await asyncio.to_thread(gpu_held, svc.pid)  # NVML blocks: never on the loop
         outcome = await svc.parker.park(level)
-        _check_freed(before, await asyncio.to_thread(gpu_bytes_of_tree, svc.pid))
+        _check_freed(before, await asyncio.to_thread(gpu_held, svc.pid), svc.spec.vram_gb)
     except ParkUnsupported as exc:
         svc.park_record = replace(svc.park_record, unsupported=str(exc))
         svc.park_failed(f"cannot park: {exc}")
@@ -74,12 +74,39 @@ def _park_failed(svc: ManagedService, reason: str) -> None:
     svc.park_failed(reason)
 
 
-def _check_freed(before: int | None, after: int | None) -> None:
-    if before is None or after is None:
-        return  # no NVML (CPU, or no driver): nothing to check against
-    if after > _STILL_HELD_BYTES and after > before / 2:
-        raise ParkFailed(f"the GPU memory was not given back: {after / 1024**3:.1f} GiB still in use "
-                         f"(was {before / 1024**3:.1f} GiB)")
+@dataclass(frozen=True)
+class Held:
+    """GPU memory as NVML shows it: the service's process tree's, or (``device``) when the per-process
+    view is blind (core/gpu.py ``blind_view``), every device's in total."""
+
+    bytes: int
+    device: bool = False
+
+
+def gpu_held(pid: int | None) -> Held | None:
+    """What ``pid``'s tree holds, else the devices' total when NVML cannot see processes; None without NVML."""
+    tree = gpu_bytes_of_tree(pid)
+    if tree is not None:
+        return Held(tree)
+    total = gpu_used_bytes()
+    return None if total is None or pid is None else Held(total, device=True)
+
+
+def _check_freed(before: Held | None, after: Held | None, vram_gb: float | None) -> None:
+    """ParkFailed when the park did not give its GPU memory back, as far as NVML can tell."""
+    if before is None or after is None or before.device != after.device:
+        return  # no NVML (CPU, or no driver), or its view changed meanwhile: nothing to check against
+    gib = 1024**3
+    if not before.device:
+        if after.bytes > _STILL_HELD_BYTES and after.bytes > before.bytes / 2:
+            raise ParkFailed(f"the GPU memory was not given back: {after.bytes / gib:.1f} GiB still in use "
+                             f"(was {before.bytes / gib:.1f} GiB)")
+        return
+    # Device totals include the other models: the park must free at least half of its declared share.
+    freed = before.bytes - after.bytes
+    if vram_gb and freed < vram_gb * gib / 2:
+        raise ParkFailed(f"the GPU memory was not given back: the devices freed {freed / gib:.1f} GiB of its "
+                         f"{vram_gb:g} GB (NVML sees no processes here; device totals used)")
 
 
 def gpu_bytes_of_tree(pid: int | None, by_pid: dict[int, int] | None = None) -> int | None:

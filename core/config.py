@@ -200,6 +200,10 @@ class Settings(_Strict):
     host_memory_reserve_gb: float = Field(
         16, ge=0, description="With host_memory_gb 'auto': host memory kept free for everything else."
     )
+    gpu_process_overhead_gb: float = Field(
+        0.5, ge=0, description="GPU memory each model process holds beyond its vram_gb (its CUDA context), "
+        "counted in the GPU budget while it runs and while it is parked. Models with vram_gb 0 hold none."
+    )
     log_dir: str = Field("logs", description="Folder for per-service log files (relative to base_dir).")
     base_dir: str | None = Field(
         None, description="Folder that relative paths are resolved against. Default: the folder of this file."

@@ -103,10 +103,12 @@ def _vram_within_budget(config: OrchestratorConfig) -> list[str]:
     budget = config.settings.gpu_memory_gb
     if budget == "auto":
         return []
+    overhead = config.settings.gpu_process_overhead_gb
     return [
         f"model {name!r}: key 'vram_gb': {spec.vram_gb} GB exceeds settings.gpu_memory_gb ({budget} GB)"
+        + (f" with its process's {overhead:g} GB (settings.gpu_process_overhead_gb)" if spec.vram_gb <= budget else "")
         for name, spec in config.models.items()
-        if spec.vram_gb is not None and spec.vram_gb > budget
+        if spec.vram_gb is not None and spec.vram_gb > 0 and spec.vram_gb + overhead > budget
     ]
 
 

@@ -83,6 +83,8 @@ class ParkSpec(Strict):
     host_gb: float | None = Field(
         None, ge=0, description="Host memory (GiB) a level-1 park holds. Default: weights.size_gb, else vram_gb; "
         "with neither it parks only while no other model holds host memory.")
+    vram_kept_gb: float = Field(0, ge=0, description="GPU memory it keeps while parked besides its CUDA context "
+                                "(vLLM keeps its CUDA graphs: about 1-2 GB for a 7B model), counted in the GPU budget.")
     idle: float = Field(0, ge=0, description="Park after this many idle seconds (0: only when another model "
                         "needs the memory); `ttl` then stops it later.")
     timeout: float = Field(300, gt=0, description="Seconds a park or a restore may take; longer counts as failed "

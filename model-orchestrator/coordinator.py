@@ -116,8 +116,12 @@ class Coordinator:
             in_flight=svc.in_flight, last_used=svc.last_used, max_concurrency=spec.max_concurrency,
             oldest_waiter=min(waiters) if waiters else None, failed_until=svc.failed_until,
             parkable=svc.parker.parkable and record.unsupported is None, host_gb=holds, park_host_gb=would_hold,
-            ttl=spec.ttl, park_idle=spec.park.idle,
+            ttl=spec.ttl, park_idle=spec.park.idle, overhead_gb=self._overhead_gb(spec),
+            kept_gb=spec.park.vram_kept_gb,
         )
+
+    def _overhead_gb(self, spec: ModelSpec) -> float:
+        return 0.0 if spec.vram_gb == 0 else self.settings.gpu_process_overhead_gb
 
     def views(self) -> dict[str, ModelView]:
         return {name: self.view(svc) for name, svc in self.manager.services.items()}
@@ -234,7 +238,7 @@ class Coordinator:
     def _gpu_need(self, svc: ManagedService) -> float | None:
         """GiB that must be free on the GPU before ``svc`` starts (None: it uses no GPU, or no budget)."""
         if svc.spec.vram_gb is not None:
-            return svc.spec.vram_gb or None
+            return svc.spec.vram_gb + self._overhead_gb(svc.spec) if svc.spec.vram_gb else None
         # A whole-GPU model: the share its engine takes by default (vLLM: 0.9 of the card).
         return None if self.budget_gb is None else self.budget_gb * WHOLE_GPU_UTILIZATION
 

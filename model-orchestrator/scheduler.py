@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
+from core.memory_share import WHOLE_GPU_UTILIZATION
 from core.service_state import ServiceState
 from model_orchestrator.refusals import Reason
 
@@ -71,6 +72,23 @@ class ModelView:
     park_host_gb: float | None = None  # host memory it would hold parked; None: unknown
     ttl: float = 0.0  # stop after this many idle seconds (0: never)
     park_idle: float = 0.0  # park after this many idle seconds (0: only to make room)
+    overhead_gb: float = 0.0  # GPU memory its process holds beyond vram_gb (its CUDA context), parked too
+    kept_gb: float = 0.0  # GPU memory it keeps parked besides that (vLLM's CUDA graphs)
+
+    @property
+    def claim_gb(self) -> float:
+        """GPU memory it holds, or may hold, in its state: its share and its process's overhead while it
+        runs; parked, only that overhead and what a park keeps."""
+        if self.state is PARKED:
+            return self.parked_claim_gb
+        if not self.state.holds_memory:
+            return 0.0
+        return math.inf if self.vram_gb is None else self.vram_gb + self.overhead_gb
+
+    @property
+    def parked_claim_gb(self) -> float:
+        """What it would keep on the GPU parked: its process's overhead and what a park keeps."""
+        return self.overhead_gb + self.kept_gb
 
     @property
     def idle(self) -> bool:
@@ -163,20 +181,23 @@ def _plan_start(
     blockers = [name for name in victims if not _evictable(views[name], batch_deadline)]
     if blockers:
         return Wait(f"waiting for {', '.join(blockers)} to finish before {target} can load")
-    park, host_stops = park_or_stop(victims, views, host_budget_gb, keep=target)
-    evict = (*victims, *host_stops)
+    park, host_stops = park_or_stop(victims, views, host_budget_gb, keep=target,
+                                    gpu_room=gpu_spare(target, victims, views, budget_gb))
+    evict = (*victims, *(name for name in host_stops if name not in victims))
     return Restore(evict, park) if views[target].state is PARKED else Start(evict, park)
 
 
 def park_or_stop(
-    victims: list[str], views: Mapping[str, ModelView], host_budget_gb: float | None, keep: str | None = None
+    victims: list[str], views: Mapping[str, ModelView], host_budget_gb: float | None, keep: str | None = None,
+    gpu_room: float = math.inf,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(victims to park instead of stopping, parked models to stop to make host room for them).
 
     In eviction order, a parkable victim is parked if what parking adds fits the host budget,
-    after stopping (least recently used first) parked models used less recently than it; else
-    it is stopped. A park whose size is unknown fits only where no other model holds host memory.
-    ``keep`` (the model being restored or started) is never stopped for room.
+    after stopping (least recently used first) parked models used less recently than it, and what
+    it keeps on the GPU parked fits ``gpu_room``; else it is stopped. A park whose size is unknown
+    fits only where no other model holds host memory. ``keep`` (the model being restored or
+    started) is never stopped for room.
     """
     parked = sorted((v for v in views.values() if v.state is PARKED and not v.pinned and v.name != keep),
                     key=lambda v: v.last_used)
@@ -185,11 +206,14 @@ def park_or_stop(
     stops: list[str] = []
     for name in victims:
         view = views[name]
-        if not view.parkable or host_budget_gb == 0:
+        if not view.parkable or host_budget_gb == 0 or view.state is PARKED:  # a parked victim is stopped
+            continue
+        if view.parked_claim_gb > gpu_room:  # parked it would keep more GPU memory than the swap leaves
             continue
         room = [p for p in parked if p.name not in stops and p.last_used < view.last_used]
         freed = _host_room(view, used, room, host_budget_gb)
         if freed is not None:
+            gpu_room -= view.parked_claim_gb
             park.append(name)
             stops += freed
             used += _park_adds(view) - sum(views[p].host_gb for p in freed)
@@ -229,14 +253,19 @@ def _host_room(view: ModelView, used: float, room: list[ModelView], budget: floa
 def memory_victims(
     target: str, views: Mapping[str, ModelView], budget_gb: float | None
 ) -> list[str] | None:
-    """The models to stop so ``target`` fits, in eviction order; None if it never can."""
-    others = [v for v in views.values() if v.name != target and v.state.holds_memory]
-    need = views[target].vram_gb
-    if need is None:  # whole GPU: everything else must go
-        return None if any(v.pinned for v in others) else [v.name for v in sorted(others, key=_evict_order)]
+    """The models to evict (park or stop) so ``target`` fits, in eviction order; None if it never can.
+    With a budget, parked models count with what they keep on the GPU, and may be stopped for it."""
     if budget_gb is None:  # no memory accounting; only whole-GPU models conflict
+        others = [v for v in views.values() if v.name != target and v.state.holds_memory]
+        if views[target].vram_gb is None:
+            return None if any(v.pinned for v in others) else [v.name for v in sorted(others, key=_evict_order)]
         whole = [v for v in others if v.vram_gb is None]
         return None if any(v.pinned for v in whole) else [v.name for v in whole]
+    others = [v for v in views.values() if v.name != target and v.claim_gb > 0]
+    target_view = views[target]
+    if target_view.vram_gb is None:  # whole GPU: everything else must go
+        return None if any(v.pinned for v in others) else [v.name for v in sorted(others, key=_evict_order)]
+    need = target_view.vram_gb + target_view.overhead_gb
     candidates = sorted((v for v in others if not v.pinned), key=_evict_order)
     chosen: list[str] = []
     while _free_gb(budget_gb, others, chosen) < need:
@@ -247,19 +276,33 @@ def memory_victims(
 
 
 def _evictable(view: ModelView, batch_deadline: float) -> bool:
-    """Idle, and none of its waiters arrived before ``batch_deadline`` (they are served first)."""
+    """Parked, or idle with none of its waiters arrived before ``batch_deadline`` (they are served first)."""
+    if view.state is PARKED:
+        return view.oldest_waiter is None or view.oldest_waiter > batch_deadline
     return view.idle and (view.oldest_waiter is None or view.oldest_waiter > batch_deadline)
 
 
 def _evict_order(view: ModelView) -> tuple[int, float]:
-    """Already stopping or parking first (free soon), then idle, then busy; least recently used first."""
-    rank = 0 if view.state in (STOPPING, PARKING) else 1 if view.idle else 2
+    """Already stopping or parking first (free soon), then idle, then parked (stopping one frees only its
+    residue), then busy; least recently used first."""
+    rank = 0 if view.state in (STOPPING, PARKING) else 1 if view.idle else 2 if view.state is PARKED else 3
     return rank, view.last_used
 
 
 def _free_gb(budget_gb: float, others: list[ModelView], evicted: list[str]) -> float:
-    used = sum(math.inf if v.vram_gb is None else v.vram_gb for v in others if v.name not in evicted)
+    used = sum(v.claim_gb for v in others if v.name not in evicted)
     return budget_gb - used
+
+
+def gpu_spare(target: str, victims: list[str], views: Mapping[str, ModelView], budget_gb: float | None) -> float:
+    """GPU memory left once ``target`` runs and every victim is gone: what parks (rather than stops)
+    of the victims may keep on the GPU between them."""
+    view = views[target]
+    if budget_gb is None:
+        return math.inf
+    others = [v for v in views.values() if v.name != target]
+    need = budget_gb * WHOLE_GPU_UTILIZATION if view.vram_gb is None else view.vram_gb  # vLLM's default share
+    return _free_gb(budget_gb, others, victims) - need - view.overhead_gb
 
 
 def closing_for(
@@ -283,8 +326,10 @@ def closing_for(
 
 def _no_fit_message(target: str, views: Mapping[str, ModelView], budget_gb: float | None) -> str:
     need = views[target].vram_gb
-    pinned = [v.name for v in views.values() if v.pinned and v.name != target and v.state.holds_memory]
-    wants = "the whole GPU" if need is None else f"{need:g} GB of GPU memory"
+    pinned = [v.name for v in views.values() if v.pinned and v.name != target and v.claim_gb > 0]
+    overhead = views[target].overhead_gb
+    wants = "the whole GPU" if need is None else f"{need:g} GB of GPU memory" + (
+        f" (+{overhead:g} GB for its process)" if overhead else "")
     budget = "" if budget_gb is None else f" (budget {budget_gb:g} GB)"
     if not pinned:
         return f"model {target!r} needs {wants}, more than the whole budget{budget}"

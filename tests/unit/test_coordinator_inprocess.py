@@ -399,3 +399,27 @@ def test_status_shows_the_coordinators_snapshot_and_queue() -> None:
         models = (await control(coordinator, manager, "GET", "/v1/models")).json()["data"]
         assert [(m["id"], m["state"]) for m in models] == [("a", "starting")]
     run(scenario, models={"a": {"vram_gb": 10}})
+
+
+# --- the GPU budget counts each process's own overhead (#20) ------------------------------------------
+
+
+@pytest.mark.parametrize(("overhead", "evicted"), [(0.5, True), (0.0, False)])
+def test_two_shares_that_fit_only_without_their_contexts_take_turns(overhead: float, evicted: bool) -> None:
+    async def scenario(coordinator: Coordinator, manager: FakeManager) -> None:
+        a, b = manager["a"], manager["b"]
+        first = request(coordinator, "a")
+        a.start_may_finish.set()
+        coordinator.release(await first)
+        second = request(coordinator, "b")
+        if evicted:  # 19.5 + 0.5 + 20 + 0.5 > 40: a must go first
+            await until(lambda: a.state is S.STOPPING, "a stopping for b")
+            a.stop_may_finish.set()
+        b.start_may_finish.set()
+        coordinator.release(await second)
+        assert (a.state, b.state) == ((S.STOPPED if evicted else S.READY), S.READY)
+        assert coordinator.views()["a"].overhead_gb == overhead
+        assert coordinator.views()["cpu"].overhead_gb == 0.0  # vram_gb 0: no GPU, no context
+
+    run(scenario, models={"a": {"vram_gb": 19.5}, "b": {"vram_gb": 20}, "cpu": {"vram_gb": 0}},
+        gpu_process_overhead_gb=overhead)

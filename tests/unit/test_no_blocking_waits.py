@@ -156,7 +156,9 @@ def test_the_park_check_reads_nvml_off_the_loop(monkeypatch: pytest.MonkeyPatch)
         async def park(level: int) -> ParkOutcome:
             return ParkOutcome(0.01, GIB)
 
-        svc: Any = SimpleNamespace(pid=os.getpid(), spec=SimpleNamespace(vram_gb=1.0), parker=SimpleNamespace(park=park), park_record=ParkRecord(),
+        svc: Any = SimpleNamespace(pid=os.getpid(), spec=SimpleNamespace(vram_gb=1.0),
+                                   parker=SimpleNamespace(park=park),
+                                   park_record=ParkRecord(),
                                    park_settled=lambda state, reason: settled.append(state),
                                    park_failed=lambda reason: settled.append(ServiceState.STOPPING))
         await run_park(svc, 1, [])

@@ -209,3 +209,60 @@ def test_park_room_refuses_when_parking_is_off_or_too_big(budget: float) -> None
 
 def test_park_room_needs_a_parkable_model() -> None:
     assert park_room("c", snap(v("c", S.READY, parkable=False, park_host_gb=1)), 100) is None
+
+
+# --- what a process and a parked model keep on the GPU (#20) ---------------------------------------------
+# Each model process holds a CUDA context beside its share (overhead_gb), parked too, and a parked vLLM
+# keeps its CUDA graphs (kept_gb). vLLM refuses to start when the free memory is below its share, so
+# the budget must count them.
+
+OV = 0.5
+
+
+def test_a_start_needs_its_share_and_its_process_overhead() -> None:
+    views = snap(v("a", S.READY, vram_gb=20, overhead_gb=OV, last_used=1.0),
+                 v("b", S.STOPPED, vram_gb=19.5, overhead_gb=OV))
+    assert decide("b", views, host=0) == Start(("a",), ())  # 20.5 + 20 > 40
+    views = snap(v("a", S.READY, vram_gb=20, overhead_gb=OV), v("b", S.STOPPED, vram_gb=19, overhead_gb=OV))
+    assert decide("b", views, host=0) == Start()  # 20.5 + 19.5 = 40: fits
+
+
+def test_a_parked_model_keeps_its_context_and_graphs_on_the_gpu() -> None:
+    # q parked keeps 0.5 + 1.5; f (36 + 0.5) fits 40 beside that, but not beside m as well
+    q = v("q", S.PARKED, vram_gb=22, overhead_gb=OV, kept_gb=1.5, parkable=True, last_used=1.0)
+    m = v("m", S.READY, vram_gb=1.5, overhead_gb=OV, last_used=5.0)
+    f = v("f", S.STOPPED, vram_gb=36, overhead_gb=OV)
+    assert decide("f", snap(q, f), host=100) == Start()
+    assert decide("f", snap(q, m, f), host=100) == Start(("m",), ())  # idle m goes before stopping parked q
+
+
+def test_a_parked_model_is_stopped_when_nothing_else_makes_room() -> None:
+    q = v("q", S.PARKED, vram_gb=22, overhead_gb=OV, kept_gb=2, parkable=True, last_used=1.0)
+    f = v("f", S.STOPPED, vram_gb=38, overhead_gb=OV)
+    assert decide("f", snap(q, f), host=100) == Start(("q",), ())  # q is stopped, never "parked" again
+
+
+def test_a_victim_parks_only_if_what_it_keeps_fits_beside_the_model_it_makes_room_for() -> None:
+    # Parked, a keeps 0.5 + 1 = 1.5 GB: beside b (39 + 0.5) that is over 40, so a is stopped instead;
+    # beside c (38 + 0.5) it fits, so a is parked.
+    a = v("a", S.READY, vram_gb=20, overhead_gb=OV, kept_gb=1, parkable=True, park_host_gb=10, last_used=1.0)
+    b = v("b", S.STOPPED, vram_gb=39, overhead_gb=OV)
+    assert decide("b", snap(a, b), host=100) == Start(("a",), ())
+    c = v("c", S.STOPPED, vram_gb=38, overhead_gb=OV)
+    assert decide("c", snap(a, c), host=100) == Start(("a",), ("a",))
+
+
+def test_a_model_that_needs_the_whole_gpu_leaves_room_for_parks_only_in_its_tenth() -> None:
+    a = v("a", S.READY, vram_gb=20, overhead_gb=OV, kept_gb=1, parkable=True, park_host_gb=10, last_used=1.0)
+    whole = v("w", S.STOPPED, overhead_gb=OV)  # vLLM's default: 0.9 of the card
+    assert decide("w", snap(a, whole), host=100) == Start(("a",), ("a",))  # 36 + 0.5 + 1.5 <= 40
+    big = v("a", S.READY, vram_gb=20, overhead_gb=OV, kept_gb=4, parkable=True, park_host_gb=10, last_used=1.0)
+    assert decide("w", snap(big, whole), host=100) == Start(("a",), ())
+
+
+def test_the_claim_of_each_state() -> None:
+    assert v("a", S.READY, vram_gb=10, overhead_gb=OV).claim_gb == 10.5
+    assert v("a", S.STARTING, vram_gb=10, overhead_gb=OV).claim_gb == 10.5
+    assert v("a", S.PARKED, vram_gb=10, overhead_gb=OV, kept_gb=2).claim_gb == 2.5
+    assert v("a", S.STOPPED, vram_gb=10, overhead_gb=OV).claim_gb == 0
+    assert v("a", S.READY, overhead_gb=OV).claim_gb == float("inf")  # no vram_gb: the whole GPU

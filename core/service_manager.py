@@ -89,6 +89,7 @@ class ManagedService:
         self.on_transition: Callable[[str, State, State], None] | None = None  # (name, old, new): metrics
         # The operation under way per kind ("start", "park": a park or a restore, "stop"); see _begin.
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping_from: State | None = None  # while STOPPING: the state the stop began in
         self.parker = ParkClient(spec, health, service_token)
         self.park_record = ParkRecord()
         self._health_watch: asyncio.Task[None] | None = None
@@ -130,6 +131,13 @@ class ManagedService:
         self._in_flight -= 1
         self._last_used = time.monotonic()
 
+    @property
+    def holds_host_copy_maybe(self) -> bool:
+        """Whether its process may hold a park's host copy of unknown size: parking, parked, or being
+        stopped from there (the memory is back only once the process is gone)."""
+        parked_states = (State.PARKING, State.PARKED)
+        return self.state in parked_states or (self.state is State.STOPPING and self._stopping_from in parked_states)
+
     def snapshot(self) -> ServiceSnapshot:
         return ServiceSnapshot(
             spec=self.spec, state=self.state, pid=self.pid, in_flight=self._in_flight, last_used=self._last_used,
@@ -142,6 +150,7 @@ class ManagedService:
     def _transition(self, new: State, reason: str = "") -> None:
         check_transition(self.name, self.state, new)
         old, self.state = self.state, new
+        self._stopping_from = old if new is State.STOPPING else None
         if not new.has_process and new is not State.STOPPING:  # its process, and so its host copy, is gone
             self.park_record = replace(self.park_record, level=None, host_bytes=None)
         log.info("%s: %s -> %s%s", self.name, old.value, new.value, f" ({reason})" if reason else "")

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from core.aio import event_within, wait_all
@@ -86,6 +86,7 @@ class Coordinator:
         self._waiting_total = 0
         self._changed = asyncio.Event()
         self._ttl_task: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Future[None]] = set()  # parks under way (see _park_or_stop)
         for svc in manager.services.values():
             svc.on_change = self.notify
 
@@ -109,7 +110,7 @@ class Coordinator:
         record, spec = svc.park_record, svc.spec
         would_hold = _park_host_gb(spec, record.host_bytes)
         holds = record.host_bytes / GIB if record.host_bytes is not None else 0.0
-        if svc.state in (ServiceState.PARKING, ServiceState.PARKED):  # at least the estimate; unknown: all of it
+        if svc.holds_host_copy_maybe:  # at least the estimate; unknown: all of it
             holds = math.inf if would_hold is None else max(holds, would_hold)
         return ModelView(
             name=svc.name, state=svc.state, vram_gb=spec.vram_gb, pinned=spec.pinned,
@@ -211,10 +212,12 @@ class Coordinator:
     def _begin_swap(self, svc: ManagedService, decision: Start | Restore, ticket: Ticket) -> None:
         """Park or stop the victims, and start or restore ``svc`` once they are out. Synchronous: no await."""
         evict, park = decision.evict, decision.park
-        stops: list[Awaitable[object]] = [
-            self._park_or_stop(self.manager[v], f"to make room for {svc.name}") if v in park
-            else self.manager[v].stop(f"evicted for {svc.name}") for v in evict
-        ]
+        # The parks begin at once (PARKING is visible to the next decision) but send their park calls
+        # only once this swap's stops are done: those free the host memory the parks were sized into.
+        stopping: list[Awaitable[object]] = [self.manager[v].stop(f"evicted for {svc.name}")
+                                             for v in evict if v not in park]
+        stops = [*stopping, *(self._park_or_stop(self.manager[v], f"to make room for {svc.name}", stopping)
+                              for v in park)]
         need = self._gpu_need(svc)
         if need is not None and self._memory_released is not None:
             # Before every start, not only after an eviction: a model stopped a moment ago (TTL,
@@ -309,26 +312,29 @@ class Coordinator:
         return (f"parked it would hold {needs} of host memory, more than the host budget "
                 f"({self.host_budget_gb:g} GB, settings.host_memory_gb) has room for")
 
-    def _stop_for_room(self, names: tuple[str, ...], parking: str) -> list[Awaitable[None]]:
+    def _stop_for_room(self, names: tuple[str, ...], parking: str) -> list[Awaitable[object]]:
         """Stop the parked models ``names`` so ``parking`` fits the host budget (``park_room``)."""
         for name in names:
             self._swapped(name, "stop", "host_room")
         return [self.manager[name].stop(f"to make host memory room for {parking}") for name in names]
 
-    @staticmethod
-    def _park_or_stop(svc: ManagedService, reason: str, after: list[Awaitable[None]] | None = None
-                      ) -> Awaitable[None]:
+    def _park_or_stop(self, svc: ManagedService, reason: str, after: Sequence[Awaitable[object]] = ()
+                      ) -> asyncio.Future[None]:
         """Begin parking ``svc`` now (synchronously: the scheduler sees it PARKING at once; ``after``
         are awaited before the park calls, e.g. parked models stopped for host room); the awaitable
         never raises and ends when it is parked or, when the park failed or a stop cancelled it, once
         that stop is done (its memory is only free then: the next model must not start beside it)."""
-        parking = svc.park(svc.spec.park.level, reason, after or [])
+        parking = svc.park(svc.spec.park.level, reason, after)
 
         async def settled() -> None:
             await wait_all([parking])  # not `await parking`: a stop cancelling the park ends it too
             if svc.state is ServiceState.STOPPING:
                 await wait_all([svc.stop()])
-        return settled()
+        # A task, so it runs whether or not anyone awaits it (the idle timer does not), kept referenced.
+        task = asyncio.ensure_future(settled())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
 
     async def unload(self, name: str, reason: str = "unloaded by operator") -> None:
         if self.manager[name].state.has_process:

@@ -64,6 +64,7 @@ class FakeService:
     in_flight = property(lambda self: self._in_flight)
     last_used = property(lambda self: self._last_used)
     max_concurrency = property(lambda self: self.spec.max_concurrency)
+    holds_host_copy_maybe = False  # parking is tested in test_warm_swap.py and test_lifecycle_model.py
 
     def begin_request(self) -> None:
         self._in_flight += 1

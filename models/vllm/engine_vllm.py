@@ -20,8 +20,9 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def build_engine(settings: VllmSettings) -> tuple[argparse.Namespace, Any]:
 
     cli_env_setup()  # as `vllm serve`: spawn vLLM's processes (forking this threaded process is unsafe)
     _cpu_defaults()
+    if settings.enable_sleep_mode:  # before the engine core is spawned: it inherits the variable
+        bound_pinned_host_memory()
     utilization, why = choose_gpu_memory_utilization(settings.gpu_memory_utilization, settings.vram_gb,
                                                      cuda_total_bytes())
     log.info("vLLM gpu_memory_utilization: %s (%s)", "default" if utilization is None else utilization, why)
@@ -162,6 +165,34 @@ def _cpu_defaults() -> None:
 
 
 # --- sleep mode: parking (core/parking.py) ----------------------------------------------------------
+
+PINNED_EXACT_ABOVE_MB = 64  # pinned blocks above this are neither rounded up nor cached (torch >= 2.13)
+_PINNED_KEYS = ("pinned_max_round_threshold_mb", "pinned_max_cached_size_mb")
+
+
+def bound_pinned_host_memory(environ: MutableMapping[str, str] | None = None, torch_version: str | None = None
+                             ) -> bool:
+    """Make level-1 sleep hold what it copies, and give it back on wake; whether that could be done.
+
+    Sleep level 1 backs each weight allocation up with ``torch.empty(..., pin_memory=True)``.
+    torch's caching host allocator rounds every pinned block up to a power of two (1-2x the
+    weights) and keeps freed blocks cached, so the memory stays pinned after ``wake_up`` drops
+    them (vllm-project/vllm#16663): pinned memory cannot swap, and the host budget counts on
+    the real figure. torch 2.13's ``PYTORCH_ALLOC_CONF`` options turn both off for large blocks
+    (small transient ones stay cached). torch before 2.13 has no such options: False.
+    """
+    env = os.environ if environ is None else environ
+    if torch_version is None:
+        import torch
+
+        torch_version = str(torch.__version__)
+    if tuple(int(p) for p in re.findall(r"\d+", torch_version.split("+")[0])[:2]) < (2, 13):
+        return False
+    current = env.get("PYTORCH_ALLOC_CONF", "")
+    wanted = [f"{key}:{PINNED_EXACT_ABOVE_MB}" for key in _PINNED_KEYS if f"{key}:" not in current]
+    if wanted:  # an operator's own setting of either key is kept
+        env["PYTORCH_ALLOC_CONF"] = ",".join(filter(None, [current, *wanted]))
+    return True
 
 
 def sleep_mode_unsupported() -> str | None:
@@ -229,18 +260,24 @@ class Footprint:
     since ``memory_use()`` is synchronous and vLLM's memory lives in its engine-core process."""
 
     vram_bytes: int = 0  # vLLM's GPU budget (gpu_memory_utilization x the device); its KV cache fills it
+    pinned_bounded: bool = True  # bound_pinned_host_memory() took effect: pinned copies are exact, freed on wake
     # The checkpoint's weight files: an estimate of what level 1 keeps in host memory; None when they
     # cannot be found (the orchestrator then uses park.host_gb or its other estimates, never 0).
     weight_bytes: int | None = 0
 
-    def memory_use(self, parked_level: int | None) -> MemoryUse:
+    def memory_use(self, parked_level: int | None, slept: bool = False) -> MemoryUse:
+        """``slept``: it has been asleep at level 1 since it was built."""
+        # Without the bound (torch < 2.13) each pinned block is rounded up to a power of two, up to 2x,
+        # and cached after wake: counted at that worst case, asleep and awake alike.
+        held = self.weight_bytes if self.pinned_bounded or self.weight_bytes is None else 2 * self.weight_bytes
         if parked_level is None:
-            # Awake: vLLM drops its host copies when it wakes (CuMemAllocator.wake_up), though torch's
-            # pinned-memory cache may keep the pages (vllm-project/vllm#16663); not counted.
-            return MemoryUse(vram_bytes=self.vram_bytes)
+            # Awake: vLLM drops its host copies when it wakes (CuMemAllocator.wake_up); with the bound torch
+            # frees them, without it its pinned-memory cache keeps them (vllm-project/vllm#16663).
+            kept = held if slept and not self.pinned_bounded else 0
+            return MemoryUse(vram_bytes=self.vram_bytes, host_bytes=kept)
         # Asleep the sleep allocator's GPU memory is unmapped; the CUDA context that stays is not
         # counted, as in the other services. Level 2 keeps only small buffers in host memory.
-        return MemoryUse(host_bytes=self.weight_bytes if parked_level == 1 else 0)
+        return MemoryUse(host_bytes=held if parked_level == 1 else 0)
 
 
 def footprint(engine: Any, sleep_mode: bool) -> Footprint:
@@ -254,7 +291,8 @@ def footprint(engine: Any, sleep_mode: bool) -> Footprint:
     vram = 0 if total is None else int(engine.vllm_config.cache_config.gpu_memory_utilization * total)
     model = engine.model_config
     weights = checkpoint_bytes(str(model.model), model.revision) if sleep_mode else 0
-    return Footprint(vram_bytes=vram, weight_bytes=weights)
+    bounded = all(f"{key}:" in os.environ.get("PYTORCH_ALLOC_CONF", "") for key in _PINNED_KEYS)
+    return Footprint(vram_bytes=vram, weight_bytes=weights, pinned_bounded=bounded)
 
 
 def checkpoint_bytes(model: str, revision: str | None = None) -> int | None:

@@ -72,6 +72,7 @@ class TextService(BaseService):
         # vLLM: why its sleep mode cannot run here (None: it can, or not known before load() begins)
         self._sleep_unsupported: str | None = None
         self._footprint = Footprint()
+        self._slept = False  # asleep at level 1 since the engine was built (memory_use: pinned host copies)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -177,6 +178,7 @@ class TextService(BaseService):
     async def offload(self, level: ParkLevel) -> None:
         if self.vllm_engine is not None:
             await engine_vllm.sleep(self.vllm_engine, level)
+            self._slept = self._slept or level == 1
         else:
             await self._parkable().offload(level)
 
@@ -192,7 +194,7 @@ class TextService(BaseService):
 
     def memory_use(self) -> MemoryUse:
         if self.vllm_engine is not None:
-            return self._footprint.memory_use(self.parked_level)
+            return self._footprint.memory_use(self.parked_level, self._slept)
         if self.engine is not None and all(hasattr(self.engine, name) for name in PARK_METHODS):
             return self._parkable().memory_use()
         return MemoryUse()

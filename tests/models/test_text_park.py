@@ -150,6 +150,14 @@ def test_vllm_sleeps_and_wakes_to_the_same_answer(tiny_text: Path) -> None:
         assert ready["can_park"] is True and ready["vram_bytes"] > 0, ready
         held = gpu_bytes_of_tree(service.proc.pid)
         assert held, "NVML sees no GPU memory in the service's processes"
+        # The engine core (which makes the pinned copies) runs with the pinned-allocator bound (#20).
+        import psutil
+
+        engines = [p for p in psutil.Process(service.proc.pid).children(recursive=True)
+                   if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert engines, "no vLLM engine core process below the service"
+        conf = engines[0].environ().get("PYTORCH_ALLOC_CONF", "")
+        assert "pinned_max_round_threshold_mb:" in conf and "pinned_max_cached_size_mb:" in conf, conf
         for level in (1, 2, 1):
             parked = park_and_check(service, level)
             assert parked["vram_bytes"] == 0 and (parked["pinned_host_bytes"] > 0) == (level == 1), parked
@@ -250,6 +258,30 @@ def test_the_level_1_host_copy_is_estimated_from_the_weight_files(tiny_text: Pat
     # nothing (#19: the coordinator preferred that 0 over park.host_gb); /state then says null.
     assert checkpoint_bytes(str(tiny_text / "missing")) is None
     assert Footprint(vram_bytes=5, weight_bytes=None).memory_use(1).host_bytes is None
+
+
+def test_pinned_host_copies_are_bounded_on_torch_2_13_and_counted_at_worst_before() -> None:
+    # #20: level-1 sleep pins a copy of each weight allocation; torch rounds pinned blocks up to a power of
+    # two and caches them after wake (vllm#16663). torch 2.13's options turn that off for large blocks.
+    from models.vllm.engine_vllm import PINNED_EXACT_ABOVE_MB, Footprint, bound_pinned_host_memory
+
+    env: dict[str, str] = {}
+    assert bound_pinned_host_memory(env, "2.13.0+cu130") is True
+    assert env["PYTORCH_ALLOC_CONF"] == (f"pinned_max_round_threshold_mb:{PINNED_EXACT_ABOVE_MB},"
+                                         f"pinned_max_cached_size_mb:{PINNED_EXACT_ABOVE_MB}")
+    own = {"PYTORCH_ALLOC_CONF": "expandable_segments:False,pinned_max_cached_size_mb:256"}
+    assert bound_pinned_host_memory(own, "2.13.0") is True  # the operator's own value is kept
+    assert own["PYTORCH_ALLOC_CONF"] == ("expandable_segments:False,pinned_max_cached_size_mb:256,"
+                                         f"pinned_max_round_threshold_mb:{PINNED_EXACT_ABOVE_MB}")
+    old: dict[str, str] = {}
+    assert bound_pinned_host_memory(old, "2.9.1+cu128") is False and old == {}  # no such options: unknown keys
+    weights = 10 * 1024**3
+    bounded, unbounded = Footprint(weight_bytes=weights), Footprint(weight_bytes=weights, pinned_bounded=False)
+    assert bounded.memory_use(1).host_bytes == weights
+    assert bounded.memory_use(None, slept=True).host_bytes == 0  # freed on wake, not cached
+    assert unbounded.memory_use(1).host_bytes == 2 * weights  # rounded up to a power of two: at worst 2x
+    assert unbounded.memory_use(None, slept=True).host_bytes == 2 * weights  # and cached after wake
+    assert unbounded.memory_use(None, slept=False).host_bytes == 0
 
 
 @vllm_import_warnings

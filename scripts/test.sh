@@ -18,9 +18,11 @@ bash scripts/lib/dev-venv.sh --venv "$VENV" --extras test --models cpu
 
 # The provisioning tests run the real playbook; its tooling lives apart from the model stack.
 ANSIBLE_VENV="${AIO_ANSIBLE_VENV:-$REPO_ROOT/.venv-ansible}"
-if [[ ! -x "$ANSIBLE_VENV/bin/ansible-playbook" ]]; then
+# scripts/install.sh makes the same folder with ansible-core alone: the linters are checked for too.
+if [[ ! -x "$ANSIBLE_VENV/bin/ansible-playbook" || ! -x "$ANSIBLE_VENV/bin/ansible-lint" \
+      || ! -x "$ANSIBLE_VENV/bin/yamllint" ]]; then
     echo "==> installing Ansible tooling into $ANSIBLE_VENV"
-    "$VENV/bin/python" -m venv "$ANSIBLE_VENV"
+    [[ -x "$ANSIBLE_VENV/bin/python" ]] || "$VENV/bin/python" -m venv "$ANSIBLE_VENV"
     "$ANSIBLE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         "ansible-core>=2.17,<2.20" "ansible-lint>=25" "yamllint>=1.35"
 fi

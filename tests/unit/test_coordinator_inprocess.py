@@ -64,7 +64,7 @@ class FakeService:
     in_flight = property(lambda self: self._in_flight)
     last_used = property(lambda self: self._last_used)
     max_concurrency = property(lambda self: self.spec.max_concurrency)
-    holds_host_copy_maybe = False  # parking is tested in test_warm_swap.py and test_lifecycle_model.py
+    holds_host_copy_maybe = property(lambda self: self.state in (S.PARKING, S.PARKED))
 
     def begin_request(self) -> None:
         self._in_flight += 1
@@ -424,3 +424,20 @@ def test_two_shares_that_fit_only_without_their_contexts_take_turns(overhead: fl
 
     run(scenario, models={"a": {"vram_gb": 19.5}, "b": {"vram_gb": 20}, "cpu": {"vram_gb": 0}},
         gpu_process_overhead_gb=overhead)
+
+
+def test_a_measured_zero_never_undercuts_the_declared_host_size() -> None:
+    # #19: the vLLM engine said pinned_host_bytes 0 when it could not find its weight files, and the
+    # coordinator preferred that 0 to park.host_gb: a 14 GB park counted as free.
+    from dataclasses import replace
+
+    async def scenario(coordinator: Coordinator, manager: FakeManager) -> None:
+        q = manager["q"]
+        q.state = S.PARKED
+        q.park_record = replace(q.park_record, level=1, host_bytes=0)
+        assert coordinator.views()["q"].host_gb == 14
+        assert coordinator.views()["q"].park_host_gb == 14
+        q.park_record = replace(q.park_record, host_bytes=20 * 1024**3)  # more than declared: the measure
+        assert coordinator.views()["q"].host_gb == 20
+
+    run(scenario, models={"q": {"vram_gb": 20, "park": {"host_gb": 14}}})

@@ -133,9 +133,10 @@ class ManagedService:
 
     @property
     def holds_host_copy_maybe(self) -> bool:
-        """Whether its process may hold a park's host copy of unknown size: parking, parked, or being
-        stopped from there (the memory is back only once the process is gone)."""
-        parked_states = (State.PARKING, State.PARKED)
+        """Whether its process may hold a park's host copy of unknown size: parking, parked, restoring
+        (the copy is read back, and kept), or being stopped from there (it is back only once the process
+        is gone)."""
+        parked_states = (State.PARKING, State.PARKED, State.RESTORING)
         return self.state in parked_states or (self.state is State.STOPPING and self._stopping_from in parked_states)
 
     def snapshot(self) -> ServiceSnapshot:

@@ -64,7 +64,7 @@ class FakeService:
     in_flight = property(lambda self: self._in_flight)
     last_used = property(lambda self: self._last_used)
     max_concurrency = property(lambda self: self.spec.max_concurrency)
-    holds_host_copy_maybe = property(lambda self: self.state in (S.PARKING, S.PARKED))
+    holds_host_copy_maybe = property(lambda self: self.state in (S.PARKING, S.PARKED, S.RESTORING))
 
     def begin_request(self) -> None:
         self._in_flight += 1

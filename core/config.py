@@ -23,7 +23,7 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
@@ -200,9 +200,10 @@ class Settings(_Strict):
     host_memory_reserve_gb: float = Field(
         16, ge=0, description="With host_memory_gb 'auto': host memory kept free for everything else."
     )
-    gpu_process_overhead_gb: float = Field(
-        0.5, ge=0, description="GPU memory each model process holds beyond its vram_gb (its CUDA context), "
-        "counted in the GPU budget while it runs and while it is parked. Models with vram_gb 0 hold none."
+    gpu_process_overhead_gb: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="GPU memory each model process holds beyond its vram_gb (its CUDA context), "
+        "counted in the GPU budget while it runs and while it is parked. 'auto': 0.5 when NVML sees a GPU, "
+        "else 0 (CPU services hold no CUDA context). Models with vram_gb 0 hold none."
     )
     log_dir: str = Field("logs", description="Folder for per-service log files (relative to base_dir).")
     base_dir: str | None = Field(

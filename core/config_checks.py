@@ -103,7 +103,8 @@ def _vram_within_budget(config: OrchestratorConfig) -> list[str]:
     budget = config.settings.gpu_memory_gb
     if budget == "auto":
         return []
-    overhead = config.settings.gpu_process_overhead_gb
+    # "auto" is known only at run time (NVML); the scheduler refuses what does not fit then.
+    overhead = config.settings.gpu_process_overhead_gb if config.settings.gpu_process_overhead_gb != "auto" else 0.0
     return [
         f"model {name!r}: key 'vram_gb': {spec.vram_gb} GB exceeds settings.gpu_memory_gb ({budget} GB)"
         + (f" with its process's {overhead:g} GB (settings.gpu_process_overhead_gb)" if spec.vram_gb <= budget else "")

@@ -48,6 +48,17 @@ def _memory_gb(nvml: Any, index: int) -> tuple[float, float] | None:
     return info.total / _GIB, info.free / _GIB
 
 
+GPU_PROCESS_OVERHEAD_GB = 0.5  # a CUDA context with torch's kernels loaded lazily: ~0.3-0.7 GiB
+
+
+def resolve_process_overhead(configured: float | str) -> float:
+    """settings.gpu_process_overhead_gb in GiB: the number, or (``auto``) a CUDA context's size when
+    NVML sees a GPU, else 0 (services on the CPU hold no context)."""
+    if not isinstance(configured, str):
+        return float(configured)
+    return GPU_PROCESS_OVERHEAD_GB if gpu_memory_gb() is not None else 0.0
+
+
 def resolve_budget(configured: float | str) -> float | None:
     """The GPU budget in GiB: the configured number, else the GPU's total, else None (unlimited)."""
     if not isinstance(configured, str):

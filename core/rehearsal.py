@@ -20,6 +20,7 @@ from typing import Any
 # A 48 GiB card (L40S/A6000 class): Qwen and FLUX cannot both be resident, so alternating
 # text and image requests exercises eviction, as it does on such a pod.
 PRETEND_GPU_GB = 48
+PRETEND_CONTEXT_GB = 0.5  # what `auto` counts per process on a pod (core.gpu.GPU_PROCESS_OVERHEAD_GB)
 # Several CPU services share CI's 2 cores; torch's default of one thread per core each
 # makes them fight (30x slower). A GPU pod has no such contention.
 CPU_THREADS = "1"
@@ -45,21 +46,25 @@ DIFFERENCES = (
                "torchvision/torchaudio/torchcodec wheels it pulls in are removed"),
     Difference("devices", "`--device cuda`",
                "`--device cpu`, one torch thread per service (OMP_NUM_THREADS=1)"),
-    Difference("GPU size", "`gpu_memory_gb: auto` (NVML)",
-               f"`gpu_memory_gb: {PRETEND_GPU_GB}` (no NVML without a GPU)"),
+    Difference("GPU size", "`gpu_memory_gb: auto` (NVML), and `gpu_process_overhead_gb: auto` (0.5 GiB of CUDA "
+               "context per process where NVML sees a GPU)",
+               f"`gpu_memory_gb: {PRETEND_GPU_GB}` and `gpu_process_overhead_gb: {PRETEND_CONTEXT_GB}`, the pod's "
+               "figures written out (no NVML without a GPU)"),
     Difference("preflight", "checks the GPU, that the driver runs the image's CUDA, and 65 GiB of free disk",
                "checks the torch version and C headers only (no driver), and the cpu profile's 8 GiB of "
                "disk (the stand-ins are tiny)"),
 )
 
 # Where a rehearsed render may differ from a real one (tests/unit/test_rehearsal.py holds it to this).
-CHANGED_KEYS = frozenset({"settings.gpu_memory_gb", "models.*.args", "models.*.env.OMP_NUM_THREADS"})
+CHANGED_KEYS = frozenset({"settings.gpu_memory_gb", "settings.gpu_process_overhead_gb", "models.*.args",
+                          "models.*.env.OMP_NUM_THREADS"})
 
 
 def rehearse_config(config: dict[str, Any]) -> dict[str, Any]:
     """A rendered GPU profile as CI serves it: CPU devices, one thread each, a pretend GPU size."""
     rehearsed = copy.deepcopy(config)
     rehearsed.setdefault("settings", {})["gpu_memory_gb"] = PRETEND_GPU_GB
+    rehearsed["settings"]["gpu_process_overhead_gb"] = PRETEND_CONTEXT_GB
     for spec in rehearsed.get("models", {}).values():
         args = spec.get("args", [])
         if _device_cuda(args):

@@ -75,11 +75,16 @@ class Coordinator:
         budget_gb: float | None,
         memory_released: Callable[[float], Awaitable[None]] | None = None,
         host_budget_gb: float | None = 0.0,
+        overhead_gb: float | None = None,
     ) -> None:
         self.manager = manager
         self.settings = settings
         self.budget_gb = budget_gb
         self.host_budget_gb = host_budget_gb  # what parked models may hold (None: unlimited; 0: never park)
+        # Each GPU process's own memory beyond its share (settings.gpu_process_overhead_gb, resolved by
+        # the caller; "auto" unresolved counts none)
+        configured = settings.gpu_process_overhead_gb
+        self.overhead_gb = overhead_gb if overhead_gb is not None else 0.0 if configured == "auto" else configured
         self.on_swap: Callable[[str, str, str], None] | None = None  # (model, action, reason): metrics
         self._memory_released = memory_released
         self._waiters: dict[str, list[float]] = defaultdict(list)
@@ -122,7 +127,7 @@ class Coordinator:
         )
 
     def _overhead_gb(self, spec: ModelSpec) -> float:
-        return 0.0 if spec.vram_gb == 0 else self.settings.gpu_process_overhead_gb
+        return 0.0 if spec.vram_gb == 0 else self.overhead_gb
 
     def views(self) -> dict[str, ModelView]:
         return {name: self.view(svc) for name, svc in self.manager.services.items()}

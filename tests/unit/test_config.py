@@ -254,7 +254,9 @@ BAD: list[tuple[str, Mutation, list[str]]] = [
     ("default-unknown-type", _set("settings.defaults", {"video": "a"}), ["key 'settings.defaults.video", "'video'"]),
     ("vram-over-budget", _both(_set("settings.gpu_memory_gb", 24), _set("models.a.vram_gb", 40)),
      ["model 'a'", "key 'vram_gb'", "40", "24"]),
-    ("vram-and-context-over-budget", _both(_set("settings.gpu_memory_gb", 24), _set("models.a.vram_gb", 23.8)),
+    ("vram-and-context-over-budget", _both(_both(_set("settings.gpu_memory_gb", 24),
+                                                _set("settings.gpu_process_overhead_gb", 0.5)),
+                                          _set("models.a.vram_gb", 23.8)),
      ["model 'a'", "key 'vram_gb'", "23.8", "24", "settings.gpu_process_overhead_gb"]),
     ("endpoint-relative", _set("models.a.endpoint", "v1/chat"), ["model 'a'", "key 'endpoint'", "'/'"]),
     # A client reaches a service only under /v1/, on a plain path (#19): another endpoint could never be served.

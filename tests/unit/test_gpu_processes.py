@@ -115,3 +115,13 @@ def test_with_a_blind_view_the_park_is_checked_on_the_devices_memory(monkeypatch
         _check_freed(before, Held(28 * GIB, device=True), 20)
     _check_freed(before, Held(28 * GIB, device=True), None)  # no declared share: nothing to compare with
     _check_freed(before, Held(28 * GIB), 20)  # the view changed between the two reads: no verdict
+
+
+def test_the_process_overhead_is_a_cuda_context_where_nvml_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.gpu import GPU_PROCESS_OVERHEAD_GB, resolve_process_overhead
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([[]]))
+    assert resolve_process_overhead("auto") == GPU_PROCESS_OVERHEAD_GB == 0.5
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([], init_fails=True))
+    assert resolve_process_overhead("auto") == 0.0  # CPU services hold no CUDA context
+    assert resolve_process_overhead(1.25) == 1.25

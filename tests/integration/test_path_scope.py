@@ -486,25 +486,38 @@ def test_a_client_key_reaches_only_v1_paths_and_the_service_gets_the_path_decide
         @example(prefix="/v1/", tail="chat/completions", model="m")  # the control: forwarded as it is
         def one(prefix: str, tail: str, model: str) -> None:
             raw = (prefix + tail).encode()
-            before = len(h.recorder.seen)
-            answer = loop.run_until_complete(h.send("POST", raw, CLIENT_KEY, json.dumps({"model": model}).encode()))
-            seen = h.recorder.seen[before:]
-            decided = decision(raw)
-            where = f"POST {raw!r} (decided on {decided!r}) -> {answer.status} {answer.body[:300]!r}; saw {seen}"
-            event(f"answered {answer.status}")
-            if decided is None:
-                assert answer.status == 400 and json.loads(answer.body)["error"]["code"] == "invalid_path", where
-            if answer.status != 200:
-                assert 400 <= answer.status < 500 and "error" in json.loads(answer.body), where
-                assert seen == [], where
+            forwarded = exchange(h, loop, "POST", raw, CLIENT_KEY, json.dumps({"model": model}).encode(), model)
+            if forwarded is None:
                 return
-            assert len(seen) == 1 and seen[0].port == h.ports[model] and seen[0].method == "POST", where
-            assert decided is not None and seen[0].path == decided, where  # sent as decided on
-            assert seen[0].path.startswith("/v1/") and normalising_keeps(seen[0].path), where
+            seen, decided, where = forwarded
+            assert seen.path == decided, where  # sent as decided on
+            assert seen.path.startswith("/v1/") and normalising_keeps(seen.path), where
 
         one()
 
     run_examples(tmp_path, check)
+
+
+def exchange(h: InProcess, loop: asyncio.AbstractEventLoop, method: str, raw: bytes, key: str, body: bytes,
+             model: str) -> tuple[Seen, str, str] | None:
+    """Send one request; a refusal must be a 4xx envelope (400 invalid_path when the path has no canonical
+    form) that reached no upstream: None. Else it reached ``model``'s upstream exactly once: (what the
+    upstream saw, the canonical path decided on, a description for assertion messages)."""
+    before = len(h.recorder.seen)
+    answer = loop.run_until_complete(h.send(method, raw, key, body))
+    seen = h.recorder.seen[before:]
+    decided = decision(raw)
+    where = f"{method} {raw!r} (decided on {decided!r}) -> {answer.status} {answer.body[:300]!r}; saw {seen}"
+    event(f"answered {answer.status}")
+    if decided is None:
+        assert answer.status == 400 and json.loads(answer.body)["error"]["code"] == "invalid_path", where
+    if answer.status != 200:
+        assert 400 <= answer.status < 500 and "error" in json.loads(answer.body), where
+        assert seen == [], where
+        return None
+    assert len(seen) == 1 and seen[0].port == h.ports[model] and seen[0].method == method, where
+    assert decided is not None, where
+    return seen[0], decided, where
 
 
 def test_an_admin_key_never_reaches_a_private_route_through_upstream(tmp_path: Path) -> None:
@@ -518,20 +531,11 @@ def test_an_admin_key_never_reaches_a_private_route_through_upstream(tmp_path: P
         @example(model="m", spell=0, tail="whoami", method="GET")  # the control: forwarded as it is
         def one(model: str, spell: int, tail: str, method: str) -> None:
             raw = (f"/upstream/{spelled(model, spell, upper=True)}/{tail}").encode()
-            before = len(h.recorder.seen)
-            answer = loop.run_until_complete(h.send(method, raw, ADMIN_KEY, b"{}" if method == "POST" else b""))
-            seen = h.recorder.seen[before:]
-            decided = decision(raw)
-            where = f"{method} {raw!r} (decided on {decided!r}) -> {answer.status} {answer.body[:300]!r}; saw {seen}"
-            event(f"answered {answer.status}")
-            if decided is None:
-                assert answer.status == 400 and json.loads(answer.body)["error"]["code"] == "invalid_path", where
-            if answer.status != 200:
-                assert 400 <= answer.status < 500 and "error" in json.loads(answer.body), where
-                assert seen == [], where
+            forwarded = exchange(h, loop, method, raw, ADMIN_KEY, b"{}" if method == "POST" else b"", model)
+            if forwarded is None:
                 return
-            assert len(seen) == 1 and seen[0].port == h.ports[model] and seen[0].method == method, where
-            path = seen[0].path
+            seen, decided, where = forwarded
+            path = seen.path
             assert decided == f"/upstream/{model}{path}", where  # sent as decided on
             assert (path.rstrip("/") or "/") not in h.private[model] and normalising_keeps(path), where
 

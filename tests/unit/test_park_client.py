@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ class Recorder:
         self.calls: list[tuple[str, str, Any]] = []
         self.answer = answer
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         body = b""
         while True:
             message = await receive()
@@ -59,7 +60,7 @@ def test_placeholders_are_filled_in_the_parsed_body_so_any_model_name_stays_one_
 
 def test_a_call_past_park_timeout_fails_the_park() -> None:
     class Slow(Recorder):
-        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
             await asyncio.sleep(30)
 
     calls = {"park": [{"path": "/sleep"}], "restore": [{"path": "/wake_up"}]}

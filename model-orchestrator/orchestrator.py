@@ -41,7 +41,7 @@ import uvicorn
 
 from core.asgi import Receive, Scope, Send
 from core.config import ConfigError, OrchestratorConfig, load_config
-from core.gpu import gpu_memory_gb, resolve_budget, resolve_process_overhead, wait_for_free_memory
+from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.host_memory import resolve_host_budget
 from core.log_setup import configure_logging
 from core.process_tree import port_holder
@@ -71,8 +71,7 @@ class Runtime:
         released = wait_for_free_memory if gpu_memory_gb() is not None else None
         host_budget = resolve_host_budget(config.settings.host_memory_gb, config.settings.host_memory_reserve_gb)
         self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released,
-                                       host_budget_gb=host_budget,
-                                       overhead_gb=resolve_process_overhead(config.settings.gpu_process_overhead_gb))
+                                       host_budget_gb=host_budget)
         self.metrics = Metrics(self.coordinator)
         self.coordinator.on_swap = self.metrics.swap
         for svc in self.manager.services.values():

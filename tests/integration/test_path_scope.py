@@ -57,6 +57,7 @@ from tests.integration.conftest import (
     wait_until,
     write_config,
 )
+from tests.integration.test_proxy_inprocess import StandInService
 
 pytestmark = pytest.mark.integration
 
@@ -282,17 +283,6 @@ class Recorder:
             pass
         finally:
             writer.close()
-
-
-@dataclass
-class StandInService:
-    service_token: str = "service-token"
-
-    def upstream_timed_out(self) -> None:
-        pass
-
-    def upstream_answered(self) -> None:
-        pass
 
 
 class StandInCoordinator:

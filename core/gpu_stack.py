@@ -48,6 +48,9 @@ class Stack:
 # ones). tests/unit/test_gpu_stack.py holds this table to the requirement files.
 STACKS = (
     Stack(torch="2.13.0", vllm="0.32.0", cuda_major=13, requirements="models/requirements-gpu.txt"),
+    # The design's image (runpod/pytorch:1.0.3-cu1281-torch291-ubuntu2204): vLLM 0.16.0 is the newest
+    # release pinning torch 2.9.1; CI checks its source against the service (models/vllm/surface.py).
+    Stack(torch="2.9.1", vllm="0.16.0", cuda_major=12, requirements="models/requirements-gpu-torch291.txt"),
 )
 
 

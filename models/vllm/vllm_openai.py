@@ -17,11 +17,15 @@ routes mirror vLLM's (see ``_add_generation_routes`` for why).
 One change to vLLM's behaviour: a request the engine aborts (``finish_reason`` "abort", e.g. the
 engine stopping under it) is reported as an error (an error event in a stream, a 500 otherwise),
 never as a completed answer.
+
+vLLM 0.32 and 0.16 (the two lines of core/gpu_stack.STACKS) keep these classes in different
+modules and construct them differently; ``releases`` says where, ``serving_options`` how.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +33,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from core.errors import error_bytes
+from models.vllm import releases
 
 ASGIApp = Callable[..., Any]
 ABORTED = "The engine aborted this request before it finished: the answer was cut off."
@@ -51,25 +56,38 @@ class Forwarder:
         await self.app(scope, receive, send)
 
 
-async def build_app(engine: Any, args: argparse.Namespace, on_engine_dead: Callable[[str], None]) -> Any:
+async def build_app(engine: Any, args: argparse.Namespace, on_engine_dead: Callable[[str], None],
+                    line: str | None = None) -> Any:
     """vLLM's FastAPI app for the three routes, its state built from ``engine`` and ``args``."""
     from fastapi import FastAPI
-    from vllm.entrypoints.openai.models.api_router import attach_router as attach_models
-    from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
+    line = line or releases.installed_line()
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     state = app.state
     state.args = args  # the exception handlers read options from it
     state.engine_client = engine
     state.server = _FatalOnExit(on_engine_dead)  # vLLM's engine-error handler stops "the server" through it
-    await _init_serving(state, engine, args)
-    _add_generation_routes(app)
-    attach_models(app)
-    init_exception_handler(app)
+    await _init_serving(state, engine, args, line)
+    _add_generation_routes(app, line)
+    releases.load("attach_models_router", line)(app)
+    _add_exception_handlers(app, line)
     return app
 
 
-def _add_generation_routes(app: Any) -> None:
+def _add_exception_handlers(app: Any, line: str) -> None:
+    """vLLM's handlers: 0.32 registers them in one call; 0.16's ``vllm serve`` does it one by one."""
+    if releases.has("init_exception_handler", line):
+        releases.load("init_exception_handler", line)(app)
+        return
+    from fastapi import HTTPException
+    from fastapi.exceptions import RequestValidationError
+
+    app.exception_handler(HTTPException)(releases.load("http_exception_handler", line))
+    app.exception_handler(RequestValidationError)(releases.load("validation_exception_handler", line))
+    releases.load("add_shutdown_handlers", line)(app, app.state.server)
+
+
+def _add_generation_routes(app: Any, line: str) -> None:
     """The chat and completion routes of vLLM's routers (``vllm.entrypoints.openai.*.api_router``).
 
     Mirrored rather than attached: vLLM's ``with_cancellation`` runs the handler in a task of its
@@ -77,99 +95,81 @@ def _add_generation_routes(app: Any) -> None:
     go on). Here the handler runs in the request's task, so the guard's cancellation reaches
     AsyncLLM.generate, which aborts the request in the engine.
     """
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+    chat_request, chat_response = (releases.load(name, line) for name in ("ChatCompletionRequest",
+                                                                          "ChatCompletionResponse"))
+    completion_request, completion_response = (releases.load(name, line) for name in ("CompletionRequest",
+                                                                                      "CompletionResponse"))
 
     async def chat(raw_request: Request) -> Response:
-        request = await _parse(raw_request, ChatCompletionRequest)
+        request = await _parse(raw_request, chat_request, line)
         return _respond(app, await app.state.openai_serving_chat.create_chat_completion(request, raw_request),
-                        ChatCompletionResponse)
+                        chat_response, line)
 
     async def completions(raw_request: Request) -> Response:
-        request = await _parse(raw_request, CompletionRequest)
+        request = await _parse(raw_request, completion_request, line)
         return _respond(app, await app.state.openai_serving_completion.create_completion(request, raw_request),
-                        CompletionResponse)
+                        completion_response, line)
 
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
 
 
-async def _parse(raw_request: Request, model: Any) -> Any:
+async def _parse(raw_request: Request, model: Any, line: str) -> Any:
     """The body as vLLM's request model; errors reach vLLM's handlers as FastAPI would raise them."""
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
-    from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
-    await validate_json_request(raw_request)  # vLLM's dependency: 400 unless application/json
+    await releases.load("validate_json_request", line)(raw_request)  # vLLM's dependency: 400 unless JSON
     try:
         return model.model_validate(await raw_request.json())
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-def _respond(app: Any, result: Any, complete: type[Any]) -> Response:
+def _respond(app: Any, result: Any, complete: type[Any], line: str) -> Response:
     """An error, a whole answer, or a stream, as vLLM's routes return them."""
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-    from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
-
-    if isinstance(result, ErrorResponse):
+    if isinstance(result, releases.load("ErrorResponse", line)):
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     if isinstance(result, complete):
         return JSONResponse(result.model_dump())
     interval = float(getattr(app.state.args, "sse_keep_alive_interval", 0))
-    return StreamingResponse(with_sse_keep_alive(result, interval), media_type="text/event-stream")
+    if releases.has("with_sse_keep_alive", line):  # 0.16 has no SSE keep-alive
+        result = releases.load("with_sse_keep_alive", line)(result, interval)
+    return StreamingResponse(result, media_type="text/event-stream")
 
 
-async def _init_serving(state: Any, engine: Any, args: argparse.Namespace) -> None:
+async def _init_serving(state: Any, engine: Any, args: argparse.Namespace, line: str) -> None:
     """The serving objects, with the arguments ``init_app_state`` / ``init_generate_state`` give them."""
-    from vllm.entrypoints.launchers.cli_args import resolve_default_chat_template_kwargs
-    from vllm.entrypoints.openai.models.protocol import BaseModelPath
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    from vllm.entrypoints.serve.utils.request_logger import RequestLogger
-    from vllm.renderers.chat_utils import load_chat_template
-
-    if args.tool_call_parser is not None:
-        from vllm.parser.metrics import init_parser_metrics
-
-        init_parser_metrics(model_name=args.served_model_name[0])
-    logger = RequestLogger(max_log_len=args.max_log_len) if args.enable_log_requests else None
-    template = load_chat_template(args.chat_template)
-    template_kwargs = resolve_default_chat_template_kwargs(args)
-    state.openai_serving_models = OpenAIServingModels(
-        engine_client=engine, base_model_paths=[BaseModelPath(name=name, model_path=args.model)
-                                                for name in args.served_model_name])
+    load = functools.partial(releases.load, line=line)
+    if args.tool_call_parser is not None and releases.has("init_parser_metrics", line):
+        load("init_parser_metrics")(model_name=args.served_model_name[0])
+    logger = load("RequestLogger")(max_log_len=args.max_log_len) if args.enable_log_requests else None
+    template = load("load_chat_template")(args.chat_template)
+    template_kwargs = (load("resolve_default_chat_template_kwargs")(args)
+                       if releases.has("resolve_default_chat_template_kwargs", line)
+                       else args.default_chat_template_kwargs)
+    paths = [load("BaseModelPath")(name=name, model_path=args.model) for name in args.served_model_name]
+    state.openai_serving_models = load("OpenAIServingModels")(engine_client=engine, base_model_paths=paths)
     await state.openai_serving_models.init_static_loras()
-    state.online_renderer = _renderer(engine, args, logger, template, template_kwargs)
-    chat, completion = _serving_classes()
-    state.openai_serving_chat = chat(
-        engine_client=engine, models=state.openai_serving_models, response_role=args.response_role,
-        online_renderer=state.online_renderer, request_logger=logger, chat_template=template,
-        chat_template_content_format=args.chat_template_content_format,
-        default_chat_template_kwargs=template_kwargs, trust_request_chat_template=args.trust_request_chat_template,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids, enable_auto_tools=args.enable_auto_tool_choice,
-        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
-        tool_parser=args.tool_call_parser, tool_strict_level=args.tool_strict_level,
-        reasoning_parser=args.structured_outputs_config.reasoning_parser,
-        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-        enable_force_include_usage=args.enable_force_include_usage, enable_log_outputs=args.enable_log_outputs,
-        enable_log_deltas=args.enable_log_deltas, enable_per_request_metrics=args.enable_per_request_metrics,
-    )
-    state.openai_serving_completion = completion(
-        engine, state.openai_serving_models, online_renderer=state.online_renderer, request_logger=logger,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-        enable_force_include_usage=args.enable_force_include_usage,
-        enable_per_request_metrics=args.enable_per_request_metrics,
-    )
+    renderer = None
+    if releases.has("OnlineRenderer", line):  # 0.32; 0.16 renders inside OpenAIServingChat
+        renderer = load("OnlineRenderer")(model_config=engine.model_config, renderer=engine.renderer,
+                                          **renderer_options(args, logger, template, template_kwargs))
+        renderer.warmup()
+    state.online_renderer = renderer
+    chat_options, completion_options = serving_options(line, args, logger, template, template_kwargs, renderer)
+    chat, completion = _serving_classes(line)
+    state.openai_serving_chat = chat(engine_client=engine, models=state.openai_serving_models,
+                                     response_role=args.response_role, **chat_options)
+    state.openai_serving_completion = completion(engine, state.openai_serving_models, **completion_options)
+    if renderer is None:
+        await state.openai_serving_chat.warmup()  # as 0.16's init_generate_state does
 
 
-def _renderer(engine: Any, args: argparse.Namespace, logger: Any, template: str | None,
-              template_kwargs: dict[str, Any]) -> Any:
-    """vLLM's OnlineRenderer (chat template, tools, request rendering), warmed up as vLLM does."""
-    from vllm.renderers.online_renderer import OnlineRenderer
-
-    renderer = OnlineRenderer(
-        model_config=engine.model_config, renderer=engine.renderer, request_logger=logger, chat_template=template,
+def renderer_options(args: Any, logger: Any, template: str | None, template_kwargs: Any) -> dict[str, Any]:
+    """OnlineRenderer's options (vLLM 0.32), as ``init_app_state`` gives them."""
+    return dict(
+        request_logger=logger, chat_template=template,
         chat_template_content_format=args.chat_template_content_format,
         trust_request_chat_template=args.trust_request_chat_template,
         trust_request_mm_kwargs=args.trust_request_mm_kwargs, enable_auto_tools=args.enable_auto_tool_choice,
@@ -178,27 +178,46 @@ def _renderer(engine: Any, args: argparse.Namespace, logger: Any, template: str 
         reasoning_parser=args.structured_outputs_config.reasoning_parser,
         default_chat_template_kwargs=template_kwargs, log_error_stack=args.log_error_stack,
     )
-    renderer.warmup()
-    return renderer
 
 
-def _serving_classes() -> tuple[type[Any], type[Any]]:
+def serving_options(line: str, args: Any, logger: Any, template: str | None, template_kwargs: Any,
+                    renderer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword options of OpenAIServingChat and OpenAIServingCompletion in ``line``, as that
+    release's ``vllm serve`` gives them (models/vllm/surface.py checks them against its source)."""
+    common = dict(request_logger=logger, return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                  enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+                  enable_force_include_usage=args.enable_force_include_usage)
+    chat = dict(
+        common, chat_template=template, chat_template_content_format=args.chat_template_content_format,
+        default_chat_template_kwargs=template_kwargs, trust_request_chat_template=args.trust_request_chat_template,
+        enable_auto_tools=args.enable_auto_tool_choice, tool_parser=args.tool_call_parser,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        reasoning_parser=args.structured_outputs_config.reasoning_parser,
+        enable_log_outputs=args.enable_log_outputs, enable_log_deltas=args.enable_log_deltas,
+    )
+    if line == releases.OLD:  # no renderer, per-request metrics or tool strictness; each logs its own errors
+        return dict(chat, log_error_stack=args.log_error_stack), dict(common, log_error_stack=args.log_error_stack)
+    new = dict(online_renderer=renderer, enable_per_request_metrics=args.enable_per_request_metrics)
+    return dict(chat, **new, tool_strict_level=args.tool_strict_level), dict(common, **new)
+
+
+def _serving_classes(line: str | None = None) -> tuple[type[Any], type[Any]]:
     """vLLM's chat and completion serving classes, with "abort" reported as an error."""
-    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-    from vllm.exceptions import GenerationError
+    line = line or releases.installed_line()
+    base_chat, base_completion, generation_error = (
+        releases.load(name, line) for name in ("OpenAIServingChat", "OpenAIServingCompletion", "GenerationError"))
 
     def raise_if_error(finish_reason: str | None) -> None:
         # vLLM passes "abort" through as a finish_reason; a cut-off answer must not look finished.
         if finish_reason == "abort":
-            raise GenerationError(ABORTED)
+            raise generation_error(ABORTED)
 
-    class Chat(OpenAIServingChat):  # type: ignore[misc]
+    class Chat(base_chat):  # type: ignore[misc,valid-type]
         def _raise_if_error(self, finish_reason: str | None, request_id: str) -> None:
             raise_if_error(finish_reason)
             super()._raise_if_error(finish_reason, request_id)
 
-    class Completion(OpenAIServingCompletion):  # type: ignore[misc]
+    class Completion(base_completion):  # type: ignore[misc,valid-type]
         def _raise_if_error(self, finish_reason: str | None, request_id: str) -> None:
             raise_if_error(finish_reason)
             super()._raise_if_error(finish_reason, request_id)
@@ -225,10 +244,7 @@ class _FatalOnExit:
 
 async def warmup(app: Any) -> None:
     """One single-token chat completion through vLLM's layer: template, tokenizer and engine all run once."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    request = releases.load("ChatCompletionRequest")(messages=[{"role": "user", "content": "hi"}], max_tokens=1)
     reply = await app.state.openai_serving_chat.create_chat_completion(request, None)
-    if isinstance(reply, ErrorResponse):
+    if isinstance(reply, releases.load("ErrorResponse")):
         raise RuntimeError(f"warm-up request failed: {reply.error.message}")

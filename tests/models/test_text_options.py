@@ -9,11 +9,10 @@ import pytest
 from core.memory_share import GIB, WHOLE_GPU_UTILIZATION, ShareError
 from models.vllm.engine_vllm import VllmSettings, choose_gpu_memory_utilization, vllm_argv
 from models.vllm.server import TextService
+from tests.markers import vllm_import_warnings
 
 H100 = 80 * GIB
 # Importing vLLM (and torch under it) warns about their own deprecations; not this project's concern.
-vllm_import_warnings = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
-                                                  "ignore::UserWarning")
 
 
 def test_an_explicit_gpu_memory_utilization_wins() -> None:

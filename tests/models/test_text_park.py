@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.markers import vllm_import_warnings
 from tests.models import text_cases
 from tests.models.text_cases import TextService, text_service
 
@@ -26,8 +27,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 PROMPT = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
 # Importing vLLM (and torch under it) in this process warns about their own deprecations; not this project's concern.
-vllm_import_warnings = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
-                                                  "ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")

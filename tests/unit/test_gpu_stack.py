@@ -15,18 +15,23 @@ from pathlib import Path
 import pytest
 
 from core.gpu_stack import STACKS, Stack, c_compiler, min_driver, pins_match, problems, required_torch, stack_for
+from models.vllm.releases import LINES, line_of
 
 REPO = Path(__file__).resolve().parents[2]
 NEW_DRIVER, OLD_DRIVER = "580.82.07", "570.195.03"  # either side of CUDA 13's floor (580.65)
 
 
-def test_the_stack_table_is_what_the_requirement_files_install() -> None:
-    (stack,) = [s for s in STACKS if s.requirements == "models/requirements-gpu.txt"]
-    gpu = (REPO / stack.requirements).read_text()
-    assert re.search(rf"^vllm=={re.escape(stack.vllm)}\b", gpu, re.MULTILINE)
-    assert required_torch() == stack.torch  # the CPU stack (CI's rehearsal) runs the same torch
-    for listed in STACKS:
-        assert (REPO / listed.requirements).is_file()
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: f"torch{s.torch}")
+def test_the_stack_table_is_what_the_requirement_files_install(stack: Stack) -> None:
+    text = (REPO / stack.requirements).read_text()
+    assert re.search(rf"^vllm=={re.escape(stack.vllm)}\b", text, re.MULTILINE)
+    assert not re.search(r"^torch\b", text, re.MULTILINE)  # the image's torch is reused, never listed
+    assert line_of(stack.vllm) in LINES  # the text service knows where this release keeps what it uses
+
+
+def test_the_newest_stack_is_the_one_ci_rehearses_on_cpu() -> None:
+    assert STACKS[0].requirements == "models/requirements-gpu.txt"
+    assert required_torch() == STACKS[0].torch  # the CPU stack (CI's rehearsal) runs the same torch
 
 
 @pytest.mark.parametrize(("installed", "pinned", "taken"), [
@@ -60,17 +65,24 @@ def test_a_near_miss_torch_is_refused_saying_pip_would_install_a_second_one(torc
     assert torch in message and "second torch" in message and "torch 2.13.0 for vLLM 0.32.0" in message
 
 
-def test_the_design_image_torch_is_refused_naming_what_would_run() -> None:
-    # runpod/pytorch:1.0.3-cu1281-torch291: no listed stack yet for torch 2.9.1 (a later stack adds it)
-    (message,) = problems("2.9.1+cu128", "12.8", NEW_DRIVER)
-    assert "2.9.1+cu128" in message and "no vLLM release" in message and "torch 2.13.0 for vLLM 0.32.0" in message
+def test_the_design_image_gets_vllm_016_and_its_cuda_12_kernels() -> None:
+    # runpod/pytorch:1.0.3-cu1281-torch291-ubuntu2204
+    stack = stack_for("2.9.1+cu128")
+    assert stack is not None and (stack.vllm, stack.cuda_major) == ("0.16.0", 12)
+    assert stack.requirements == "models/requirements-gpu-torch291.txt"
+    assert problems("2.9.1+cu128", "12.8", "550.54.15") == []  # CUDA 12 runs on 525+
+    assert problems("2.13.0+cu130", "13.0", NEW_DRIVER) == []
 
 
-def test_a_stack_table_with_two_torches_picks_by_the_image() -> None:
-    two = (*STACKS, Stack(torch="2.9.1", vllm="0.16.0", cuda_major=12, requirements="x.txt"))
-    assert stack_for("2.9.1+cu128", two) == two[1]
-    assert problems("2.9.1+cu128", "12.8", "550.54.15", two) == []  # CUDA 12 runs on 525+
-    assert problems("2.13.0+cu130", "13.0", NEW_DRIVER, two) == []
+def test_a_torch_no_stack_is_built_for_is_refused_naming_both() -> None:
+    (message,) = problems("2.10.0+cu128", "12.8", NEW_DRIVER)
+    assert "2.10.0+cu128" in message and "no vLLM release" in message
+    assert "torch 2.13.0 for vLLM 0.32.0" in message and "torch 2.9.1 for vLLM 0.16.0" in message
+
+
+def test_the_design_torch_built_for_cuda_13_is_refused_for_vllm_016s_cuda_12_kernels() -> None:
+    (message,) = problems("2.9.1+cu130", "13.0", NEW_DRIVER)
+    assert "vLLM 0.16.0" in message and "CUDA 12 builds" in message
 
 
 @pytest.mark.parametrize(("driver", "ok"), [(OLD_DRIVER, False), ("580.65.06", True), (NEW_DRIVER, True)])
@@ -83,8 +95,7 @@ def test_the_cuda_13_driver_floor(driver: str, ok: bool) -> None:
 
 @pytest.mark.parametrize(("driver", "ok"), [("520.61.05", False), ("525.60.13", True), ("550.54.15", True)])
 def test_the_cuda_12_driver_floor(driver: str, ok: bool) -> None:
-    two = (Stack(torch="2.9.1", vllm="0.16.0", cuda_major=12, requirements="x.txt"),)
-    assert (problems("2.9.1+cu128", "12.8", driver, two) == []) is ok
+    assert (problems("2.9.1+cu128", "12.8", driver) == []) is ok
 
 
 def test_a_cpu_torch_or_none_is_refused_on_a_pod_but_a_cpu_torch_passes_the_rehearsal() -> None:
@@ -128,6 +139,6 @@ def test_the_module_runs_with_the_standard_library_only() -> None:
     done = subprocess.run([sys.executable, "-S", "-m", "core.gpu_stack", "--python", sys.executable, "--rehearsal"],
                           cwd=REPO, capture_output=True, text=True, check=False)
     report = json.loads(done.stdout)
-    assert report["required_torch"] == ["2.13.0"] and report["torch"].startswith("2.13.0")
+    assert report["required_torch"] == ["2.13.0", "2.9.1"] and report["torch"].startswith("2.13.0")
     assert report["stack"]["vllm"] == "0.32.0" and report["compiler"]
     assert done.returncode == 0 and report["problems"] == []

@@ -21,6 +21,21 @@ DEFAULT_OUT = REPO / ".cache" / "tiny-models"
 BUILDERS = {"text": "models.vllm.tiny", "image": "models.flux.tiny", "music": "models.musicgen.tiny"}
 
 
+def portable_tokenizer_configs(folder: Path) -> None:
+    """Make the tokenizer_config.json files under ``folder`` load on transformers 4 as well as 5.
+
+    transformers 5 writes ``"extra_special_tokens": []``, a list, where 4.x (the torch 2.9.1
+    stack's) expects a mapping and fails; real checkpoints, saved by 4.x, have no empty one.
+    """
+    import json
+
+    for config in folder.rglob("tokenizer_config.json"):
+        spec = json.loads(config.read_text())
+        if spec.get("extra_special_tokens") in ([], {}):
+            del spec["extra_special_tokens"]
+            config.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+
+
 def build_all(out: Path, only: list[str] | None = None) -> dict[str, Path]:
     built = {}
     for name, module in BUILDERS.items():

@@ -1,7 +1,7 @@
 """flux: text-to-image with a diffusers FluxPipeline behind the OpenAI images API.
 
     python models/flux/server.py --port 8002 [--model black-forest-labs/FLUX.1-schnell]
-    python models/flux/tiny.py .cache/tiny-models/image && python models/flux/server.py --model .cache/tiny-models/image
+    python -m models.flux.tiny .cache/tiny-models/image && python models/flux/server.py --model .cache/tiny-models/image
 
 POST /v1/images/generations takes the OpenAI fields (prompt, n, size, response_format)
 plus the extensions num_inference_steps, guidance_scale and seed, and answers with
@@ -249,12 +249,13 @@ class FluxService(ParksWithHostCopy, BaseService):
             return {"created": int(time.time()), "data": [{"b64_json": image} for image in images]}
 
 
-__all__ = ["FluxService", "ImageRequest", "Job", "parse_size"]
-
-if __name__ == "__main__":
-    FluxService().run()
-
 
 def _release(version: str) -> tuple[int, ...]:
     """'0.42.1' → (0, 42); a pre-release or local label does not matter here."""
     return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+__all__ = ["FluxService", "ImageRequest", "Job", "parse_size"]
+
+if __name__ == "__main__":
+    FluxService().run()

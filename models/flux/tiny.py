@@ -1,6 +1,6 @@
 """Build a tiny random-weight FluxPipeline, fully offline, for tests and the CPU demo.
 
-    python models/flux/tiny.py OUT_DIR
+    python -m models.flux.tiny OUT_DIR
 
 The folder has the same layout as black-forest-labs/FLUX.1-schnell (model_index.json
 plus scheduler/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/ transformer/ vae/),
@@ -15,6 +15,8 @@ import argparse
 import string
 from pathlib import Path
 from typing import Any
+
+from models.build_tiny import portable_tokenizer_configs
 
 SEED = 0
 CLIP_HIDDEN = 32  # must equal the transformer's pooled_projection_dim
@@ -81,7 +83,23 @@ def build(out_dir: Path) -> Path:
         tokenizer=_clip_tokenizer(), tokenizer_2=_t5_tokenizer(), transformer=transformer, vae=vae)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out_dir))
+    _name_fast_tokenizers(out_dir / "model_index.json")
+    portable_tokenizer_configs(out_dir)
     return out_dir
+
+
+def _name_fast_tokenizers(index: Path) -> None:
+    """Name the tokenizers' fast classes, as FLUX.1-schnell's model_index.json does for tokenizer_2.
+
+    transformers 5 has one class per tokenizer and records "T5Tokenizer"; transformers 4 (the
+    torch 2.9.1 stack's) reads that as its slow, sentencepiece class, which needs a spiece.model
+    these tiny tokenizers do not have. The fast names load tokenizer.json on both.
+    """
+    import json
+
+    spec = json.loads(index.read_text())
+    spec["tokenizer"], spec["tokenizer_2"] = ["transformers", "CLIPTokenizerFast"], ["transformers", "T5TokenizerFast"]
+    index.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:

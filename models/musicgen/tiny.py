@@ -16,6 +16,8 @@ import string
 from pathlib import Path
 from typing import Any
 
+from models.build_tiny import portable_tokenizer_configs
+
 SEED = 0
 SAMPLING_RATE = 32_000
 CODEBOOK_SIZE = 64  # the decoder's vocabulary; pad/bos = CODEBOOK_SIZE, as in the real model (2048/2048)
@@ -90,6 +92,7 @@ def build(out_dir: Path) -> Path:
         feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=SAMPLING_RATE),
         tokenizer=_tokenizer())
     processor.save_pretrained(out_dir)
+    portable_tokenizer_configs(out_dir)
     return out_dir
 
 

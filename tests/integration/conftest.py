@@ -50,8 +50,8 @@ def write_config(directory: Path, models: dict[str, Any], **settings: Any) -> Pa
 
 
 @contextmanager
-def running_service(script: str, *args: str, ready_timeout: float = 120.0, wait_ready: bool = True
-                    ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def running_service(script: str, *args: str, ready_timeout: float = 120.0, wait_ready: bool = True,
+                    python: str = sys.executable) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Run ``python <script> --port <free port> *args`` from the repository; yield (process, base URL).
 
     Waits until /health answers 200 (unless ``wait_ready`` is False: then until it answers at
@@ -61,7 +61,7 @@ def running_service(script: str, *args: str, ready_timeout: float = 120.0, wait_
     """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / script), "--port", str(port), *args],
+    proc = subprocess.Popen([python, str(REPO / script), "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -45,3 +45,19 @@ def test_with_flashinfer_vllms_own_fetch_runs_flashinfers_installer(tmp_path: Pa
     called = json.loads(record.read_text())
     # A CPU torch has no CUDA: no flashinfer-jit-cache for it, so the cubin wheel is what is installed.
     assert called == {"argv": ["install-cubin-wheel", "--dry-run"], "check": "1"}
+
+
+def test_a_vllm_without_download_kernels_gets_the_cubin_wheel_of_flashinfers_version(tmp_path: Path) -> None:
+    # vLLM 0.16 (the torch 2.9.1 stack) has no download-kernels, and its FlashInfer 0.6.3 no installer:
+    # stand-ins for both on the path; pip really resolves the wheel (a dry run) on the package index.
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("")  # shadows the installed vLLM: no entrypoints.cli
+    (tmp_path / "flashinfer").mkdir()
+    (tmp_path / "flashinfer" / "__init__.py").write_text("")
+    meta = tmp_path / "flashinfer_python-0.6.3.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: flashinfer-python\nVersion: 0.6.3\n")
+    done = run_kernels(tmp_path, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "vLLM has no download-kernels: pip install --no-deps" in done.stdout
+    assert "Would install flashinfer-cubin-0.6.3" in done.stdout

@@ -6,9 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from core.render_config import environments, interpreter_for, main, render, requirement_files, service_of
+from core.render_config import (
+    environment_specs,
+    environments,
+    interpreter_for,
+    main,
+    render,
+    requirement_files,
+    service_of,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "model-orchestrator" / "models.demo.yaml"
@@ -85,6 +94,19 @@ def test_cli_prints_how_to_build_each_environment(capsys: object) -> None:
     (cpu,) = json.loads(capsys.readouterr().out)  # type: ignore[attr-defined]
     assert cpu["name"] == "models-cpu" and not cpu["system_site_packages"]
     assert "torchvision" in cpu["remove"] and (REPO / cpu["requirements"]).is_file()
+
+
+@pytest.mark.parametrize(("image_torch", "requirements"), [
+    ("2.13.0+cu130", "models/requirements-gpu.txt"),
+    ("2.9.1+cu128", "models/requirements-gpu-torch291.txt"),  # the design's image
+])
+def test_the_gpu_environment_is_the_stack_built_for_the_images_torch(image_torch: str, requirements: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--base", str(DEMO), "--profile", "gpu", "--image-torch", image_torch, "--print-envs"]) == 0
+    (gpu,) = json.loads(capsys.readouterr().out)
+    assert gpu["requirements"] == requirements and gpu["system_site_packages"]
+    with pytest.raises(ValueError, match=r"no GPU stack is built for torch 2\.10\.0"):
+        environment_specs(yaml.safe_load(DEMO.read_text()), "gpu", image_torch="2.10.0+cu128")
 
 
 def test_the_fingerprint_follows_included_requirement_files(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ done
 if ((${#ours[@]})) && ! wait_gone 10 "${ours[@]}"; then
     for kid in "${ours[@]}"; do
         if still_ours "$kid"; then
-            echo "stop-all: warning: killing leftover process $kid: $(ps -o args= -p "$kid" 2>/dev/null || true)" >&2
+            echo "stop-all: warning: killing leftover process $kid: $(ps -ww -o args= -p "$kid" 2>/dev/null || true)" >&2
             kill -KILL "$kid" 2>/dev/null || true
         fi
     done

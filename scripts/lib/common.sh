@@ -17,6 +17,7 @@ alive() {
 is_orchestrator() {
     local args
     alive "$1" || return 1
-    args="$(ps -o args= -p "$1" 2>/dev/null)" || return 1
+    # -ww: never cut to the terminal width (COLUMNS=80 would cut a long install path before "orchestrator")
+    args="$(ps -ww -o args= -p "$1" 2>/dev/null)" || return 1
     [[ "$args" == *orchestrator* ]]
 }

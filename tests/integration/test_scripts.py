@@ -267,3 +267,21 @@ def test_stop_kills_an_orchestrator_that_does_not_exit(setup: Setup) -> None:
     assert wait_gone(pid, 5)
     assert all(wait_gone(proc.pid, 10) for proc in services), "services outlived a SIGKILLed orchestrator"
     assert not setup.pidfile.exists()
+
+
+def test_a_deep_install_path_is_recognised_whatever_the_terminal_width(tmp_path: Path) -> None:
+    # ps cuts `args` to $COLUMNS; a deep install path pushed "orchestrator" past column 80, so
+    # stop-all took the live orchestrator for a stale pidfile and left it running.
+    deep = tmp_path / ("d" * 90) / "ai-orchestrator"
+    deep.mkdir(parents=True)
+    script = deep / "orchestrator.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        check = f'source {REPO}/scripts/lib/common.sh; is_orchestrator {proc.pid} && echo yes || echo no'
+        done = subprocess.run(["bash", "-c", check], env={**os.environ, "COLUMNS": "80", "REPO_ROOT": str(REPO)},
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.stdout.strip() == "yes", done.stderr
+    finally:
+        proc.kill()
+        proc.wait()

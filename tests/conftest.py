@@ -35,19 +35,7 @@ def _has_gpu() -> bool:
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
 
 
-# The longest parts first, so that with two worker processes (scripts/test.sh) the heavy files
-# start at once and the many short ones fill in around them, rather than one playbook run
-# starting last and running alone. Within a part, the files keep their order.
-HEAVY_FIRST = ("tests/provisioning/", "tests/models/", "tests/integration/", "tests/unit/")
-
-
-def _weight(item: pytest.Item) -> int:
-    path = item.nodeid.replace("\\", "/")
-    return next((rank for rank, part in enumerate(HEAVY_FIRST) if path.startswith(part)), len(HEAVY_FIRST))
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=_weight)  # stable: the order inside a part is kept
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi -L found none)")

@@ -53,7 +53,8 @@ echo "==> generated docs are current"
 "$VENV/bin/python" -m core.config_docs --check
 # Two processes, each running whole test files (module fixtures, such as one vLLM engine for the
 # text tests, stay in one process): most of the suite waits on child processes, so two fit a
-# two-core machine. More would run several model engines and playbooks at once.
+# two-core machine. More would run several model engines and playbooks at once. Files are
+# handed out in collection order, the slowest first (tests/conftest.py SLOW_FILES).
 WORKERS="${AIO_TEST_WORKERS:-2}"
 echo "==> pytest ($WORKERS worker processes; AIO_TEST_WORKERS=0 for one)"
-exec "$VENV/bin/pytest" -n "$WORKERS" --dist loadfile "$@"
+exec "$VENV/bin/pytest" -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@"

@@ -35,7 +35,33 @@ def _has_gpu() -> bool:
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
 
 
+# The files that take a minute or more, longest first (measured: `--durations`). scripts/test.sh
+# runs two worker processes that take whole files in collection order (--no-loadscope-reorder;
+# xdist's default puts files with many tests first, which left the one-test guide and scaffold
+# runs for the end, alone). Longest first keeps the tail short; a new file that takes a
+# minute or more belongs here. The rest keep their order.
+SLOW_FILES = (
+    "tests/provisioning/test_gpu_rehearsal.py",
+    "tests/provisioning/test_playbook.py",
+    "tests/models/test_text_vllm_lifecycle.py",
+    "tests/models/test_text_vllm.py",
+    "tests/integration/test_adding_models_doc.py",
+    "tests/models/test_text_park.py",
+    "tests/integration/test_scaffold.py",
+    "tests/provisioning/test_gpu_stack_resolve.py",
+    "tests/models/test_torch291_services.py",
+    "tests/models/test_musicgen.py",
+    "tests/models/test_flux.py",
+)
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return SLOW_FILES.index(path) if path in SLOW_FILES else len(SLOW_FILES)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_slow_rank)  # stable: the other files keep their order
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi -L found none)")

@@ -53,7 +53,8 @@ def stack_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
                str(REQUIREMENTS))
     wanted = [line for line in pins.splitlines() if line and not FROM_THE_IMAGE.match(line)]
     (root / "pins.txt").write_text("\n".join(wanted) + "\n")
-    run(uv, "pip", "install", "--quiet", "--no-deps", "--python", str(python), "-r", str(root / "pins.txt"))
+    run(uv, "pip", "install", "--quiet", "--no-deps", "--compile-bytecode", "--python", str(python),
+        "-r", str(root / "pins.txt"))
     return python
 
 

@@ -93,48 +93,51 @@ def _add_generation_routes(app: Any, line: str) -> None:
     Mirrored rather than attached: vLLM's ``with_cancellation`` runs the handler in a task of its
     own, which BaseService's guard cannot cancel when the client disconnects (the generation would
     go on). Here the handler runs in the request's task, so the guard's cancellation reaches
-    AsyncLLM.generate, which aborts the request in the engine.
+    AsyncLLM.generate, which aborts the request in the engine. What the handlers use of vLLM is
+    looked up here, once, not per request.
     """
-    chat_request, chat_response = (releases.load(name, line) for name in ("ChatCompletionRequest",
-                                                                          "ChatCompletionResponse"))
-    completion_request, completion_response = (releases.load(name, line) for name in ("CompletionRequest",
-                                                                                      "CompletionResponse"))
+    load = functools.partial(releases.load, line=line)
+    chat_request, chat_response = load("ChatCompletionRequest"), load("ChatCompletionResponse")
+    completion_request, completion_response = load("CompletionRequest"), load("CompletionResponse")
+    parse = functools.partial(_parse, validate=load("validate_json_request"))
+    keep_alive = load("with_sse_keep_alive") if releases.has("with_sse_keep_alive", line) else None  # not in 0.16
+    respond = functools.partial(_respond, app, error=load("ErrorResponse"), keep_alive=keep_alive)
 
     async def chat(raw_request: Request) -> Response:
-        request = await _parse(raw_request, chat_request, line)
-        return _respond(app, await app.state.openai_serving_chat.create_chat_completion(request, raw_request),
-                        chat_response, line)
+        request = await parse(raw_request, chat_request)
+        return respond(await app.state.openai_serving_chat.create_chat_completion(request, raw_request),
+                       chat_response)
 
     async def completions(raw_request: Request) -> Response:
-        request = await _parse(raw_request, completion_request, line)
-        return _respond(app, await app.state.openai_serving_completion.create_completion(request, raw_request),
-                        completion_response, line)
+        request = await parse(raw_request, completion_request)
+        return respond(await app.state.openai_serving_completion.create_completion(request, raw_request),
+                       completion_response)
 
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
 
 
-async def _parse(raw_request: Request, model: Any, line: str) -> Any:
+async def _parse(raw_request: Request, model: Any, validate: Callable[[Request], Any]) -> Any:
     """The body as vLLM's request model; errors reach vLLM's handlers as FastAPI would raise them."""
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 
-    await releases.load("validate_json_request", line)(raw_request)  # vLLM's dependency: 400 unless JSON
+    await validate(raw_request)  # vLLM's dependency: 400 unless application/json
     try:
         return model.model_validate(await raw_request.json())
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-def _respond(app: Any, result: Any, complete: type[Any], line: str) -> Response:
+def _respond(app: Any, result: Any, complete: type[Any], error: type[Any], keep_alive: Callable[..., Any] | None
+             ) -> Response:
     """An error, a whole answer, or a stream, as vLLM's routes return them."""
-    if isinstance(result, releases.load("ErrorResponse", line)):
+    if isinstance(result, error):
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     if isinstance(result, complete):
         return JSONResponse(result.model_dump())
-    interval = float(getattr(app.state.args, "sse_keep_alive_interval", 0))
-    if releases.has("with_sse_keep_alive", line):  # 0.16 has no SSE keep-alive
-        result = releases.load("with_sse_keep_alive", line)(result, interval)
+    if keep_alive is not None:
+        result = keep_alive(result, float(getattr(app.state.args, "sse_keep_alive_interval", 0)))
     return StreamingResponse(result, media_type="text/event-stream")
 
 

@@ -62,7 +62,7 @@ def required_torch(requirements: Path = REPO / "models" / "requirements-cpu.txt"
     return match[1]
 
 
-def _release(version: str) -> tuple[int, ...]:
+def release(version: str) -> tuple[int, ...]:
     """'2.13.0+cu130' → (2, 13, 0); the local build label does not matter."""
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+", maxsplit=1)[0]))
 
@@ -74,7 +74,7 @@ def pins_match(installed: str, pinned: str) -> bool:
     public = installed.split("+", maxsplit=1)[0]
     if not re.fullmatch(r"\d+(\.\d+)*", public):
         return False
-    mine, theirs = _release(public), _release(pinned)
+    mine, theirs = release(public), release(pinned)
     width = max(len(mine), len(theirs))
     return mine + (0,) * (width - len(mine)) == theirs + (0,) * (width - len(theirs))
 
@@ -86,7 +86,7 @@ def stack_for(torch_version: str, stacks: tuple[Stack, ...] = STACKS) -> Stack |
 
 def min_driver(cuda: str) -> tuple[int, int] | None:
     """The oldest driver that runs CUDA release ``cuda`` (None for a major the table does not know)."""
-    return MIN_DRIVER.get(_release(cuda)[0])
+    return MIN_DRIVER.get(release(cuda)[0])
 
 
 def problems(torch_version: str | None, cuda: str | None, driver: str | None, stacks: tuple[Stack, ...] = STACKS,
@@ -104,14 +104,14 @@ def problems(torch_version: str | None, cuda: str | None, driver: str | None, st
         return found
     if cuda is None:
         return [*found, f"the image's torch {torch_version} is a CPU build; a CUDA build is needed"]
-    if stack is not None and _release(cuda)[0] != stack.cuda_major:
+    if stack is not None and release(cuda)[0] != stack.cuda_major:
         found.append(f"the image's torch {torch_version} is built for CUDA {cuda}, but vLLM {stack.vllm}'s kernels "
                      f"are CUDA {stack.cuda_major} builds (binary incompatible even with the same torch version): "
                      f"use an image whose torch {stack.torch} is built for CUDA {stack.cuda_major}")
     needed = min_driver(cuda)
     if driver is None:
         found.append("nvidia-smi reports no driver version: is this a GPU pod?")
-    elif needed is not None and _release(driver)[:2] < needed:
+    elif needed is not None and release(driver)[:2] < needed:
         found.append(f"the NVIDIA driver {driver} is too old for torch {torch_version} (CUDA {cuda}), which needs "
                      f"{needed[0]}.{needed[1]} or newer: pick a pod (host) with a newer driver")
     return found
@@ -134,7 +134,7 @@ def _supported(stacks: tuple[Stack, ...]) -> str:
 
 
 def _no_stack(torch_version: str, stacks: tuple[Stack, ...]) -> str:
-    near = [s for s in stacks if _release(torch_version)[:2] == _release(s.torch)[:2]]
+    near = [s for s in stacks if release(torch_version)[:2] == release(s.torch)[:2]]
     why = (f"; pip does not take {torch_version} for torch=={near[0].torch} (another patch, or a pre-release "
            "or source build), so it would install a second torch" if near else "")
     return (f"the image's torch is {torch_version}, and no vLLM release of the GPU stack is built for it{why}. "

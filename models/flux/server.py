@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.base_service import BaseService
 from core.devices import resolve_device
 from core.errors import bad_request
+from core.gpu_stack import release
 from core.host_copy import HostCopy, ParksWithHostCopy
 from core.memory_share import cap_torch_memory, release_cached_memory
 from core.parking import ParkLevel
@@ -164,7 +165,7 @@ class FluxService(ParksWithHostCopy, BaseService):
 
         # diffusers 0.40 renamed torch_dtype= to dtype=. 0.39 (the newest the torch 2.9.1 stack can
         # have) ignores dtype= with a warning and loads float32: twice the memory, silently.
-        keyword = "dtype" if _release(diffusers.__version__) >= (0, 40) else "torch_dtype"
+        keyword = "dtype" if release(diffusers.__version__)[:2] >= (0, 40) else "torch_dtype"
         pipe = FluxPipeline.from_pretrained(self.model_path, **{keyword: dtype})
         if pipe.transformer.dtype != dtype:
             raise RuntimeError(f"diffusers {diffusers.__version__} loaded {pipe.transformer.dtype}, not {dtype}")
@@ -248,11 +249,6 @@ class FluxService(ParksWithHostCopy, BaseService):
             images = await self.render(job)
             return {"created": int(time.time()), "data": [{"b64_json": image} for image in images]}
 
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """'0.42.1' → (0, 42); a pre-release or local label does not matter here."""
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
 __all__ = ["FluxService", "ImageRequest", "Job", "parse_size"]

@@ -20,13 +20,13 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from core.gpu_stack import release
 from core.memory_share import GIB, device_total_bytes, vllm_utilization
 from core.parking import MemoryUse
 from models.vllm import releases
@@ -182,7 +182,7 @@ def bound_pinned_host_memory(environ: MutableMapping[str, str] | None = None, to
         import torch
 
         torch_version = str(torch.__version__)
-    if tuple(int(p) for p in re.findall(r"\d+", torch_version.split("+")[0])[:2]) < (2, 13):
+    if release(torch_version)[:2] < (2, 13):
         return False
     current = env.get("PYTORCH_ALLOC_CONF", "")
     wanted = [f"{key}:{PINNED_EXACT_ABOVE_MB}" for key in _PINNED_KEYS if f"{key}:" not in current]

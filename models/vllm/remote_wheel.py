@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-import zipfile
 from pathlib import Path
 
 BLOCK = 256 * 1024  # bytes a range request fetches at least (zipfile reads in small pieces)
@@ -80,15 +79,3 @@ def wheel_url(requirement: str, python_version: str = "3.12", platform: str = "m
                         "--report", str(report), requirement], check=True, timeout=300)
         chosen = json.loads(report.read_text())["install"]
         return str(chosen[0]["download_info"]["url"])
-
-
-def read_members(url: str, names: list[str]) -> dict[str, bytes]:
-    """The named members of the wheel at ``url`` (those it lacks are left out)."""
-    with RangeFile(url) as remote, zipfile.ZipFile(remote) as wheel:
-        present = set(wheel.namelist())
-        return {name: wheel.read(name) for name in names if name in present}
-
-
-def list_members(url: str) -> list[str]:
-    with RangeFile(url) as remote, zipfile.ZipFile(remote) as wheel:
-        return wheel.namelist()

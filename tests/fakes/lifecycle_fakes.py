@@ -242,11 +242,7 @@ class FakeProcess:
 
     async def output_or_exit(self, timeout: float) -> None:
         assert self._exit_task is not None, "not spawned"
-        nap = asyncio.ensure_future(asyncio.sleep(timeout))
-        try:
-            await asyncio.wait({self._exit_task, nap}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            nap.cancel()
+        await asyncio.wait({self._exit_task}, timeout=timeout)
 
     async def kill(self, timeout: float) -> None:
         leader = self.process

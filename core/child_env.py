@@ -39,14 +39,12 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from core import repo_pythonpath
+from core.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
 from core.memory_share import VRAM_ENV
 from core.redact import secret_env_name
 
-if TYPE_CHECKING:  # model services import SERVICE_TOKEN_ENV: keep the config models out of them
+if TYPE_CHECKING:
     from core.config import ModelSpec
-
-SERVICE_TOKEN_ENV = "AIO_SERVICE_TOKEN"
-MODEL_NAME_ENV = "AIO_MODEL_NAME"  # the models.yaml entry a child serves
 
 _NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TZ", "TERM", "TMPDIR", "TEMP", "TMP", "LANG", "LANGUAGE",

@@ -17,34 +17,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from core.process_tree import out_of_fds
 from core.service_state import ServiceState
-
-if TYPE_CHECKING:
-    from core.service_manager import ManagedService
 
 log = logging.getLogger(__name__)
 
 _MAX_PROBE_TIMEOUT = 5.0  # seconds; a healthy service answers /health in milliseconds
 
 
-def start_health_watch(svc: ManagedService, interval: float, failures: int) -> asyncio.Task[None] | None:
+class Watched(Protocol):
+    """What the watch uses of a service: ``ManagedService`` is one (typed, not imported: no circle)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def state(self) -> ServiceState: ...
+    async def probe(self, timeout: float) -> bool: ...
+    def hung(self, reason: str) -> None: ...
+
+
+def start_health_watch(svc: Watched, interval: float, failures: int) -> asyncio.Task[None] | None:
     """Start watching ``svc`` (READY now); None when probing is off (``interval`` 0)."""
     if interval <= 0:
         return None
     return asyncio.create_task(_watch(weakref.ref(svc), interval, failures), name=f"health:{svc.name}")
 
 
-async def _watch(ref: weakref.ref[ManagedService], interval: float, failures: int) -> None:
+async def _watch(ref: weakref.ref[Watched], interval: float, failures: int) -> None:
     misses: int | None = 0
     while misses is not None:
         await asyncio.sleep(interval)
         misses = await _check(ref, misses, min(_MAX_PROBE_TIMEOUT, interval), failures)
 
 
-async def _check(ref: weakref.ref[ManagedService], misses: int, timeout: float, failures: int) -> int | None:
+async def _check(ref: weakref.ref[Watched], misses: int, timeout: float, failures: int) -> int | None:
     """Probe once; return the failed probes in a row so far, or None when the watch is over."""
     svc = ref()  # a strong reference only for the length of one probe
     if svc is None or svc.state is not ServiceState.READY:

@@ -27,9 +27,8 @@ from collections.abc import Callable, MutableMapping
 
 from core.aio import event_within
 from core.asgi import ASGIApp, ClientGone, DisconnectWatcher, Message, Receive, Scope, Send, read_body, send_error
-from core.child_env import SERVICE_TOKEN_ENV
+from core.contract import PARK_PATHS, SERVICE_TOKEN_ENV
 from core.errors import ServiceError
-from core.parking import PARK_PATHS
 
 log = logging.getLogger(__name__)
 

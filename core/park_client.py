@@ -20,7 +20,7 @@ import httpx
 from core.aio import within
 from core.config import ModelSpec
 from core.config_park import HttpCall, ParkCalls
-from core.parking import PARK_PATHS
+from core.contract import PARK_PATHS
 
 log = logging.getLogger(__name__)
 

@@ -24,22 +24,18 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 
 from core.errors import ServiceError
+from core.health import Health
 from core.memory_share import release_cached_memory
 
-if TYPE_CHECKING:
-    from core.base_service import BaseService
-
 log = logging.getLogger(__name__)
-
-PARK_PATHS = ("/offload", "/restore", "/state")  # never reachable from outside (the orchestrator blocks them)
-
 
 class ParkLevel(enum.IntEnum):
     WEIGHTS_IN_HOST = 1  # weights wait in (pinned) host memory; restore is one copy back
@@ -54,11 +50,30 @@ class MemoryUse:
     host_bytes: int | None = 0  # host memory kept for a restore (the host copy; pinned with CUDA); None: unknown
 
 
+class Parkable(Protocol):
+    """What parking uses of a service: ``BaseService`` is one (typed here, not imported, so the
+    base class can mount these routes without an import circle)."""
+
+    name: str
+    health: Health
+    parked_level: ParkLevel | None
+    options: Any  # the parsed command line: --drain-timeout
+
+    def memory_use(self) -> MemoryUse: ...
+    def park_unsupported(self, level: ParkLevel | None = None) -> str | None: ...
+    def offload(self, level: ParkLevel) -> Awaitable[None]: ...
+    def restore(self) -> Awaitable[None]: ...
+    def after_restore(self) -> Awaitable[None]: ...
+    async def requests_drained(self, timeout: float) -> bool: ...
+    def requests_in_progress(self) -> int: ...
+    def fatal(self, reason: str) -> None: ...
+
+
 class ParkUnsupported(Exception):
     """This service, or its engine on this platform, cannot park: the orchestrator stops it instead."""
 
 
-def state_body(service: BaseService) -> dict[str, Any]:
+def state_body(service: Parkable) -> dict[str, Any]:
     """The ``/state`` answer."""
     use = service.memory_use()
     reason = service.park_unsupported()
@@ -66,10 +81,8 @@ def state_body(service: BaseService) -> dict[str, Any]:
             "pinned_host_bytes": use.host_bytes, "can_park": reason is None, "reason": reason}
 
 
-async def park(service: BaseService, level: ParkLevel, drain_timeout: float) -> float:
+async def park(service: Parkable, level: ParkLevel, drain_timeout: float) -> float:
     """Park ``service`` at ``level``; the seconds it took. Raises ParkUnsupported or ServiceError(409)."""
-    from core.base_service import Health
-
     reason = service.park_unsupported(level)
     if reason is not None:
         raise ParkUnsupported(reason)
@@ -88,10 +101,8 @@ async def park(service: BaseService, level: ParkLevel, drain_timeout: float) -> 
     return seconds
 
 
-async def restore(service: BaseService) -> float:
+async def restore(service: Parkable) -> float:
     """Bring a parked ``service`` back to ready; the seconds it took. Raises ServiceError(409)."""
-    from core.base_service import Health
-
     if service.health is not Health.PARKED:
         raise ServiceError(409, f"{service.name} is {service.health.value}, not parked", "not_parked")
     began = time.monotonic()
@@ -105,14 +116,14 @@ async def restore(service: BaseService) -> float:
     return seconds
 
 
-async def _drain(service: BaseService, timeout: float) -> None:
+async def _drain(service: Parkable, timeout: float) -> None:
     """Wait for requests already admitted to end (the orchestrator parks idle services, but an
     admin's /upstream call may still be running); past ``timeout``, park anyway."""
     if not await service.requests_drained(timeout):
         log.warning("%s: parking with %d request(s) still in progress", service.name, service.requests_in_progress())
 
 
-async def _run_hook(service: BaseService, hook: str, call: Any) -> None:
+async def _run_hook(service: Parkable, hook: str, call: Any) -> None:
     try:
         await call
     except asyncio.CancelledError:
@@ -125,7 +136,7 @@ async def _run_hook(service: BaseService, hook: str, call: Any) -> None:
                            "the service is exiting", f"{hook}_failed") from exc
 
 
-def mount_park_routes(app: FastAPI, service: BaseService) -> None:
+def mount_park_routes(app: FastAPI, service: Parkable) -> None:
     """``/state``, ``/offload`` and ``/restore`` (see the module's docstring)."""
 
     @app.get("/state", include_in_schema=False)

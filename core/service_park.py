@@ -13,24 +13,38 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psutil
 
 from core.aio import wait_all
+from core.config import ModelSpec
 from core.gpu import gpu_bytes_by_pid, gpu_used_bytes
-from core.park_client import ParkFailed, ParkUnsupported
-from core.service_state import ServiceState
-
-if TYPE_CHECKING:
-    from core.service_manager import ManagedService
+from core.park_client import ParkClient, ParkFailed, ParkUnsupported
+from core.service_state import ParkRecord, ServiceState
 
 log = logging.getLogger(__name__)
 
 _STILL_HELD_BYTES = 2 * 1024**3  # CUDA context, vLLM's kept CUDA graphs: some memory always stays
 
 
-async def run_park(svc: ManagedService, level: int, after: list[Awaitable[object]]) -> None:
+class Parked(Protocol):
+    """What a park or restore uses of a service: ``ManagedService`` is one (typed, not imported:
+    the service calls these, so importing it back would be a circle)."""
+
+    spec: ModelSpec
+    parker: ParkClient
+    park_record: ParkRecord
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    def park_settled(self, new: ServiceState, reason: str) -> bool: ...
+    def park_failed(self, reason: str) -> None: ...
+
+
+async def run_park(svc: Parked, level: int, after: list[Awaitable[object]]) -> None:
     await wait_all(after)  # the parked models stopped to make host room for this one go first
     try:
         before = await asyncio.to_thread(gpu_held, svc.pid)  # NVML blocks: never on the loop
@@ -48,7 +62,7 @@ async def run_park(svc: ManagedService, level: int, after: list[Awaitable[object
     svc.park_settled(ServiceState.PARKED, f"level {level} in {outcome.seconds:.2f}s")
 
 
-async def run_restore(svc: ManagedService, after: list[Awaitable[object]]) -> None:
+async def run_restore(svc: Parked, after: list[Awaitable[object]]) -> None:
     await wait_all(after)  # the models it evicts are parked or stopped first
     level = svc.park_record.level or svc.spec.park.level
     try:
@@ -68,7 +82,7 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _park_failed(svc: ManagedService, reason: str) -> None:
+def _park_failed(svc: Parked, reason: str) -> None:
     log.error("%s: %s; stopping it (it starts cold next time)", svc.name, reason)
     svc.park_record = replace(svc.park_record, failures=svc.park_record.failures + 1, last_error=reason, level=None)
     svc.park_failed(reason)

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from core import REPO_ROOT
-from core.child_env import MODEL_NAME_ENV, SERVICE_TOKEN_ENV, inherited, new_service_token, service_env
+from core.child_env import inherited, new_service_token, service_env
 from core.config import ModelSpec
+from core.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
 from core.memory_share import VRAM_ENV
 
 ORCHESTRATOR_ENV = {

@@ -1,0 +1,14 @@
+"""What the orchestrator and a model service agree on, in the one module both sides import.
+
+The orchestrator (supervision) sets these and calls these; a model service (the service
+runtime) reads and serves them. Keeping them here, not on either side, is what lets the two
+sides never import each other (tests/unit/test_core_layout.py holds that rule).
+"""
+
+from __future__ import annotations
+
+SERVICE_TOKEN_ENV = "AIO_SERVICE_TOKEN"  # the per-run secret a service requires on every route but /health
+MODEL_NAME_ENV = "AIO_MODEL_NAME"  # the models.yaml entry a child serves
+
+# A service's park routes (core/parking.py): never reachable from outside (the orchestrator blocks them).
+PARK_PATHS = ("/offload", "/restore", "/state")

@@ -46,11 +46,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from core.asgi import ASGIApp
-from core.contract import MODEL_NAME_ENV
+from core.common.asgi import ASGIApp
+from core.common.contract import MODEL_NAME_ENV
+from core.common.http_errors import install_error_handlers
+from core.common.log_setup import configure_logging
 from core.health import Health
-from core.http_errors import install_error_handlers
-from core.log_setup import configure_logging
 from core.memory_share import VRAM_ENV, ShareError, share_from_env
 from core.middleware import (
     CancelOnDisconnect,

@@ -39,9 +39,9 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from core import repo_pythonpath
-from core.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
+from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
+from core.common.redact import secret_env_name
 from core.memory_share import VRAM_ENV
-from core.redact import secret_env_name
 
 if TYPE_CHECKING:
     from core.config import ModelSpec

@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import BinaryIO
 
-from core.redact import redact_text
+from core.common.redact import redact_text
 
 MAX_BYTES = 50 * 1024 * 1024  # a log file is rotated when it would grow past this
 BACKUPS = 3
@@ -97,7 +97,7 @@ class ServiceLog:
 
     def open(self, header: str) -> None:
         """Open (and rotate if large) the log file, writing a header line for this start
-        (usually the command line: secrets in it are masked, see core/redact.py)."""
+        (usually the command line: secrets in it are masked, see core/common/redact.py)."""
         self.close()
         if self.path is None:
             return

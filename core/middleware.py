@@ -25,10 +25,20 @@ import os
 import sys
 from collections.abc import Callable, MutableMapping
 
-from core.aio import event_within
-from core.asgi import ASGIApp, ClientGone, DisconnectWatcher, Message, Receive, Scope, Send, read_body, send_error
-from core.contract import PARK_PATHS, SERVICE_TOKEN_ENV
-from core.errors import ServiceError
+from core.common.aio import event_within
+from core.common.asgi import (
+    ASGIApp,
+    ClientGone,
+    DisconnectWatcher,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_error,
+)
+from core.common.contract import PARK_PATHS, SERVICE_TOKEN_ENV
+from core.common.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

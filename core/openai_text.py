@@ -19,8 +19,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import bad_request, error_body
-from core.sse import DONE, sse_event
+from core.common.errors import bad_request, error_body
+from core.common.sse import DONE, sse_event
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 TokenT = TypeVar("TokenT")

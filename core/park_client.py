@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 
-from core.aio import within
+from core.common.aio import within
+from core.common.contract import PARK_PATHS
 from core.config import ModelSpec
 from core.config_park import HttpCall, ParkCalls
-from core.contract import PARK_PATHS
 
 log = logging.getLogger(__name__)
 

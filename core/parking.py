@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 
-from core.errors import ServiceError
+from core.common.errors import ServiceError
 from core.health import Health
 from core.memory_share import release_cached_memory
 

@@ -236,7 +236,7 @@ async def tcp_connects(host: str, port: int, timeout: float) -> bool:
     """Whether a bare TCP connect to ``host:port`` succeeds within ``timeout`` seconds.
 
     Raises only if we are out of file descriptors: then the answer says nothing about the
-    port. Not ``asyncio.wait_for``, which may swallow the caller's cancellation (core/aio.py).
+    port. Not ``asyncio.wait_for``, which may swallow the caller's cancellation (core/common/aio.py).
     """
     connect = asyncio.ensure_future(asyncio.open_connection(host, port))
     connect.add_done_callback(_close_connection)

@@ -18,7 +18,7 @@ exit watch and kill, is core/service_process.py):
 
 No stuck states: whatever a start raises ends it (core/start_errors.py), and a stop wins
 over the start it interrupts however that start ends. The stop cancels it; as a cancellation
-can be swallowed on its way (core/aio.py), the start also checks after its awaits, and right
+can be swallowed on its way (core/common/aio.py), the start also checks after its awaits, and right
 before READY, that it is still the current start. ``start()`` and ``stop()`` hand out
 shielded futures: a waiter giving up never cancels the start or the stop itself.
 
@@ -38,15 +38,15 @@ from typing import Any
 
 import httpx
 
-from core.aio import done_future, joined, retrieve_exception, wait_all
 from core.child_env import new_service_token, service_env
+from core.common.aio import done_future, joined, retrieve_exception, wait_all
+from core.common.redact import redact_argv
 from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
 from core.health_watch import start_health_watch
 from core.log_capture import ServiceLog
 from core.park_client import ParkClient
 from core.readiness import probe, wait_healthy
 from core.reaper import Reaper
-from core.redact import redact_argv
 from core.restart_policy import RestartPolicy, decide_restart
 from core.service_park import run_park, run_restore
 from core.service_process import ServiceProcess

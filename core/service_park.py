@@ -17,7 +17,7 @@ from typing import Protocol
 
 import psutil
 
-from core.aio import wait_all
+from core.common.aio import wait_all
 from core.config import ModelSpec
 from core.gpu import gpu_bytes_by_pid, gpu_used_bytes
 from core.park_client import ParkClient, ParkFailed, ParkUnsupported

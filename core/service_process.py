@@ -15,11 +15,11 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from core.aio import retrieve_exception
+from core.common.aio import retrieve_exception
+from core.common.redact import redact_argv
 from core.log_capture import ServiceLog
 from core.process_tree import leader_exited, port_holder, signal_group, spawn_group_leader, terminate_tree
 from core.reaper import Reaper
-from core.redact import redact_argv
 from core.start_errors import StartFailed, os_errors_as
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class ServiceProcess:
         pump.add_done_callback(retrieve_exception)
         try:
             await leader_exited(process)  # not process.wait(): children may hold the pipe open
-            await asyncio.wait({pump}, timeout=_PIPE_DRAIN_TIMEOUT)  # not wait_for: see core/aio.py
+            await asyncio.wait({pump}, timeout=_PIPE_DRAIN_TIMEOUT)  # not wait_for: see core/common/aio.py
         finally:
             pump.cancel()
         returncode = process.returncode

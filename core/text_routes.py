@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from core import openai_text as oa
-from core.errors import ServiceError, bad_request
+from core.common.errors import ServiceError, bad_request
 
 EngineGetter = Callable[[], "oa.TextEngine[Any] | None"]
 

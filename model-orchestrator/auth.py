@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from core.common.errors import ServiceError
 from core.config import Settings
-from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core.common.errors import ServiceError
+from core.common.http_errors import install_error_handlers
 from core.config import ModelSpec
-from core.errors import ServiceError
 from core.gpu import gpu_bytes_by_pid
-from core.http_errors import install_error_handlers
 from core.log_capture import ServiceLog, TooManyFollowers
 from core.memory_share import GIB
 from core.service_park import gpu_bytes_of_tree

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from core.aio import event_within, wait_all
+from core.common.aio import event_within, wait_all
 from core.config import ModelSpec, Settings
 from core.gpu import resolve_process_overhead
 from core.memory_share import GIB, WHOLE_GPU_UTILIZATION

@@ -143,7 +143,7 @@ class JsonWorker:
                 process = self._process
                 if process is None or process.returncode is not None:  # first use, or it died idle
                     process = await self._start()
-                from core.aio import within  # here: this file also runs as the stdlib-only helper
+                from core.common.aio import within  # here: this file also runs as the stdlib-only helper
 
                 head, new_body = await within(self._exchange(process, body, max_depth, renames), _EXCHANGE_TIMEOUT)
             except BaseException as exc:  # died, stuck or cancelled mid-message: the pipe is out of step
@@ -160,7 +160,7 @@ class JsonWorker:
         process, self._process = self._process, None
         if process is not None and process.stdin is not None:
             process.stdin.close()  # EOF: the helper's loop ends
-            from core.aio import within
+            from core.common.aio import within
 
             try:
                 await within(process.wait(), 2)

@@ -18,7 +18,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from core.asgi import Send
+from core.common.asgi import Send
 from core.service_manager import ManagedService
 from model_orchestrator.coordinator import Coordinator, Ticket
 

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import uvicorn
 
-from core.asgi import Receive, Scope, Send
+from core.common.asgi import Receive, Scope, Send
+from core.common.log_setup import configure_logging
 from core.config import ConfigError, OrchestratorConfig, load_config
 from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.host_memory import resolve_host_budget
-from core.log_setup import configure_logging
 from core.process_tree import port_holder
 from core.service_manager import ServiceManager
 from model_orchestrator import auth

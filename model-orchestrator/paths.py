@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
-from core.errors import ServiceError
+from core.common.errors import ServiceError
 
 # Anything that may need the careful path: an escape, a dot or empty segment, a backslash, a
 # "#" (h11 keeps a fragment in the raw path), a byte outside printable ASCII. Most requests match

@@ -32,11 +32,11 @@ from collections.abc import Iterable
 import aiohttp
 from yarl import URL
 
-from core.asgi import ClientGone, DisconnectWatcher, Receive, Scope, Send, content_length, read_body, send_error
+from core.common.asgi import ClientGone, DisconnectWatcher, Receive, Scope, Send, content_length, read_body, send_error
+from core.common.errors import ServiceError, error_body
+from core.common.sse import sse_event
 from core.config import Limits, ModelSpec
-from core.errors import ServiceError, error_body
 from core.service_manager import ManagedService
-from core.sse import sse_event
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker
 from model_orchestrator.loading import Answer, admit

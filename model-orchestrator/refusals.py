@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from core.errors import ServiceError
+from core.common.errors import ServiceError
 
 
 class Reason(enum.Enum):

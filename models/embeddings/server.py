@@ -29,8 +29,8 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict
 
 from core.base_service import BaseService
+from core.common.errors import bad_request
 from core.devices import resolve_device
-from core.errors import bad_request
 from core.host_copy import HostCopy, ParksWithHostCopy
 from core.memory_share import cap_torch_memory, release_cached_memory
 from core.worker import JobContext, Worker

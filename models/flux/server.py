@@ -26,8 +26,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
+from core.common.errors import bad_request
 from core.devices import resolve_device
-from core.errors import bad_request
 from core.gpu_stack import release
 from core.host_copy import HostCopy, ParksWithHostCopy
 from core.memory_share import cap_torch_memory, release_cached_memory

@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from core.errors import error_bytes
+from core.common.errors import error_bytes
 from models.vllm import releases
 
 ASGIApp = Callable[..., Any]

@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from core.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
+from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
 from core.middleware import take_service_token
 from tests.integration.conftest import FAKE, health_status, running_service, wait_until
 

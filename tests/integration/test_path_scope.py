@@ -36,9 +36,9 @@ import yarl
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from core.asgi import Message
+from core.common.asgi import Message
+from core.common.errors import ServiceError
 from core.config import Limits, config_from_dict
-from core.errors import ServiceError
 from core.park_client import private_paths
 from model_orchestrator import auth
 from model_orchestrator.http_server import server_options

@@ -21,7 +21,7 @@ from typing import Any, cast
 import pytest
 import uvicorn
 
-from core.asgi import Receive, Scope, Send, send_json
+from core.common.asgi import Receive, Scope, Send, send_json
 from core.config import Limits, config_from_dict
 from model_orchestrator.http_server import RequestCap, server_options
 from model_orchestrator.proxy import Proxy

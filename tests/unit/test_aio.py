@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from core.aio import done_future, joined, wait_all
+from core.common.aio import done_future, joined, wait_all
 from core.process_tree import leader_exited, tcp_connects
 
 

@@ -1,4 +1,4 @@
-"""core.asgi.read_body: limits, the body deadline, disconnects (ASGI level; socket-level tests in
+"""core.common.asgi.read_body: limits, the body deadline, disconnects (ASGI level; socket-level tests in
 tests/integration/test_proxy_hardening.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from core.asgi import BodyRefused, ClientGone, Message, Receive, read_body
+from core.common.asgi import BodyRefused, ClientGone, Message, Receive, read_body
 
 
 def messages(parts: Iterable[Message], then_stall: bool = False) -> Receive:

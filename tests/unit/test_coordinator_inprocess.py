@@ -23,7 +23,7 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from core.aio import done_future, joined, retrieve_exception, wait_all
+from core.common.aio import done_future, joined, retrieve_exception, wait_all
 from core.config import ModelSpec, config_from_dict
 from core.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
 from core.start_errors import StartFailed

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core.errors import ServiceError, bad_request, error_body, error_bytes, error_type_for
+from core.common.errors import ServiceError, bad_request, error_body, error_bytes, error_type_for
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core.common.log_setup import configure_logging
 from core.log_capture import Follower, ServiceLog, TooManyFollowers
-from core.log_setup import configure_logging
 
 
 def mode(path: Path) -> int:
@@ -176,7 +176,7 @@ def test_pump_splits_lines_cuts_long_ones_and_signals_activity() -> None:
     assert followed == tail
 
 
-# --- the orchestrator's own log (core/log_setup.py) ----------------------------------------------
+# --- the orchestrator's own log (core/common/log_setup.py) ----------------------------------------------
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from core.asgi import Message, Receive, Scope, Send, send_json
 from core.base_service import BaseService, Health
+from core.common.asgi import Message, Receive, Scope, Send, send_json
 from core.middleware import CancelOnDisconnect, ConcurrencyCap, ReadinessGate, ServiceTokenAuth
 
 TOKEN = "t0ken"

@@ -1,7 +1,7 @@
 """The lifecycle and request path neither lose a cancellation nor block the event loop (#19).
 
 * No ``asyncio.wait_for`` in the product's code: before Python 3.12 it may swallow the caller's
-  cancellation (core/aio.py); ``core.aio.within`` is used instead. Checked on the parsed code of
+  cancellation (core/common/aio.py); ``core.common.aio.within`` is used instead. Checked on the parsed code of
   every module, so a comment or a docstring naming it does not count.
 * NVML is only called off the event loop: a stand-in ``pynvml`` (no driver here) fails any call
   made on the loop's thread, and the GPU-memory wait and the park's freed-memory check run over it.
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from core.aio import event_within, within
+from core.common.aio import event_within, within
 from core.gpu import wait_for_free_memory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,8 @@ def _wait_for_calls(path: Path) -> list[int]:
 def test_no_asyncio_wait_for_in_the_product() -> None:
     found = {str(path.relative_to(REPO)): lines for folder in PRODUCT for path in sorted((REPO / folder).rglob("*.py"))
              if (lines := _wait_for_calls(path))}
-    assert found == {}, f"asyncio.wait_for can swallow a cancellation (core/aio.py); use core.aio.within: {found}"
+    assert found == {}, ("asyncio.wait_for can swallow a cancellation (core/common/aio.py); "
+                         f"use core.common.aio.within: {found}")
 
 
 def test_the_scan_sees_a_call(tmp_path: Path) -> None:

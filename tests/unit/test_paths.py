@@ -15,7 +15,7 @@ import yarl
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from core.errors import ServiceError
+from core.common.errors import ServiceError
 from model_orchestrator.paths import canonical_path, upstream_query, upstream_target
 
 # The spellings of "../" that reached the service's /offload through POST /v1/<spelling>offload

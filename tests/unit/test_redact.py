@@ -1,10 +1,10 @@
-"""core/redact.py: secrets masked in command lines and log text, everything else untouched."""
+"""core/common/redact.py: secrets masked in command lines and log text, everything else untouched."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.redact import redact_argv, redact_text, secret_option
+from core.common.redact import redact_argv, redact_text, secret_option
 
 
 @pytest.mark.parametrize("option", ["--hf-token", "--token", "--api-key", "--api_key", "--auth-key", "--apikey",

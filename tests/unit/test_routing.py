@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from core.common.errors import ServiceError
 from core.config import Limits, config_from_dict
-from core.errors import ServiceError
 from model_orchestrator.routing import (
     ModelIndex,
     body_limit,

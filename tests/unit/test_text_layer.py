@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import ServiceError
+from core.common.errors import ServiceError
 from core.openai_text import ChatRequest, CompletionRequest, generation_params, stop_cut
 from models.vllm.engine_transformers import _IncrementalDecoder
 

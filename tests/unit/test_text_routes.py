@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from core.http_errors import install_error_handlers
+from core.common.http_errors import install_error_handlers
 from core.openai_text import TextChunk, sse_stream
 from core.text_routes import mount_text_routes
 from models.echo.server import ECHO_LIMITS, EchoEngine

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import ServiceError, error_body
+from core.common.errors import ServiceError, error_body
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from core.errors import ServiceError, error_bytes
+from core.common.errors import ServiceError, error_bytes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -51,7 +51,7 @@ from core.common.contract import MODEL_NAME_ENV
 from core.common.http_errors import install_error_handlers
 from core.common.log_setup import configure_logging
 from core.health import Health
-from core.memory_share import VRAM_ENV, ShareError, share_from_env
+from core.host.memory_share import VRAM_ENV, ShareError, share_from_env
 from core.middleware import (
     CancelOnDisconnect,
     ConcurrencyCap,

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from core import repo_pythonpath
 from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
 from core.common.redact import secret_env_name
-from core.memory_share import VRAM_ENV
+from core.host.memory_share import VRAM_ENV
 
 if TYPE_CHECKING:
     from core.config import ModelSpec
@@ -83,7 +83,7 @@ def service_env(spec: ModelSpec, token: str | None = None, passthrough: Iterable
                 base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The child's environment: the allowlisted part of ours (``base``, default ``os.environ``),
     the spec's additions, unbuffered output, CUDA's device order as NVML's, `core` importable, the
-    service token, and its GPU share (``vram_gb``) for the engines to keep to (see core/memory_share.py)."""
+    service token, and its GPU share (``vram_gb``) for the engines to keep to (see core/host/memory_share.py)."""
     patterns = tuple(passthrough)
     source = os.environ if base is None else base
     env = {name: value for name, value in source.items() if inherited(name, patterns)}

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 
 from core.common.errors import ServiceError
 from core.health import Health
-from core.memory_share import release_cached_memory
+from core.host.memory_share import release_cached_memory
 
 log = logging.getLogger(__name__)
 

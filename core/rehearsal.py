@@ -20,7 +20,7 @@ from typing import Any
 # A 48 GiB card (L40S/A6000 class): Qwen and FLUX cannot both be resident, so alternating
 # text and image requests exercises eviction, as it does on such a pod.
 PRETEND_GPU_GB = 48
-PRETEND_CONTEXT_GB = 0.5  # what `auto` counts per process on a pod (core.gpu.GPU_PROCESS_OVERHEAD_GB)
+PRETEND_CONTEXT_GB = 0.5  # what `auto` counts per process on a pod (core.host.gpu.GPU_PROCESS_OVERHEAD_GB)
 # Several CPU services share CI's 2 cores; torch's default of one thread per core each
 # makes them fight (30x slower). A GPU pod has no such contention.
 CPU_THREADS = "1"

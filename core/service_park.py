@@ -19,7 +19,7 @@ import psutil
 
 from core.common.aio import wait_all
 from core.config import ModelSpec
-from core.gpu import gpu_bytes_by_pid, gpu_used_bytes
+from core.host.gpu import gpu_bytes_by_pid, gpu_used_bytes
 from core.park_client import ParkClient, ParkFailed, ParkUnsupported
 from core.service_state import ParkRecord, ServiceState
 
@@ -91,7 +91,7 @@ def _park_failed(svc: Parked, reason: str) -> None:
 @dataclass(frozen=True)
 class Held:
     """GPU memory as NVML shows it: the service's process tree's, or (``device``) when the per-process
-    view is blind (core/gpu.py ``blind_view``), every device's in total."""
+    view is blind (core/host/gpu.py ``blind_view``), every device's in total."""
 
     bytes: int
     device: bool = False

@@ -1,6 +1,6 @@
 """torch choices every model service makes the same way; torch is imported only where a dtype is built.
 
-Freeing cached GPU memory after a job or an unload is ``core.memory_share.release_cached_memory``.
+Freeing cached GPU memory after a job or an unload is ``core.host.memory_share.release_cached_memory``.
 """
 
 from __future__ import annotations

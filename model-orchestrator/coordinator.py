@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from core.common.aio import event_within, wait_all
 from core.config import ModelSpec, Settings
-from core.gpu import resolve_process_overhead
-from core.memory_share import GIB, WHOLE_GPU_UTILIZATION
+from core.host.gpu import resolve_process_overhead
+from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.service_state import ServiceSnapshot, ServiceState
 from model_orchestrator.refusals import Reason, Refused
@@ -83,7 +83,7 @@ class Coordinator:
         self.budget_gb = budget_gb
         self.host_budget_gb = host_budget_gb  # what parked models may hold (None: unlimited; 0: never park)
         # Each GPU process's own memory beyond its share (settings.gpu_process_overhead_gb; "auto" is
-        # resolved in one place, core.gpu.resolve_process_overhead)
+        # resolved in one place, core.host.gpu.resolve_process_overhead)
         self.overhead_gb = (resolve_process_overhead(settings.gpu_process_overhead_gb) if overhead_gb is None
                             else overhead_gb)
         self.on_swap: Callable[[str, str, str], None] | None = None  # (model, action, reason): metrics

@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from core.gpu import gpu_bytes_by_pid
-from core.memory_share import GIB
+from core.host.gpu import gpu_bytes_by_pid
+from core.host.memory_share import GIB
 from core.service_park import gpu_bytes_of_tree
 from core.service_state import ServiceState
 from model_orchestrator.routing import ENDPOINT_TYPES, UPLOAD_PATHS

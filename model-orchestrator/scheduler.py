@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
-from core.memory_share import WHOLE_GPU_UTILIZATION
+from core.host.memory_share import WHOLE_GPU_UTILIZATION
 from core.service_state import ServiceState
 from model_orchestrator.refusals import Reason
 

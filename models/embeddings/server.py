@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict
 from core.base_service import BaseService
 from core.common.errors import bad_request
 from core.devices import resolve_device
+from core.host.memory_share import cap_torch_memory, release_cached_memory
 from core.host_copy import HostCopy, ParksWithHostCopy
-from core.memory_share import cap_torch_memory, release_cached_memory
 from core.worker import JobContext, Worker
 
 if TYPE_CHECKING:

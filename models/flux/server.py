@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.base_service import BaseService
 from core.common.errors import bad_request
 from core.devices import resolve_device
-from core.gpu_stack import release
+from core.host.gpu_stack import release
+from core.host.memory_share import cap_torch_memory, release_cached_memory
 from core.host_copy import HostCopy, ParksWithHostCopy
-from core.memory_share import cap_torch_memory, release_cached_memory
 from core.parking import ParkLevel
 from core.torch_helpers import torch_dtype
 from core.worker import JobContext, Worker

@@ -14,8 +14,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from core.host.memory_share import release_cached_memory
 from core.host_copy import HostCopy
-from core.memory_share import release_cached_memory
 from core.openai_text import GenerationParams, TextChunk, TokenizerPrompts, stop_cut
 from core.parking import MemoryUse
 from core.torch_helpers import torch_dtype

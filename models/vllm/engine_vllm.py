@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from core.gpu_stack import release
-from core.memory_share import GIB, device_total_bytes, vllm_utilization
+from core.host.gpu_stack import release
+from core.host.memory_share import GIB, device_total_bytes, vllm_utilization
 from core.parking import MemoryUse
 from models.vllm import releases
 

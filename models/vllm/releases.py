@@ -1,6 +1,6 @@
 """Where each vLLM release line keeps what the text service uses: one table, read at run time.
 
-The GPU stacks (core/gpu_stack.py ``STACKS``) pin vLLM 0.32 on a torch 2.13 image and vLLM 0.16
+The GPU stacks (core/host/gpu_stack.py ``STACKS``) pin vLLM 0.32 on a torch 2.13 image and vLLM 0.16
 on a torch 2.9.1 image (the design's). Between the two, vLLM moved eight of the names the
 service imports and dropped others (OnlineRenderer, the exception-handler registry, SSE
 keep-alive). ``WHERE`` says, per line, which module holds each name ("module:qualname"), or
@@ -81,7 +81,7 @@ def line_of(version: str) -> str:
     found = ".".join(version.split("+", maxsplit=1)[0].split(".")[:2])
     if found not in LINES:
         raise ValueError(f"vLLM {version} is not a release this service is built for "
-                         f"(lines {', '.join(LINES)}: see core/gpu_stack.py STACKS)")
+                         f"(lines {', '.join(LINES)}: see core/host/gpu_stack.py STACKS)")
     return found
 
 

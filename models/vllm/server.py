@@ -33,7 +33,7 @@ from starlette.routing import Route
 from core import openai_text as oa
 from core.base_service import BaseService
 from core.devices import resolve_device
-from core.memory_share import cap_torch_memory
+from core.host.memory_share import cap_torch_memory
 from core.parking import MemoryUse, ParkLevel
 from core.text_routes import mount_text_routes
 from models.vllm import engine_vllm, vllm_openai

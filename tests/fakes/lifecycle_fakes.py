@@ -43,9 +43,9 @@ from typing_extensions import TypeVarTuple, Unpack
 
 from core import park_client, readiness, service_manager, service_park
 from core.config import ModelSpec, config_from_dict
-from core.gpu import GPU_PROCESS_OVERHEAD_GB
+from core.host.gpu import GPU_PROCESS_OVERHEAD_GB
+from core.host.memory_share import GIB
 from core.log_capture import ServiceLog
-from core.memory_share import GIB
 from core.park_client import ParkFailed, ParkOutcome, ParkUnsupported, calls_of
 from core.restart_policy import RestartPolicy
 from core.service_manager import ManagedService

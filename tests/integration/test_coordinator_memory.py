@@ -1,6 +1,6 @@
 """Before every start the coordinator waits until the GPU has room for the model (real fake services).
 
-On a pod ``memory_released`` is core.gpu.wait_for_free_memory (NVML); here a recorder stands in
+On a pod ``memory_released`` is core.host.gpu.wait_for_free_memory (NVML); here a recorder stands in
 for it, since there is no GPU to ask. What is tested is when it is awaited, and with how much.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from core.config import config_from_dict
-from core.memory_share import WHOLE_GPU_UTILIZATION
+from core.host.memory_share import WHOLE_GPU_UTILIZATION
 from core.service_manager import ServiceManager
 from core.service_state import ServiceState
 from model_orchestrator.coordinator import Coordinator

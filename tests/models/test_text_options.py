@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from core.memory_share import GIB, WHOLE_GPU_UTILIZATION, ShareError
+from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION, ShareError
 from models.vllm.engine_vllm import VllmSettings, choose_gpu_memory_utilization, vllm_argv
 from models.vllm.server import TextService
 from tests.markers import vllm_import_warnings

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.memory_share import GIB, VRAM_ENV
+from core.host.memory_share import GIB, VRAM_ENV
 from tests.integration.conftest import REPO, running_service, wait_until
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
@@ -111,7 +111,7 @@ def test_a_share_larger_than_the_gpu_fails_the_load(monkeypatch: pytest.MonkeyPa
 # Allocate inside the share, then past it: the second allocation must fail in this process.
 _CAPPED = """
 import torch
-from core.memory_share import GIB, cap_torch_memory
+from core.host.memory_share import GIB, cap_torch_memory
 fraction = cap_torch_memory(1.0, "cuda")
 assert torch.cuda.get_per_process_memory_fraction() == fraction, fraction
 inside = torch.empty(GIB // 2, dtype=torch.uint8, device="cuda")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from core.gpu_stack import STACKS, stack_for
+from core.host.gpu_stack import STACKS, stack_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -10,7 +10,7 @@ from core import REPO_ROOT
 from core.child_env import inherited, new_service_token, service_env
 from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
 from core.config import ModelSpec
-from core.memory_share import VRAM_ENV
+from core.host.memory_share import VRAM_ENV
 
 ORCHESTRATOR_ENV = {
     # what a pod's orchestrator typically has

@@ -10,7 +10,7 @@ import pytest
 from core.common.contract import PARK_PATHS
 from core.config import ModelSpec, Settings
 from core.config_park import VLLM_DEV_PATHS, ParkSpec
-from core.host_memory import host_memory_gb, resolve_host_budget
+from core.host.host_memory import host_memory_gb, resolve_host_budget
 from core.park_client import SERVICE_CALLS, calls_of, private_paths
 from tests.unit.test_config import config_error, good, write
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from core.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
+from core.host.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 
 
 def test_configured_budget_is_used_as_is() -> None:

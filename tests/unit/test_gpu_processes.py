@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from core.gpu import blind_view, gpu_bytes_by_pid
+from core.host.gpu import blind_view, gpu_bytes_by_pid
 from core.park_client import ParkFailed
 from core.service_park import Held, _check_freed, gpu_bytes_of_tree, gpu_held
 
@@ -118,7 +118,7 @@ def test_with_a_blind_view_the_park_is_checked_on_the_devices_memory(monkeypatch
 
 
 def test_the_process_overhead_is_a_cuda_context_where_nvml_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from core.gpu import GPU_PROCESS_OVERHEAD_GB, resolve_process_overhead
+    from core.host.gpu import GPU_PROCESS_OVERHEAD_GB, resolve_process_overhead
 
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([[]]))
     assert resolve_process_overhead("auto") == GPU_PROCESS_OVERHEAD_GB == 0.5

@@ -1,4 +1,4 @@
-"""Preflight's verdict on an image's torch, CUDA, driver and toolchain (core/gpu_stack.py), as pure functions.
+"""Preflight's verdict on an image's torch, CUDA, driver and toolchain (core/host/gpu_stack.py), as pure functions.
 
 The versions are the ones images really carry: PyPI's CUDA builds (``+cu128``, ``+cu130``), a
 patch release, and NGC's source builds (``2.13.0a0+git…``), which pip takes for pre-releases.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from core.gpu_stack import STACKS, Stack, c_compiler, min_driver, pins_match, problems, required_torch, stack_for
+from core.host.gpu_stack import STACKS, Stack, c_compiler, min_driver, pins_match, problems, required_torch, stack_for
 from models.vllm.releases import LINES, line_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,8 +136,8 @@ def test_driver_floor_per_cuda_major() -> None:
 
 def test_the_module_runs_with_the_standard_library_only() -> None:
     """Preflight runs it with the image's Python before any environment exists: no third-party import."""
-    done = subprocess.run([sys.executable, "-S", "-m", "core.gpu_stack", "--python", sys.executable, "--rehearsal"],
-                          cwd=REPO, capture_output=True, text=True, check=False)
+    argv = [sys.executable, "-S", "-m", "core.host.gpu_stack", "--python", sys.executable, "--rehearsal"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
     report = json.loads(done.stdout)
     assert report["required_torch"] == ["2.13.0", "2.9.1"] and report["torch"].startswith("2.13.0")
     assert report["stack"]["vllm"] == "0.32.0" and report["compiler"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from core.memory_share import (
+from core.host.memory_share import (
     GIB,
     VRAM_ENV,
     WHOLE_GPU_UTILIZATION,
@@ -94,7 +94,7 @@ def test_vllm_utilization_refuses_what_torch_refuses() -> None:
 
 
 class FakeCuda:
-    """The torch.cuda calls core.memory_share makes, recorded: a GPU of ``total`` bytes."""
+    """The torch.cuda calls core.host.memory_share makes, recorded: a GPU of ``total`` bytes."""
 
     def __init__(self, total: int, initialized: bool = True) -> None:
         self.total, self.initialized = total, initialized
@@ -132,7 +132,7 @@ def test_cap_sets_the_fraction_on_the_device(monkeypatch: pytest.MonkeyPatch, ca
                                              ) -> None:
     cuda = FakeCuda(GPU_80)
     install_fake_torch(monkeypatch, cuda)
-    with caplog.at_level(logging.INFO, logger="core.memory_share"):
+    with caplog.at_level(logging.INFO, logger="core.host.memory_share"):
         assert cap_torch_memory(8, "cuda") == pytest.approx(0.1)
         assert cap_torch_memory(20, "cuda:1") == pytest.approx(0.25)
     assert cuda.fractions == [(pytest.approx(0.1), 0), (pytest.approx(0.25), 1)]  # "cuda": the current device
@@ -158,7 +158,7 @@ def test_no_share_leaves_the_gpu_uncapped(monkeypatch: pytest.MonkeyPatch) -> No
 def test_cap_on_cpu_is_a_logged_no_op_without_torch(monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    with caplog.at_level(logging.INFO, logger="core.memory_share"):
+    with caplog.at_level(logging.INFO, logger="core.host.memory_share"):
         assert cap_torch_memory(6, "cpu") is None
         assert cap_torch_memory(None, "cpu") is None
     assert device_total_bytes("cpu") is None

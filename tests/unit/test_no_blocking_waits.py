@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from core.common.aio import event_within, within
-from core.gpu import wait_for_free_memory
+from core.host.gpu import wait_for_free_memory
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT = ("core", "model-orchestrator", "models")

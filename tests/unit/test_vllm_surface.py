@@ -14,7 +14,7 @@ import importlib.metadata
 
 import pytest
 
-from core.gpu_stack import STACKS
+from core.host.gpu_stack import STACKS
 from models.vllm import engine_vllm, releases, surface
 from models.vllm.releases import NEW, OLD, WHERE
 from tests.markers import vllm_import_warnings

@@ -1,6 +1,6 @@
 """Preflight for the GPU profile: does the image's torch fit the model stack, and can the driver run it?
 
-    python -m core.gpu_stack [--python PY] [--rehearsal]     # from the repository root
+    python -m core.host.gpu_stack [--python PY] [--rehearsal]     # from the repository root
 
 The GPU profile reuses the image's CUDA build of torch (models/requirements-gpu.txt), so that
 torch must be exactly, as pip sees it, the version a listed vLLM release pins (``STACKS``):
@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # core/host/ is two below the repository
 # Minimum Linux driver per CUDA major release. Through CUDA's minor version compatibility a
 # driver of a major's first release runs every minor release of it (NVIDIA's CUDA
 # compatibility guide, "Minor Version Compatibility": 11.x >= 450.80.02, 12.x >= 525.60.13,

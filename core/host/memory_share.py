@@ -97,7 +97,7 @@ def device_total_bytes(device: str) -> int | None:
         return None
     index = device.partition(":")[2]
     if not os.environ.get("CUDA_VISIBLE_DEVICES"):  # else NVML's numbering differs from torch's
-        from core.gpu import gpu_memory_gb
+        from core.host.gpu import gpu_memory_gb
 
         memory = gpu_memory_gb(int(index or 0))
         if memory is not None:

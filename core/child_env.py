@@ -44,7 +44,7 @@ from core.common.redact import secret_env_name
 from core.host.memory_share import VRAM_ENV
 
 if TYPE_CHECKING:
-    from core.config import ModelSpec
+    from core.config.schema import ModelSpec
 
 _NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TZ", "TERM", "TMPDIR", "TEMP", "TMP", "LANG", "LANGUAGE",

@@ -2,7 +2,7 @@
 
 A ``service_script`` service parks through its own routes (core/parking.py: ``POST /offload?level=N``,
 ``POST /restore``); a ``command`` model through the calls its ``park:`` key declares (or the
-``vllm`` preset, core/config_park.py). Either way a park is a list of calls that must each answer
+``vllm`` preset, core/config/park.py). Either way a park is a list of calls that must each answer
 2xx within ``park.timeout``; a 501 means "this service cannot park" (the orchestrator stops it
 instead and remembers why). When and whom to park is decided elsewhere (the scheduler).
 """
@@ -19,8 +19,8 @@ import httpx
 
 from core.common.aio import within
 from core.common.contract import PARK_PATHS
-from core.config import ModelSpec
-from core.config_park import HttpCall, ParkCalls
+from core.config.park import HttpCall, ParkCalls
+from core.config.schema import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from core.config import ModelSpec
+from core.config.schema import ModelSpec
 from core.process_tree import out_of_fds, tcp_connects
 from core.service_process import ServiceProcess
 from core.start_errors import StartFailed

@@ -41,7 +41,7 @@ import httpx
 from core.child_env import new_service_token, service_env
 from core.common.aio import done_future, joined, retrieve_exception, wait_all
 from core.common.redact import redact_argv
-from core.config import ModelSpec, OrchestratorConfig, resolve_python, service_argv
+from core.config.schema import ModelSpec, OrchestratorConfig, resolve_python, service_argv
 from core.health_watch import start_health_watch
 from core.log_capture import ServiceLog
 from core.park_client import ParkClient

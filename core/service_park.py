@@ -18,7 +18,7 @@ from typing import Protocol
 import psutil
 
 from core.common.aio import wait_all
-from core.config import ModelSpec
+from core.config.schema import ModelSpec
 from core.host.gpu import gpu_bytes_by_pid, gpu_used_bytes
 from core.park_client import ParkClient, ParkFailed, ParkUnsupported
 from core.service_state import ParkRecord, ServiceState

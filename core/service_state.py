@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from core.config import ModelSpec
+    from core.config.schema import ModelSpec
 
 
 class ServiceState(str, enum.Enum):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from core.common.errors import ServiceError
-from core.config import Settings
+from core.config.schema import Settings
 
 log = logging.getLogger(__name__)
 

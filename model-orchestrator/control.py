@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.common.errors import ServiceError
 from core.common.http_errors import install_error_handlers
-from core.config import ModelSpec
+from core.config.schema import ModelSpec
 from core.host.gpu import gpu_bytes_by_pid
 from core.host.memory_share import GIB
 from core.log_capture import ServiceLog, TooManyFollowers

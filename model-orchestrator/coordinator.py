@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from core.common.aio import event_within, wait_all
-from core.config import ModelSpec, Settings
+from core.config.schema import ModelSpec, Settings
 from core.host.gpu import resolve_process_overhead
 from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed

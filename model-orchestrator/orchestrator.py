@@ -41,7 +41,7 @@ import uvicorn
 
 from core.common.asgi import Receive, Scope, Send
 from core.common.log_setup import configure_logging
-from core.config import ConfigError, OrchestratorConfig, load_config
+from core.config.schema import ConfigError, OrchestratorConfig, load_config
 from core.host.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.host.host_memory import resolve_host_budget
 from core.process_tree import port_holder

@@ -35,7 +35,7 @@ from yarl import URL
 from core.common.asgi import ClientGone, DisconnectWatcher, Receive, Scope, Send, content_length, read_body, send_error
 from core.common.errors import ServiceError, error_body
 from core.common.sse import sse_event
-from core.config import Limits, ModelSpec
+from core.config.schema import Limits, ModelSpec
 from core.service_manager import ManagedService
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker

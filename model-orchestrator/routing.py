@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from core.common.errors import ServiceError
-from core.config import Limits, ModelSpec, ModelType, OrchestratorConfig
+from core.config.schema import Limits, ModelSpec, ModelType, OrchestratorConfig
 from core.park_client import private_paths
 from model_orchestrator.json_worker import BodyProblem, parse_object, requested_model, with_model
 

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from core.child_env import service_env
-from core.config import ModelSpec, OrchestratorConfig, load_config, resolve_python, service_argv
+from core.config.schema import ModelSpec, OrchestratorConfig, load_config, resolve_python, service_argv
 from model_orchestrator.auth import read_keys
 
 

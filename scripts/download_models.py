@@ -84,7 +84,7 @@ def specs_from_config(path: Path) -> list[Spec]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: `core`
     import yaml
 
-    from core.render_config import downloads
+    from core.config.render import downloads
 
     return [Spec(d["repo"], d["revision"], tuple(d["allow_patterns"]) or None, tuple(d["ignore_patterns"]) or None)
             for d in downloads(yaml.safe_load(path.read_text()))]

@@ -50,7 +50,7 @@ echo "==> mypy"
 "$VENV/bin/mypy" -p core -p model_orchestrator
 "$VENV/bin/mypy" models tests
 echo "==> generated docs are current"
-"$VENV/bin/python" -m core.config_docs --check
+"$VENV/bin/python" -m core.config.docs --check
 # Two processes, each running whole test files (module fixtures, such as one vLLM engine for the
 # text tests, stay in one process): most of the suite waits on child processes, so two fit a
 # two-core machine. More would run several model engines and playbooks at once. Files are

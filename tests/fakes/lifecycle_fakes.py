@@ -42,7 +42,7 @@ import pytest
 from typing_extensions import TypeVarTuple, Unpack
 
 from core import park_client, readiness, service_manager, service_park
-from core.config import ModelSpec, config_from_dict
+from core.config.schema import ModelSpec, config_from_dict
 from core.host.gpu import GPU_PROCESS_OVERHEAD_GB
 from core.host.memory_share import GIB
 from core.log_capture import ServiceLog

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.scaffold import GUIDE, blocks, example_files
+from core.config.scaffold import GUIDE, blocks, example_files
 from tests.integration.conftest import free_port
 from tests.integration.repo_copy import copy_repository, processes_under, run
 

@@ -3,7 +3,7 @@
 What a user does on a pod, on a machine without a GPU: `ansible-playbook` with the gpu profile
 (through the rehearsal switch), `scripts/start-all.sh`, requests of every kind through the
 official `openai` client, an eviction, `scripts/stop-all.sh`. The differences from a pod are
-weights, devices and the CPU builds of torch and vLLM, listed in core/rehearsal.py:
+weights, devices and the CPU builds of torch and vLLM, listed in core/config/rehearsal.py:
 
 - "the image's Python" is a copy of this machine's interpreter with CPU torch 2.13.0 and
   nothing else, so that the model environment built over it can only reuse that torch;
@@ -28,8 +28,8 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from core.config import load_config
-from core.render_config import downloads
+from core.config.render import downloads
+from core.config.schema import load_config
 from tests.integration.conftest import free_port
 from tests.provisioning.hub_server import HubServer
 from tests.provisioning.standins import BUILDERS, DECOYS, standin_repo

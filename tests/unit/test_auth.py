@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.config import Settings
+from core.config.schema import Settings
 from model_orchestrator.auth import (
     Access,
     Keys,

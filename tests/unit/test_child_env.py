@@ -9,7 +9,7 @@ import pytest
 from core import REPO_ROOT
 from core.child_env import inherited, new_service_token, service_env
 from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
-from core.config import ModelSpec
+from core.config.schema import ModelSpec
 from core.host.memory_share import VRAM_ENV
 
 ORCHESTRATOR_ENV = {

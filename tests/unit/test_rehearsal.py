@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from core.rehearsal import CHANGED_KEYS, PRETEND_GPU_GB, differences_markdown, vllm_cpu_requirement
-from core.render_config import environment_specs, render
+from core.config.rehearsal import CHANGED_KEYS, PRETEND_GPU_GB, differences_markdown, vllm_cpu_requirement
+from core.config.render import environment_specs, render
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "model-orchestrator" / "models.yaml"

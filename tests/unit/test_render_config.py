@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from core.render_config import (
+from core.config.render import (
     environment_specs,
     environments,
     interpreter_for,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from core.common.errors import ServiceError
-from core.config import Limits, config_from_dict
+from core.config.schema import Limits, config_from_dict
 from model_orchestrator.routing import (
     ModelIndex,
     body_limit,

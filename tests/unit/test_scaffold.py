@@ -1,4 +1,4 @@
-"""core/scaffold.py's pure parts: reading the guide's blocks, renaming the example, choosing a port."""
+"""core/config/scaffold.py's pure parts: reading the guide's blocks, renaming the example, choosing a port."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.scaffold import GUIDE, blocks, camel, example_files, free_port, main, renamed, scaffold, write
+from core.config.scaffold import GUIDE, blocks, camel, example_files, free_port, main, renamed, scaffold, write
 
 MARKDOWN = """Intro.
 

@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from core.config import OrchestratorConfig
+    from core.config.schema import OrchestratorConfig
 
 
 def cross_model_problems(config: OrchestratorConfig) -> list[str]:
@@ -114,7 +114,7 @@ def _vram_within_budget(config: OrchestratorConfig) -> list[str]:
 
 
 def file_problems(config: OrchestratorConfig) -> list[str]:
-    from core.config import resolve_python
+    from core.config.schema import resolve_python
 
     problems = []
     for name, spec in config.models.items():

@@ -1,8 +1,8 @@
 """Render a deployment's models.yaml from a shipped profile; say what provisioning must build and fetch.
 
-    python -m core.render_config --base model-orchestrator/models.yaml --profile gpu --print-envs
-    python -m core.render_config --base model-orchestrator/models.yaml --profile gpu --print-downloads
-    python -m core.render_config --base model-orchestrator/models.yaml --profile gpu \\
+    python -m core.config.render --base model-orchestrator/models.yaml --profile gpu --print-envs
+    python -m core.config.render --base model-orchestrator/models.yaml --profile gpu --print-downloads
+    python -m core.config.render --base model-orchestrator/models.yaml --profile gpu \\
         --out /workspace/aio/models.yaml --root /workspace/ai-orchestrator --venvs /workspace/aio/venvs \\
         --log-dir /workspace/aio/logs --hf-home /workspace/aio/hf
 
@@ -11,7 +11,7 @@ image's Python with its system site packages, so its CUDA torch is reused) or ``
 (its own CPU torch). The echo service needs nothing beyond the orchestrator's environment.
 A model's ``python:`` in the profile is respected. The profile's ``weights`` are the one list
 of what to download. ``--rehearsal`` renders the GPU profile the way CI rehearses it on CPU
-(core/rehearsal.py). The output is validated like any models.yaml, and written only when its
+(core/config/rehearsal.py). The output is validated like any models.yaml, and written only when its
 content changes (prints "changed" or "unchanged").
 """
 
@@ -28,9 +28,9 @@ from typing import Any, Literal
 import yaml
 
 from core import REPO_ROOT
-from core.config import config_from_dict
+from core.config.rehearsal import rehearse_config, vllm_cpu_requirement
+from core.config.schema import config_from_dict
 from core.host.gpu_stack import STACKS, stack_for
-from core.rehearsal import rehearse_config, vllm_cpu_requirement
 
 Profile = Literal["cpu", "gpu"]
 ORCHESTRATOR_ENV = "orchestrator"
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.rehearsal)
     if not args.no_check:
         config_from_dict(rendered, args.out)  # raises ConfigError naming the key
-    header = f"# Rendered by core.render_config from {args.base}; edit that file, not this one.\n"
+    header = f"# Rendered by core.config.render from {args.base}; edit that file, not this one.\n"
     text = header + yaml.safe_dump(rendered, sort_keys=False)
     if args.out.exists() and args.out.read_text() == text:
         print("unchanged")

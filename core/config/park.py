@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from core.strict_model import Strict
+from core.config.strict_model import Strict
 
 # vllm serve's development routes (VLLM_SERVER_DEV_MODE=1, which the sleep routes need); they
 # reach into the engine (collective_rpc runs any worker method), so the orchestrator never

@@ -28,9 +28,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
-from core.config_errors import describe
-from core.config_park import ParkSpec
-from core.strict_model import Strict as _Strict
+from core.config.messages import describe
+from core.config.park import ParkSpec
+from core.config.strict_model import Strict as _Strict
 
 ModelType = Literal["text", "image", "audio", "embedding", "custom"]
 
@@ -83,7 +83,7 @@ class ModelSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables added for this service.")
     python: str | None = Field(
         None, description="Interpreter (path, name on PATH, or a venv folder) for service_script. "
-        "Default: the orchestrator's own interpreter. Provisioning (core/render_config.py) fills it in "
+        "Default: the orchestrator's own interpreter. Provisioning (core/config/render.py) fills it in "
         "with the profile's model environment only where it is left out: one you set is kept."
     )
     port: int = Field(ge=1, le=65535, description="Port the service listens on (127.0.0.1 unless host says otherwise).")
@@ -353,7 +353,7 @@ def config_from_dict(raw: Any, source: Path) -> OrchestratorConfig:
 
 def check_config(config: OrchestratorConfig) -> list[str]:
     """Cross-model and file-system checks; returns one message per problem."""
-    from core.config_checks import cross_model_problems, file_problems
+    from core.config.checks import cross_model_problems, file_problems
 
     return cross_model_problems(config) + file_problems(config)
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # core/config/ is two below the repository
 GUIDE = REPO_ROOT / "docs" / "ADDING_MODELS.md"
 EXAMPLE = "sentiment"  # the worked example's name in the guide's code blocks
 EXAMPLE_PORT = 8010

@@ -23,9 +23,9 @@ model loads in the background, 200 once ``load()`` (and ``warmup()``) returned, 
 call makes the process exit non-zero so the orchestrator restarts it. SIGTERM stops
 accepting, lets in-flight requests finish within ``--drain-timeout``, then runs
 ``unload()``. Started by an orchestrator, a service takes its service token out of the
-environment at startup and requires it on every route but ``/health`` (core/middleware.py).
+environment at startup and requires it on every route but ``/health`` (core/runtime/middleware.py).
 A service that implements ``offload()``/``restore()`` can be parked by the orchestrator: its
-process stays while its GPU memory is given back (core/parking.py).
+process stays while its GPU memory is given back (core/runtime/parking.py).
 """
 
 from __future__ import annotations
@@ -50,18 +50,18 @@ from core.common.asgi import ASGIApp
 from core.common.contract import MODEL_NAME_ENV
 from core.common.http_errors import install_error_handlers
 from core.common.log_setup import configure_logging
-from core.health import Health
 from core.host.memory_share import VRAM_ENV, ShareError, share_from_env
-from core.middleware import (
+from core.runtime.health import Health
+from core.runtime.middleware import (
     CancelOnDisconnect,
     ConcurrencyCap,
     ReadinessGate,
     ServiceTokenAuth,
     take_service_token,
 )
-from core.parking import MemoryUse, ParkLevel, mount_park_routes
+from core.runtime.parking import MemoryUse, ParkLevel, mount_park_routes
 
-__all__ = ["BaseService", "Health", "MemoryUse", "ParkLevel"]  # Health lives in core/health.py
+__all__ = ["BaseService", "Health", "MemoryUse", "ParkLevel"]  # Health lives in core/runtime/health.py
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class BaseService(ABC):
     async def unload(self) -> None:
         """Release the model on shutdown (free GPU memory, close engines)."""
 
-    # -- parking (core/parking.py): a service that can park overrides offload and restore ------
+    # -- parking (core/runtime/parking.py): a service that can park overrides offload and restore ------
 
     async def offload(self, level: ParkLevel) -> None:
         """Give the model's GPU memory back, keeping what ``restore()`` needs: at level 1 the
@@ -174,7 +174,7 @@ class BaseService(ABC):
                 found[module] = "?"
         report: dict[str, Any] = {"service": self.name, "ok": True, "modules": found}
         if getattr(self.options, "device", None) is not None:  # a torch service: can it use its device?
-            from core.devices import resolve_device
+            from core.runtime.devices import resolve_device
 
             try:
                 report["device"] = resolve_device(self.options.device)
@@ -256,7 +256,7 @@ class BaseService(ABC):
     def _guarded(self, app: ASGIApp) -> ASGIApp:
         """``app`` behind the middlewares, outermost first: service token, readiness,
         concurrency cap (which also counts the requests in progress: a park waits for them), cancel on
-        disconnect (core/middleware.py)."""
+        disconnect (core/runtime/middleware.py)."""
         limit = sys.maxsize if self.max_concurrency is None else self.max_concurrency
         self._requests = ConcurrencyCap(CancelOnDisconnect(app), limit)
         guarded: ASGIApp = ReadinessGate(self._requests, self.not_ready_reason)

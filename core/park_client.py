@@ -1,6 +1,6 @@
 """The orchestrator's side of parking: the HTTP calls that park and restore one service. Mechanism only.
 
-A ``service_script`` service parks through its own routes (core/parking.py: ``POST /offload?level=N``,
+A ``service_script`` service parks through its own routes (core/runtime/parking.py: ``POST /offload?level=N``,
 ``POST /restore``); a ``command`` model through the calls its ``park:`` key declares (or the
 ``vllm`` preset, core/config/park.py). Either way a park is a list of calls that must each answer
 2xx within ``park.timeout``; a 501 means "this service cannot park" (the orchestrator stops it

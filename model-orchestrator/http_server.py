@@ -33,7 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 from core.common.asgi import ASGIApp, Receive, Scope, Send, send_error
 from core.common.errors import ServiceError
 from core.config.schema import Limits
-from core.middleware import InFlightCap
+from core.runtime.middleware import InFlightCap
 from model_orchestrator import auth
 from model_orchestrator.paths import canonical_path
 

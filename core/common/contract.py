@@ -10,5 +10,5 @@ from __future__ import annotations
 SERVICE_TOKEN_ENV = "AIO_SERVICE_TOKEN"  # the per-run secret a service requires on every route but /health
 MODEL_NAME_ENV = "AIO_MODEL_NAME"  # the models.yaml entry a child serves
 
-# A service's park routes (core/parking.py): never reachable from outside (the orchestrator blocks them).
+# A service's park routes (core/runtime/parking.py): never reachable from outside (the orchestrator blocks them).
 PARK_PATHS = ("/offload", "/restore", "/state")

@@ -1,6 +1,6 @@
 """The ``park:`` key of a model in models.yaml: whether and how it is parked instead of stopped.
 
-Parking keeps a service's process and gives its GPU memory back (core/parking.py); the
+Parking keeps a service's process and gives its GPU memory back (core/runtime/parking.py); the
 orchestrator parks a model it must evict when host memory allows (settings.host_memory_gb),
 and restores it in seconds instead of a cold start. Services started from ``service_script``
 park through their own ``/offload`` and ``/restore``; a ``command`` model (``vllm serve``,

@@ -2,7 +2,7 @@
 
 Not a language model: a diagnostic service for checking a pod end to end (routing,
 streaming, swapping) without loading weights. It is an engine of the project's OpenAI
-layer (core/openai_text.py, core/text_routes.py), the one the transformers engine uses,
+layer (core/runtime/openai_text.py, core/runtime/text_routes.py), the one the transformers engine uses,
 with whitespace-separated words as "tokens": its answers are the production layer's.
 
     python models/echo/server.py --port 8001 [--token-delay 0.05] [--served-name echo]
@@ -23,9 +23,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from core.base_service import BaseService
-from core.openai_text import EngineLimits, GenerationParams, TextChunk, stop_cut
-from core.parking import ParkLevel
-from core.text_routes import mount_text_routes
+from core.runtime.openai_text import EngineLimits, GenerationParams, TextChunk, stop_cut
+from core.runtime.parking import ParkLevel
+from core.runtime.text_routes import mount_text_routes
 
 # Echo's "chat template": a token opening each message. It holds whitespace, so no word of a
 # prompt can be mistaken for it.

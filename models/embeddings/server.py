@@ -30,10 +30,10 @@ from pydantic import BaseModel, ConfigDict
 
 from core.base_service import BaseService
 from core.common.errors import bad_request
-from core.devices import resolve_device
 from core.host.memory_share import cap_torch_memory, release_cached_memory
-from core.host_copy import HostCopy, ParksWithHostCopy
-from core.worker import JobContext, Worker
+from core.runtime.devices import resolve_device
+from core.runtime.host_copy import HostCopy, ParksWithHostCopy
+from core.runtime.worker import JobContext, Worker
 
 if TYPE_CHECKING:
     import numpy as np
@@ -127,7 +127,7 @@ class EmbeddingsService(ParksWithHostCopy, BaseService):
         # After each job only a young-generation collection: a full one costs ~0.3 s in this
         # process, 15 short requests' worth. Without CUDA in use that returns at once.
         self.worker = Worker(self.name, after_job=lambda: release_cached_memory(full_collection=False))
-        self.weights: HostCopy | None = None  # what parking moves (core/parking.py)
+        self.weights: HostCopy | None = None  # what parking moves (core/runtime/parking.py)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -181,7 +181,7 @@ class EmbeddingsService(ParksWithHostCopy, BaseService):
             del self.model
             release_cached_memory()
 
-    # -- parking (core/parking.py): the weights, moved on the worker between requests ---------------
+    # -- parking (core/runtime/parking.py): the weights, moved on the worker between requests ---------------
 
     def check_options(self, request: EmbeddingRequest) -> str:
         """The encoding format after checking ``encoding_format`` and ``dimensions``."""

@@ -27,13 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
 from core.common.errors import bad_request
-from core.devices import resolve_device
 from core.host.gpu_stack import release
 from core.host.memory_share import cap_torch_memory, release_cached_memory
-from core.host_copy import HostCopy, ParksWithHostCopy
-from core.parking import ParkLevel
-from core.torch_helpers import torch_dtype
-from core.worker import JobContext, Worker
+from core.runtime.devices import resolve_device
+from core.runtime.host_copy import HostCopy, ParksWithHostCopy
+from core.runtime.parking import ParkLevel
+from core.runtime.torch_helpers import torch_dtype
+from core.runtime.worker import JobContext, Worker
 
 log = logging.getLogger("flux")  # not __name__: run as a script that is "__main__"
 
@@ -103,7 +103,7 @@ class FluxService(ParksWithHostCopy, BaseService):
         super().__init__()
         self.model_path = "black-forest-labs/FLUX.1-schnell"
         self.pipeline: Any = None
-        self.weights: HostCopy | None = None  # what parking moves (core/parking.py); None with --offload
+        self.weights: HostCopy | None = None  # what parking moves (core/runtime/parking.py); None with --offload
         # One render at a time (the pipeline is not thread-safe); after each, the job's cached
         # GPU blocks go back so that what NVML shows free between requests really is free.
         self.worker = Worker("flux", after_job=lambda: release_cached_memory(full_collection=False))
@@ -188,7 +188,7 @@ class FluxService(ParksWithHostCopy, BaseService):
         self.pipeline = None
         release_cached_memory()
 
-    # -- parking (core/parking.py) ------------------------------------------------------------
+    # -- parking (core/runtime/parking.py) ------------------------------------------------------------
 
     def park_unsupported(self, level: ParkLevel | None = None) -> str | None:
         if self.weights is None and self.options.offload != "none":

@@ -29,11 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
 from core.common.errors import bad_request
-from core.devices import resolve_device
 from core.host.memory_share import cap_torch_memory, release_cached_memory
-from core.host_copy import HostCopy, ParksWithHostCopy
-from core.torch_helpers import dtype_name, torch_dtype
-from core.worker import JobContext, Worker
+from core.runtime.devices import resolve_device
+from core.runtime.host_copy import HostCopy, ParksWithHostCopy
+from core.runtime.torch_helpers import dtype_name, torch_dtype
+from core.runtime.worker import JobContext, Worker
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class TransformersEngine:
         self.guidance_scale = guidance_scale
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = _load_model(path, device, dtype)
-        # Parking (core/parking.py); level 2 reloads the weights as they were loaded here.
+        # Parking (core/runtime/parking.py); level 2 reloads the weights as they were loaded here.
         self.weights = HostCopy([self.model], device, loader=lambda: [_load_model(path, device, dtype)])
         audio = self.model.config.audio_encoder
         self.sampling_rate = int(audio.sampling_rate)
@@ -231,7 +231,7 @@ class MusicGenService(ParksWithHostCopy, BaseService):
         if engine is not None:
             engine.close()
 
-    # -- parking (core/parking.py): the engine's weights, moved on the worker between generations --
+    # -- parking (core/runtime/parking.py): the engine's weights, moved on the worker between generations --
 
     def parked_weights(self) -> HostCopy | None:
         return None if self.engine is None else self.engine.weights

@@ -1,7 +1,7 @@
 """A transformers text engine behind the hand-written OpenAI layer: for machines without vLLM.
 
 One generation at a time (transformers' generate is not made for concurrent calls on one
-model): each request is one job on the engine's ``core.worker.Worker``, whose thread runs
+model): each request is one job on the engine's ``core.runtime.worker.Worker``, whose thread runs
 its choices one after another and streams their tokens to the event loop. A request that
 is cancelled (client gone) stops its generation at the next token, and the next request
 starts only once that generation has returned.
@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from core.host.memory_share import release_cached_memory
-from core.host_copy import HostCopy
-from core.openai_text import GenerationParams, TextChunk, TokenizerPrompts, stop_cut
-from core.parking import MemoryUse
-from core.torch_helpers import torch_dtype
-from core.worker import JobContext, Worker
+from core.runtime.host_copy import HostCopy
+from core.runtime.openai_text import GenerationParams, TextChunk, TokenizerPrompts, stop_cut
+from core.runtime.parking import MemoryUse
+from core.runtime.torch_helpers import torch_dtype
+from core.runtime.worker import JobContext, Worker
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class TransformersEngine(TokenizerPrompts):
         # Parking; level 2 reloads the weights as they were loaded here.
         self.weights = HostCopy([self.model], device, loader=lambda: [_load_model(model_path, device, dtype)])
 
-    # -- parking (core/parking.py), as jobs on the worker: never beside a generation -------------------
+    # -- parking (core/runtime/parking.py), as jobs on the worker: never beside a generation -------------------
 
     async def offload(self, level: int) -> None:
         """Give the weights' device memory back: kept in host memory (level 1) or dropped (level 2)."""

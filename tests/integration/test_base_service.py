@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
-from core.middleware import take_service_token
+from core.runtime.middleware import take_service_token
 from tests.integration.conftest import FAKE, health_status, running_service, wait_until
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
 """Warm swap through a real orchestrator and real fake services, under a pretend GPU budget.
 
 The fakes (tests/fakes/fake_service.py) run the production BaseService and its park routes
-(core/parking.py); only the memory they give back is pretended (no GPU here). What is real:
+(core/runtime/parking.py); only the memory they give back is pretended (no GPU here). What is real:
 the scheduler's park-or-stop choice, the state machine, the park/restore calls, the fallbacks.
 """
 

@@ -1,4 +1,4 @@
-"""Parking the torch services (core/host_copy.py): real processes with tiny models, over HTTP.
+"""Parking the torch services (core/runtime/host_copy.py): real processes with tiny models, over HTTP.
 
 Each service renders with a fixed seed, parks (``POST /offload``), refuses data requests while
 parked, restores, and must then give byte-identical output. The text service's transformers
@@ -154,7 +154,7 @@ def test_transformers_engine_parks_and_decodes_the_same_tokens(tiny_text: Path, 
 async def _engine_round_trip(path: Path, level: int) -> None:
     import torch
 
-    from core.openai_text import GenerationParams
+    from core.runtime.openai_text import GenerationParams
     from models.vllm.engine_transformers import TransformersEngine
 
     engine = await asyncio.to_thread(TransformersEngine, str(path), "cpu", "float32", None)

@@ -92,7 +92,7 @@ def test_an_aborted_request_is_an_error_not_a_finished_answer() -> None:
 def test_a_transformers_generation_that_ends_early_is_an_error_not_a_stop() -> None:
     from types import SimpleNamespace
 
-    from core.openai_text import GenerationParams
+    from core.runtime.openai_text import GenerationParams
     from models.vllm.engine_transformers import TransformersEngine, _IncrementalDecoder
 
     class Chars:

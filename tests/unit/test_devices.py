@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from core.devices import DeviceError, choose_device, host_nvidia_gpus, resolve_device, torch_build
+from core.runtime.devices import DeviceError, choose_device, host_nvidia_gpus, resolve_device, torch_build
 
 CPU_BUILD = torch_build("2.13.0+cpu", None)
 CUDA_BUILD = torch_build("2.14.0+cu130", "13.0")

@@ -1,4 +1,4 @@
-"""core/host_copy.py on small torch modules: the CPU runs the same calls as CUDA; one test needs the GPU."""
+"""core/runtime/host_copy.py on small torch modules: the CPU runs the same calls as CUDA; one test needs the GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from core.host_copy import ALIGN, HostCopy
+from core.runtime.host_copy import ALIGN, HostCopy
 
 pytest.importorskip("torch")
 
@@ -141,7 +141,7 @@ def test_a_replaced_buffer_makes_a_new_host_copy(caplog: pytest.LogCaptureFixtur
     copy.park(1)
     copy.restore()
     model.register_buffer("scale", torch.ones(16))  # a module may rebuild a buffer (MusicGen's positions)
-    with caplog.at_level(logging.WARNING, "core.host_copy"):
+    with caplog.at_level(logging.WARNING, "core.runtime.host_copy"):
         copy.park(1)
     assert "copying them again" in caplog.text
     copy.restore()
@@ -197,7 +197,7 @@ def test_park_and_restore_refuse_the_wrong_state() -> None:
 def test_a_refused_registration_leaves_the_copy_pageable(monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     # The CUDA call is played by a stand-in: the fallback's logic runs here, the real call on a GPU below.
-    from core import host_copy
+    from core.runtime import host_copy
 
     asked: list[tuple[int, int]] = []
 
@@ -208,7 +208,7 @@ def test_a_refused_registration_leaves_the_copy_pageable(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(torch.cuda, "cudart", RefusingCudart)
     flat = torch.empty(3 * ALIGN, dtype=torch.uint8)
-    with caplog.at_level(logging.WARNING, "core.host_copy"):
+    with caplog.at_level(logging.WARNING, "core.runtime.host_copy"):
         assert host_copy._page_lock(torch, flat) is False
     assert asked == [(3 * ALIGN, 0)]
     assert "keeping it in pageable memory" in caplog.text

@@ -1,4 +1,4 @@
-"""core/middleware.py, one middleware at a time, at the ASGI level with hand-driven
+"""core/runtime/middleware.py, one middleware at a time, at the ASGI level with hand-driven
 ``receive``/``send``; then their order in BaseService.create_app (socket-level tests of a
 real service: tests/integration/test_base_service.py)."""
 
@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from core.base_service import BaseService, Health
 from core.common.asgi import Message, Receive, Scope, Send, send_json
-from core.middleware import CancelOnDisconnect, ConcurrencyCap, ReadinessGate, ServiceTokenAuth
+from core.runtime.middleware import CancelOnDisconnect, ConcurrencyCap, ReadinessGate, ServiceTokenAuth
 
 TOKEN = "t0ken"
 
@@ -209,7 +209,7 @@ def test_a_disconnect_while_working_cancels_the_handler(caplog: pytest.LogCaptur
         await task  # returns normally: the cancellation is taken as the client's doing
         assert handler.outcome == "cancelled" and client.sent == []
 
-    caplog.set_level("INFO", "core.middleware")
+    caplog.set_level("INFO", "core.runtime.middleware")
     asyncio.run(scenario())
     assert "client disconnected: POST /v1/work cancelled" in caplog.text
 
@@ -230,7 +230,7 @@ def test_a_disconnect_as_the_response_completes_cancels_nothing(caplog: pytest.L
         await asyncio.gather(CancelOnDisconnect(handler)(scope(), client.receive, send), _set_when(handler))
         assert handler.outcome == "finished"
 
-    caplog.set_level("INFO", "core.middleware")
+    caplog.set_level("INFO", "core.runtime.middleware")
     asyncio.run(scenario())
     assert "disconnected" not in caplog.text
 

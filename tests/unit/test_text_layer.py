@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.common.errors import ServiceError
-from core.openai_text import ChatRequest, CompletionRequest, generation_params, stop_cut
+from core.runtime.openai_text import ChatRequest, CompletionRequest, generation_params, stop_cut
 from models.vllm.engine_transformers import _IncrementalDecoder
 
 

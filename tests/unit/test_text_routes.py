@@ -1,4 +1,4 @@
-"""The shared OpenAI text layer (core/openai_text.py, core/text_routes.py) over echo's word engine,
+"""The shared OpenAI text layer (core/runtime/openai_text.py, core/runtime/text_routes.py) over echo's word engine,
 in process. The same routes serve the transformers engine (tests/models/test_text.py) and, through
 the fake service, every orchestrator streaming test."""
 
@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from core.common.http_errors import install_error_handlers
-from core.openai_text import TextChunk, sse_stream
-from core.text_routes import mount_text_routes
+from core.runtime.openai_text import TextChunk, sse_stream
+from core.runtime.text_routes import mount_text_routes
 from models.echo.server import ECHO_LIMITS, EchoEngine
 
 CONTEXT = 64

@@ -1,10 +1,10 @@
-"""core.torch_helpers: what --dtype means on each device, for every model service."""
+"""core.runtime.torch_helpers: what --dtype means on each device, for every model service."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.torch_helpers import dtype_name, torch_dtype
+from core.runtime.torch_helpers import dtype_name, torch_dtype
 
 
 @pytest.mark.parametrize(("device", "expected"), [("cuda", "bfloat16"), ("cuda:1", "bfloat16"), ("cpu", "float32")])

@@ -1,4 +1,4 @@
-"""core.worker in-process: one job at a time, cancellation that ends the thread's work first, streams, close.
+"""core.runtime.worker in-process: one job at a time, cancellation that ends the thread's work first, streams, close.
 
 Jobs here block on events the test sets, so every ordering below is forced, never timed.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from core.worker import JobCancelled, JobContext, Worker, WorkerClosed
+from core.runtime.worker import JobCancelled, JobContext, Worker, WorkerClosed
 
 WAIT = 10.0  # seconds: only a broken worker ever gets near it
 
@@ -105,7 +105,7 @@ def test_a_cancelled_job_ends_in_its_thread_before_the_next_starts(caplog: pytes
         assert await short == "done"
         await worker.close()
 
-    with caplog.at_level(logging.INFO, logger="core.worker"):
+    with caplog.at_level(logging.INFO, logger="core.runtime.worker"):
         run(main)
     assert record.events == ["long start", "long saw the cancel", "long end", "short start"]
     cancelled = log_position(caplog, r"^test: job 1 \(long\) cancelled after \d+\.\d\d s$")
@@ -135,7 +135,7 @@ def test_a_queued_job_whose_caller_left_never_runs(caplog: pytest.LogCaptureFixt
         await first
         await worker.close()
 
-    with caplog.at_level(logging.INFO, logger="core.worker"):
+    with caplog.at_level(logging.INFO, logger="core.runtime.worker"):
         run(main)
     assert record.events == []
     log_position(caplog, r"^test: job 2 dropped before it started$")
@@ -166,7 +166,7 @@ def test_stopping_a_stream_cancels_its_job_before_the_next(caplog: pytest.LogCap
         await worker.run(next_job)
         await worker.close()
 
-    with caplog.at_level(logging.INFO, logger="core.worker"):
+    with caplog.at_level(logging.INFO, logger="core.runtime.worker"):
         run(main)
     assert record.events == ["stream end", "next start"]
     cancelled = log_position(caplog, r"^test: job 1 \(tokens\) cancelled after")
@@ -243,7 +243,7 @@ def test_close_drops_the_queue_and_waits_for_the_running_job(caplog: pytest.LogC
         with pytest.raises(WorkerClosed):
             await worker.run(queued)
 
-    with caplog.at_level(logging.INFO, logger="core.worker"):
+    with caplog.at_level(logging.INFO, logger="core.runtime.worker"):
         run(main)
     assert record.events == ["running end"]
     log_position(caplog, r"^test: job 1 \(running\) cancelled after")
@@ -266,7 +266,7 @@ def test_a_jobs_exception_reaches_its_caller_and_the_worker_goes_on(caplog: pyte
         assert await worker.run(fine, 21) == 42
         await worker.close()
 
-    with caplog.at_level(logging.INFO, logger="core.worker"):
+    with caplog.at_level(logging.INFO, logger="core.runtime.worker"):
         run(main)
     log_position(caplog, r"^test: job 1 failed after \d+\.\d\d s: ValueError: bad input$")
     log_position(caplog, r"^test: job 2 finished in \d+\.\d\d s$")

@@ -1,4 +1,4 @@
-"""Parking a torch model's weights (core/parking.py): one helper for every torch service.
+"""Parking a torch model's weights (core/runtime/parking.py): one helper for every torch service.
 
 ``HostCopy(modules, device, loader)`` covers the parameters and buffers of one or more
 ``torch.nn.Module`` objects (a diffusers pipeline's components, a transformers model, a
@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.parking import MemoryUse
-from core.worker import JobContext, Worker
+from core.runtime.parking import MemoryUse
+from core.runtime.worker import JobContext, Worker
 
 log = logging.getLogger(__name__)
 

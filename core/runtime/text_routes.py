@@ -1,6 +1,6 @@
 """OpenAI's text routes over any ``TextEngine``: chat, completions and the model list.
 
-The one place requests meet an engine of core/openai_text.py's layer, so the transformers
+The one place requests meet an engine of core/runtime/openai_text.py's layer, so the transformers
 engine and the echo service answer alike:
 
     mount_text_routes(app, lambda: self.engine, ["qwen", "q"], EngineLimits(...))
@@ -15,8 +15,8 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from core import openai_text as oa
 from core.common.errors import ServiceError, bad_request
+from core.runtime import openai_text as oa
 
 EngineGetter = Callable[[], "oa.TextEngine[Any] | None"]
 

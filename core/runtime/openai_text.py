@@ -2,7 +2,7 @@
 
 The transformers engine (models/vllm/engine_transformers.py) and the echo diagnostic service
 (models/echo/server.py) both sit behind it; the vLLM engine is served by vLLM's own OpenAI layer
-instead (models/vllm/vllm_openai.py). core/text_routes.py mounts the routes.
+instead (models/vllm/vllm_openai.py). core/runtime/text_routes.py mounts the routes.
 
 Requests are validated here (400s with the offending ``param``), turned into engine-neutral
 ``GenerationParams``, and the engine's ``TextChunk`` stream is shaped into OpenAI's

@@ -5,7 +5,7 @@ embedding batch) runs as a job on its single thread, so jobs never overlap: the
 pipelines are not thread-safe, and one GPU job at a time is what the memory share
 was sized for.
 
-Cancellation is cooperative. When the awaiting task is cancelled (core/middleware.py's
+Cancellation is cooperative. When the awaiting task is cancelled (core/runtime/middleware.py's
 ``CancelOnDisconnect`` cancels the handler of a client that hung up), the job's ``JobContext`` is marked
 cancelled; the job function polls it (a diffusers step callback, a transformers
 StoppingCriteria) and stops by calling ``ctx.check()``, which raises ``JobCancelled``.

@@ -32,8 +32,8 @@ from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 
 from core.common.errors import ServiceError
-from core.health import Health
 from core.host.memory_share import release_cached_memory
+from core.runtime.health import Health
 
 log = logging.getLogger(__name__)
 

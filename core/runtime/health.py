@@ -1,5 +1,5 @@
 """A model service's own health: the states its ``/health`` reports (core/base_service.py) and
-its park routes move it through (core/parking.py)."""
+its park routes move it through (core/runtime/parking.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,6 @@ class Health(str, enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
-    PARKING = "parking"  # giving its GPU memory back (core/parking.py)
+    PARKING = "parking"  # giving its GPU memory back (core/runtime/parking.py)
     PARKED = "parked"
     RESTORING = "restoring"

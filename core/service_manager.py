@@ -2,21 +2,21 @@
 
 Which service to start or stop, and when, is decided elsewhere (the orchestrator's
 scheduler); this module only carries the decisions out, reliably (the process side, spawn,
-exit watch and kill, is core/service_process.py):
+exit watch and kill, is core/supervision/service_process.py):
 
 * each service is the leader of its own process group, with its own interpreter and
   environment; children die with the orchestrator (parent-death signal + reaper);
 * stdout/stderr go to ``<log_dir>/<model>.log`` and an in-memory ring buffer;
-* a start waits for the health endpoint (core/readiness.py), while watching the process and
+* a start waits for the health endpoint (core/supervision/readiness.py), while watching the process and
   the ``startup_time`` deadline; a failure reports the last log lines;
 * stop is SIGTERM to the group, ``stop_timeout``, SIGKILL to the group, then a sweep;
 * a park keeps the process and gives its GPU memory back; a restore brings it back
-  (core/service_park.py); either failing stops the service;
+  (core/supervision/service_park.py); either failing stops the service;
 * crashes are detected, counted by the restart policy, and after repeated failures the
   service is FAILED until its cooldown passes or an operator resets it; so are hangs,
-  found by a health watch while READY (core/health_watch.py) or by the proxy's timeouts.
+  found by a health watch while READY (core/supervision/health_watch.py) or by the proxy's timeouts.
 
-No stuck states: whatever a start raises ends it (core/start_errors.py), and a stop wins
+No stuck states: whatever a start raises ends it (core/supervision/start_errors.py), and a stop wins
 over the start it interrupts however that start ends. The stop cancels it; as a cancellation
 can be swallowed on its way (core/common/aio.py), the start also checks after its awaits, and right
 before READY, that it is still the current start. ``start()`` and ``stop()`` hand out
@@ -38,20 +38,20 @@ from typing import Any
 
 import httpx
 
-from core.child_env import new_service_token, service_env
 from core.common.aio import done_future, joined, retrieve_exception, wait_all
 from core.common.redact import redact_argv
 from core.config.schema import ModelSpec, OrchestratorConfig, resolve_python, service_argv
-from core.health_watch import start_health_watch
-from core.log_capture import ServiceLog
-from core.park_client import ParkClient
-from core.readiness import probe, wait_healthy
-from core.reaper import Reaper
-from core.restart_policy import RestartPolicy, decide_restart
-from core.service_park import run_park, run_restore
-from core.service_process import ServiceProcess
-from core.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
-from core.start_errors import StartFailed, start_failure
+from core.supervision.child_env import new_service_token, service_env
+from core.supervision.health_watch import start_health_watch
+from core.supervision.log_capture import ServiceLog
+from core.supervision.park_client import ParkClient
+from core.supervision.readiness import probe, wait_healthy
+from core.supervision.reaper import Reaper
+from core.supervision.restart_policy import RestartPolicy, decide_restart
+from core.supervision.service_park import run_park, run_restore
+from core.supervision.service_process import ServiceProcess
+from core.supervision.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
+from core.supervision.start_errors import StartFailed, start_failure
 
 __all__ = ["ManagedService", "ServiceManager", "StartFailed"]
 
@@ -257,7 +257,7 @@ class ManagedService:
         return failure
 
     async def probe(self, timeout: float = 5.0) -> bool:
-        """True if the health endpoint answers 200 within ``timeout`` seconds (core/readiness.py)."""
+        """True if the health endpoint answers 200 within ``timeout`` seconds (core/supervision/readiness.py)."""
         return await probe(self.spec, self._health, timeout)
 
     # -- exits and failures -------------------------------------------------------------
@@ -293,7 +293,7 @@ class ManagedService:
             self.not_before = decision.not_before
             self._transition(State.STOPPED, "failed")
 
-    # -- park and restore (core/service_park.py carries them out) ---------------------------
+    # -- park and restore (core/supervision/service_park.py carries them out) ---------------------------
 
     def park(self, level: int, reason: str, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
         """Begin parking a READY service (PARKING at once; ``after`` awaited before its park calls); a
@@ -352,7 +352,7 @@ class ManagedService:
         else:
             self._record_failure(self._process.with_log_tail(failure))
 
-    # -- hang detection: the health watch (core/health_watch.py) and the proxy ----------------
+    # -- hang detection: the health watch (core/supervision/health_watch.py) and the proxy ----------------
 
     def upstream_timed_out(self) -> None:
         """The proxy's request to this service got no byte within request_timeout.

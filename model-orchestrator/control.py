@@ -22,9 +22,9 @@ from core.common.http_errors import install_error_handlers
 from core.config.schema import ModelSpec
 from core.host.gpu import gpu_bytes_by_pid
 from core.host.memory_share import GIB
-from core.log_capture import ServiceLog, TooManyFollowers
-from core.service_park import gpu_bytes_of_tree
-from core.service_state import ParkRecord, ServiceSnapshot
+from core.supervision.log_capture import ServiceLog, TooManyFollowers
+from core.supervision.service_park import gpu_bytes_of_tree
+from core.supervision.service_state import ParkRecord, ServiceSnapshot
 from model_orchestrator.coordinator import ModelStatus
 from model_orchestrator.refusals import Refused, http_error
 from model_orchestrator.ui import mount_ui

@@ -27,7 +27,7 @@ from core.config.schema import ModelSpec, Settings
 from core.host.gpu import resolve_process_overhead
 from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
-from core.service_state import ServiceSnapshot, ServiceState
+from core.supervision.service_state import ServiceSnapshot, ServiceState
 from model_orchestrator.refusals import Reason, Refused
 from model_orchestrator.scheduler import (
     Decision,

@@ -32,8 +32,8 @@ from prometheus_client.registry import Collector
 
 from core.host.gpu import gpu_bytes_by_pid
 from core.host.memory_share import GIB
-from core.service_park import gpu_bytes_of_tree
-from core.service_state import ServiceState
+from core.supervision.service_park import gpu_bytes_of_tree
+from core.supervision.service_state import ServiceState
 from model_orchestrator.routing import ENDPOINT_TYPES, UPLOAD_PATHS
 
 if TYPE_CHECKING:

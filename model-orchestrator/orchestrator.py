@@ -44,8 +44,8 @@ from core.common.log_setup import configure_logging
 from core.config.schema import ConfigError, OrchestratorConfig, load_config
 from core.host.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.host.host_memory import resolve_host_budget
-from core.process_tree import port_holder
 from core.service_manager import ServiceManager
+from core.supervision.process_tree import port_holder
 from model_orchestrator import auth
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator

@@ -55,7 +55,7 @@ from model_orchestrator.routing import (
 log = logging.getLogger(__name__)
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those the client library recomputes, plus the
-# client's credentials: the upstream gets the service token instead (core/child_env.py).
+# client's credentials: the upstream gets the service token instead (core/supervision/child_env.py).
 _DROP_REQUEST = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer trailers "
     b"transfer-encoding upgrade host content-length expect authorization cookie".split()

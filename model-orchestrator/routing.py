@@ -13,7 +13,7 @@ from typing import Any
 
 from core.common.errors import ServiceError
 from core.config.schema import Limits, ModelSpec, ModelType, OrchestratorConfig
-from core.park_client import private_paths
+from core.supervision.park_client import private_paths
 from model_orchestrator.json_worker import BodyProblem, parse_object, requested_model, with_model
 
 # The OpenAI routes the orchestrator dispatches by model, and the model type each serves.

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
 from core.host.memory_share import WHOLE_GPU_UTILIZATION
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from model_orchestrator.refusals import Reason
 
 READY, STARTING, STOPPING, FAILED = (

@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from core.child_env import service_env
 from core.config.schema import ModelSpec, OrchestratorConfig, load_config, resolve_python, service_argv
+from core.supervision.child_env import service_env
 from model_orchestrator.auth import read_keys
 
 

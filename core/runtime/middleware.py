@@ -5,7 +5,7 @@ core/base_service.py, outermost first, in the order below).
   for each run) every route but ``/health`` requires ``Authorization: Bearer <token>``,
   else 401 (websockets: closed with 1008). The service port listens on loopback, but
   loopback is not private: other local users, and tailnet peers when Tailscale runs in
-  userspace networking mode, reach it too (see core/child_env.py).
+  userspace networking mode, reach it too (see core/supervision/child_env.py).
 * ``ReadinessGate``: before the model is ready (or after a fatal error) requests get
   503 + Retry-After.
 * ``ConcurrencyCap``: past ``max_concurrency`` requests in progress, new ones get 429 at

@@ -4,12 +4,12 @@
 (model-orchestrator/coordinator.py) for one config, and replaces only what touches the OS or the
 network, per service:
 
-* ``_process`` (core/service_process.py) by ``FakeProcess``: a spawn, a kill and the health probe
+* ``_process`` (core/supervision/service_process.py) by ``FakeProcess``: a spawn, a kill and the health probe
   of a start each wait for the test to resolve them; a crash is the test ending the fake leader,
   whose exit watch then calls the service's ``_on_exit`` as ``ServiceProcess._watch_exit`` does
   (and ``kill()`` waits for that watch, as the real one does);
-* ``parker`` (core/park_client.py) by ``FakeParker``: each park and restore call waits likewise;
-* ``probe`` (the health probe ``wait_healthy`` calls), and ``core.readiness.tcp_connects``.
+* ``parker`` (core/supervision/park_client.py) by ``FakeParker``: each park and restore call waits likewise;
+* ``probe`` (the health probe ``wait_healthy`` calls), and ``core.supervision.readiness.tcp_connects``.
 
 Every such call is an open ``Step`` (``World.pending``) until the test resolves it with an outcome
 ("ok", or a failure of that kind of step); a step left open is a hang. Nothing sleeps on the wall
@@ -41,16 +41,17 @@ from typing import Any, TypeVar, cast
 import pytest
 from typing_extensions import TypeVarTuple, Unpack
 
-from core import park_client, readiness, service_manager, service_park
+from core import service_manager
 from core.config.schema import ModelSpec, config_from_dict
 from core.host.gpu import GPU_PROCESS_OVERHEAD_GB
 from core.host.memory_share import GIB
-from core.log_capture import ServiceLog
-from core.park_client import ParkFailed, ParkOutcome, ParkUnsupported, calls_of
-from core.restart_policy import RestartPolicy
 from core.service_manager import ManagedService
-from core.service_state import ServiceState
-from core.start_errors import StartFailed
+from core.supervision import park_client, readiness, service_park
+from core.supervision.log_capture import ServiceLog
+from core.supervision.park_client import ParkFailed, ParkOutcome, ParkUnsupported, calls_of
+from core.supervision.restart_policy import RestartPolicy
+from core.supervision.service_state import ServiceState
+from core.supervision.start_errors import StartFailed
 from model_orchestrator import coordinator as coordinator_module
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.refusals import Refused, http_error

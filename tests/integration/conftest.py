@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from core.process_tree import group_members, kill_all, signal_group
+from core.supervision.process_tree import group_members, kill_all, signal_group
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = "tests/fakes/fake_service.py"

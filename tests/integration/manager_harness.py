@@ -14,7 +14,7 @@ import psutil
 
 from core.config.schema import config_from_dict
 from core.service_manager import ManagedService, ServiceManager
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from tests.integration.conftest import REPO, fake_model
 
 

@@ -15,7 +15,7 @@ import pytest
 from core.config.schema import config_from_dict
 from core.host.memory_share import WHOLE_GPU_UTILIZATION
 from core.service_manager import ServiceManager
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from model_orchestrator.coordinator import Coordinator
 from tests.integration.conftest import REPO, fake_model
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.service_manager import ServiceManager
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from tests.integration.manager_harness import alive, run_manager, start_and_freeze, wait_for_condition, wait_state
 
 pytestmark = pytest.mark.integration

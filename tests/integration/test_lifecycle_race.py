@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from core.service_manager import ManagedService, ServiceManager, StartFailed
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from tests.integration.manager_harness import alive, run_manager, wait_for_condition, wait_state
 
 pytestmark = pytest.mark.integration

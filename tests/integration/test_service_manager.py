@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from core.service_manager import ServiceManager, StartFailed
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from tests.integration.manager_harness import alive, start_and_freeze, wait_for_condition, wait_state
 from tests.integration.manager_harness import run_manager as run
 

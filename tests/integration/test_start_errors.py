@@ -15,9 +15,9 @@ from typing import Any, NoReturn
 import httpx
 import pytest
 
-import core.service_process
+import core.supervision.service_process
 from core.service_manager import ManagedService, ServiceManager, StartFailed
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from tests.integration.manager_harness import alive, run_manager
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ def test_unwritable_log_dir_fails_the_start_with_the_reason(tmp_path: Path) -> N
 def test_an_error_of_the_port_check_fails_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario(manager: ServiceManager) -> None:
         svc = manager["m"]
-        monkeypatch.setattr(core.service_process, "port_holder",
+        monkeypatch.setattr(core.supervision.service_process, "port_holder",
                             raiser(OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")))
         with pytest.raises(StartFailed, match=rf"cannot check port {svc.spec.port}: Address family not supported"):
             await svc.start()
@@ -106,11 +106,11 @@ def test_running_out_of_fds_is_not_the_services_fault(tmp_path: Path, monkeypatc
         svc.not_before = 0.0
         spawned: list[int] = []
         if where == "port check":
-            monkeypatch.setattr(core.service_process, "port_holder", raiser(EMFILE))
+            monkeypatch.setattr(core.supervision.service_process, "port_holder", raiser(EMFILE))
         elif where == "log file":
             monkeypatch.setattr(svc.log, "open", raiser(EMFILE))
         elif where == "spawn":
-            monkeypatch.setattr(core.service_process, "spawn_group_leader", raiser(EMFILE))
+            monkeypatch.setattr(core.supervision.service_process, "spawn_group_leader", raiser(EMFILE))
         else:
             async def get(url: str, **kwargs: Any) -> NoReturn:
                 assert svc.pid is not None

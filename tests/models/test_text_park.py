@@ -141,7 +141,7 @@ def test_transformers_parks_at_both_levels_and_answers_the_same(tiny_text: Path)
 @pytest.mark.timeout(900)
 def test_vllm_sleeps_and_wakes_to_the_same_answer(tiny_text: Path) -> None:
     """CUDA graphs on (no --enforce-eager), as in production: they are kept across sleep."""
-    from core.service_park import gpu_bytes_of_tree
+    from core.supervision.service_park import gpu_bytes_of_tree
 
     with text_service(*vllm_args(tiny_text), env={"AIO_VRAM_GB": "4"}, timeout=600) as service:
         before = greedy(service)

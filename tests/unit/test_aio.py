@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import pytest
 
 from core.common.aio import done_future, joined, wait_all
-from core.process_tree import leader_exited, tcp_connects
+from core.supervision.process_tree import leader_exited, tcp_connects
 
 
 def test_cancelling_a_joined_future_leaves_the_task_running() -> None:

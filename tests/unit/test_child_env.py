@@ -1,4 +1,4 @@
-"""core/child_env.py: children get an allowlist of our environment, never our secrets."""
+"""core/supervision/child_env.py: children get an allowlist of our environment, never our secrets."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from core import REPO_ROOT
-from core.child_env import inherited, new_service_token, service_env
 from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
 from core.config.schema import ModelSpec
 from core.host.memory_share import VRAM_ENV
+from core.supervision.child_env import inherited, new_service_token, service_env
 
 ORCHESTRATOR_ENV = {
     # what a pod's orchestrator typically has
@@ -115,7 +115,7 @@ def test_a_command_service_gets_no_repo_pythonpath() -> None:
 def test_the_reaper_gets_the_allowlisted_environment_too(monkeypatch: pytest.MonkeyPatch) -> None:
     from pathlib import Path
 
-    from core.reaper import Reaper
+    from core.supervision.reaper import Reaper
 
     monkeypatch.setenv("AIO_API_KEYS", "client-secret")
     monkeypatch.setenv("HF_TOKEN", "hf_secret")

@@ -11,7 +11,7 @@ from core.common.contract import PARK_PATHS
 from core.config.park import VLLM_DEV_PATHS, ParkSpec
 from core.config.schema import ModelSpec, Settings
 from core.host.host_memory import host_memory_gb, resolve_host_budget
-from core.park_client import SERVICE_CALLS, calls_of, private_paths
+from core.supervision.park_client import SERVICE_CALLS, calls_of, private_paths
 from tests.unit.test_config import config_error, good, write
 
 

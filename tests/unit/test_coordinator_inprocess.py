@@ -25,8 +25,8 @@ import pytest
 
 from core.common.aio import done_future, joined, retrieve_exception, wait_all
 from core.config.schema import ModelSpec, config_from_dict
-from core.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
-from core.start_errors import StartFailed
+from core.supervision.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
+from core.supervision.start_errors import StartFailed
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.refusals import Reason, Refused

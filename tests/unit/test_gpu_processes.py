@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from core.host.gpu import blind_view, gpu_bytes_by_pid
-from core.park_client import ParkFailed
-from core.service_park import Held, _check_freed, gpu_bytes_of_tree, gpu_held
+from core.supervision.park_client import ParkFailed
+from core.supervision.service_park import Held, _check_freed, gpu_bytes_of_tree, gpu_held
 
 GIB = 1024**3
 

@@ -11,8 +11,8 @@ from typing import Any, cast
 
 import httpx
 
-from core.health_watch import start_health_watch
-from core.service_state import ServiceState
+from core.supervision.health_watch import start_health_watch
+from core.supervision.service_state import ServiceState
 
 TICK = 0.001
 

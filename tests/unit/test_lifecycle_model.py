@@ -49,7 +49,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from model_orchestrator.refusals import Reason, Refused
 from tests.fakes.lifecycle_fakes import OUTCOMES, Request, World, virtual_time
 

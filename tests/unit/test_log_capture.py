@@ -1,4 +1,4 @@
-"""core/log_capture.py: private log files, rotation while running, bounded followers."""
+"""core/supervision/log_capture.py: private log files, rotation while running, bounded followers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.common.log_setup import configure_logging
-from core.log_capture import Follower, ServiceLog, TooManyFollowers
+from core.supervision.log_capture import Follower, ServiceLog, TooManyFollowers
 
 
 def mode(path: Path) -> int:

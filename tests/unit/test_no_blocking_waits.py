@@ -145,9 +145,9 @@ def test_the_gpu_memory_wait_reads_nvml_off_the_loop_and_initialises_it_once(mon
 
 
 def test_the_park_check_reads_nvml_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    from core.park_client import ParkOutcome
-    from core.service_park import run_park
-    from core.service_state import ParkRecord, ServiceState
+    from core.supervision.park_client import ParkOutcome
+    from core.supervision.service_park import run_park
+    from core.supervision.service_state import ParkRecord, ServiceState
 
     async def main() -> None:
         nvml = LoopGuardNvml(total=80 * GIB, free=2 * GIB)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from core.config.schema import config_from_dict
-from core.park_client import ParkClient, ParkFailed
+from core.supervision.park_client import ParkClient, ParkFailed
 
 WEIRD = 'tiny "quoted" \\ model'  # a name a JSON body must keep as one string
 

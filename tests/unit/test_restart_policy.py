@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.restart_policy import RestartDecision, RestartPolicy, decide_restart, recent_failures
+from core.supervision.restart_policy import RestartDecision, RestartPolicy, decide_restart, recent_failures
 
 POLICY = RestartPolicy(backoff=2.0, backoff_max=10.0, window=100.0, cooldown=50.0)
 

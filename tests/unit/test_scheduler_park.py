@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from core.service_state import ServiceState
+from core.supervision.service_state import ServiceState
 from model_orchestrator.scheduler import (
     IdleDecision,
     Join,

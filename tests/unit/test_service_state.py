@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from core.service_state import IllegalTransition, ServiceState, check_transition
+from core.supervision.service_state import IllegalTransition, ServiceState, check_transition
 
 S = ServiceState
 

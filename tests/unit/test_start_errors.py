@@ -7,8 +7,8 @@ import errno
 import httpx
 import pytest
 
-from core.process_tree import out_of_fds
-from core.start_errors import StartFailed, os_errors_as, start_failure
+from core.supervision.process_tree import out_of_fds
+from core.supervision.start_errors import StartFailed, os_errors_as, start_failure
 
 
 def wrapped(inner: BaseException) -> httpx.ConnectError:

@@ -8,7 +8,7 @@ reason the pipe reaches EOF, and the reaper SIGKILLs every group still registere
 then exits. It runs in its own session and ignores terminal signals, so a Ctrl-C
 or SIGTERM aimed at the orchestrator does not take it down first.
 
-Run as ``python -m core.reaper``; only the standard library is imported.
+Run as ``python -m core.supervision.reaper``; only the standard library is imported.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from typing import IO
 
 from core import repo_pythonpath
-from core.child_env import inherited
+from core.supervision.child_env import inherited
 
 
 def serve(stream: IO[str]) -> set[int]:
@@ -55,7 +55,7 @@ class Reaper:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "core.reaper"],
+            [sys.executable, "-m", "core.supervision.reaper"],
             stdin=subprocess.PIPE,
             text=True,
             start_new_session=True,

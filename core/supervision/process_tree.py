@@ -34,7 +34,7 @@ def _die_with_parent() -> None:
     """preexec_fn: ask the kernel to SIGKILL this child when the orchestrator dies.
 
     Runs in the forked child before exec. Covers the direct child only (the setting
-    is cleared on fork); grandchildren are covered by the reaper (core/reaper.py).
+    is cleared on fork); grandchildren are covered by the reaper (core/supervision/reaper.py).
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from core.config.schema import ModelSpec
-from core.process_tree import out_of_fds, tcp_connects
-from core.service_process import ServiceProcess
-from core.start_errors import StartFailed
+from core.supervision.process_tree import out_of_fds, tcp_connects
+from core.supervision.service_process import ServiceProcess
+from core.supervision.start_errors import StartFailed
 
 _POLL_MIN, _POLL_MAX = 0.005, 0.1
 

@@ -13,7 +13,7 @@ import contextlib
 import errno
 from collections.abc import Iterator
 
-from core.process_tree import out_of_fds
+from core.supervision.process_tree import out_of_fds
 
 
 class StartFailed(Exception):

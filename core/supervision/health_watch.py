@@ -19,8 +19,8 @@ import logging
 import weakref
 from typing import Protocol
 
-from core.process_tree import out_of_fds
-from core.service_state import ServiceState
+from core.supervision.process_tree import out_of_fds
+from core.supervision.service_state import ServiceState
 
 log = logging.getLogger(__name__)
 

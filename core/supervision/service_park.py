@@ -20,8 +20,8 @@ import psutil
 from core.common.aio import wait_all
 from core.config.schema import ModelSpec
 from core.host.gpu import gpu_bytes_by_pid, gpu_used_bytes
-from core.park_client import ParkClient, ParkFailed, ParkUnsupported
-from core.service_state import ParkRecord, ServiceState
+from core.supervision.park_client import ParkClient, ParkFailed, ParkUnsupported
+from core.supervision.service_state import ParkRecord, ServiceState
 
 log = logging.getLogger(__name__)
 

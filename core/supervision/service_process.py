@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 
 from core.common.aio import retrieve_exception
 from core.common.redact import redact_argv
-from core.log_capture import ServiceLog
-from core.process_tree import leader_exited, port_holder, signal_group, spawn_group_leader, terminate_tree
-from core.reaper import Reaper
-from core.start_errors import StartFailed, os_errors_as
+from core.supervision.log_capture import ServiceLog
+from core.supervision.process_tree import leader_exited, port_holder, signal_group, spawn_group_leader, terminate_tree
+from core.supervision.reaper import Reaper
+from core.supervision.start_errors import StartFailed, os_errors_as
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ServiceProcess:
         """Check that ``port`` is free, open the log, spawn the process and watch its exit.
 
         Raises StartFailed (naming whoever holds the port); an OSError becomes one too, except
-        the orchestrator's own lack of file descriptors (core/start_errors.py).
+        the orchestrator's own lack of file descriptors (core/supervision/start_errors.py).
         """
         with os_errors_as(f"cannot check port {port}"):
             holder = port_holder(host, port)

@@ -32,8 +32,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from core.common.asgi import ASGIApp, Receive, Scope, Send, send_error
 from core.common.errors import ServiceError
+from core.common.in_flight import InFlightCap
 from core.config.schema import Limits
-from core.runtime.middleware import InFlightCap
 from model_orchestrator import auth
 from model_orchestrator.paths import canonical_path
 

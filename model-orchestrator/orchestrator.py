@@ -41,7 +41,8 @@ import uvicorn
 
 from core.common.asgi import Receive, Scope, Send
 from core.common.log_setup import configure_logging
-from core.config.schema import ConfigError, OrchestratorConfig, load_config
+from core.config.load import load_config
+from core.config.schema import ConfigError, OrchestratorConfig
 from core.host.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
 from core.host.host_memory import resolve_host_budget
 from core.service_manager import ServiceManager

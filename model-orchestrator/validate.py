@@ -24,7 +24,9 @@ from typing import Any
 
 import httpx
 
-from core.config.schema import ModelSpec, OrchestratorConfig, load_config, resolve_python, service_argv
+from core.config.launch import resolve_python, service_argv
+from core.config.load import load_config
+from core.config.schema import ModelSpec, OrchestratorConfig
 from core.supervision.child_env import service_env
 from model_orchestrator.auth import read_keys
 

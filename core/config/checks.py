@@ -7,10 +7,9 @@ can report every problem at once instead of the first one only.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from core.config.schema import OrchestratorConfig
+from core.config.launch import resolve_python
+from core.config.schema import OrchestratorConfig
 
 
 def cross_model_problems(config: OrchestratorConfig) -> list[str]:
@@ -114,8 +113,6 @@ def _vram_within_budget(config: OrchestratorConfig) -> list[str]:
 
 
 def file_problems(config: OrchestratorConfig) -> list[str]:
-    from core.config.schema import resolve_python
-
     problems = []
     for name, spec in config.models.items():
         if spec.service_script is not None:

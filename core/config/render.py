@@ -28,8 +28,8 @@ from typing import Any, Literal
 import yaml
 
 from core import REPO_ROOT
+from core.config.load import config_from_dict
 from core.config.rehearsal import rehearse_config, vllm_cpu_requirement
-from core.config.schema import config_from_dict
 from core.host.gpu_stack import STACKS, stack_for
 
 Profile = Literal["cpu", "gpu"]

@@ -11,7 +11,7 @@ Layout of the file::
         port: 8001
         ...
 
-``load_config(path)`` is the only entry point the rest of the code uses. It parses
+``load_config(path)`` (core/config/load.py) is the only entry point the rest of the code uses. It parses
 (refusing duplicate keys), validates the structure with pydantic, then checks what
 needs the file system (scripts and interpreters exist) and cross-model rules
 (unique ports, names and aliases; defaults that exist).
@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
-from core.config.messages import describe
 from core.config.park import ParkSpec
 from core.config.strict_model import Strict as _Strict
 
@@ -289,104 +286,3 @@ class OrchestratorConfig(_Strict):
     def resolve_path(self, value: str) -> Path:
         path = Path(os.path.expanduser(value))
         return path if path.is_absolute() else (self._base_dir / path).resolve()
-
-
-# --- loading -------------------------------------------------------------------------
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == _MERGE_TAG:  # `<<: *anchor`: merged keys may be overridden, not duplicates
-            continue
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
-        seen.add(key)
-    loader.flatten_mapping(node)
-    return dict(loader.construct_pairs(node))
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def load_config(path: str | os.PathLike[str]) -> OrchestratorConfig:
-    """Read, validate and check a models.yaml; raise ConfigError naming what is wrong."""
-    source = Path(path).resolve()
-    try:
-        text = source.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    return config_from_dict(raw, source)
-
-
-def config_from_dict(raw: Any, source: Path) -> OrchestratorConfig:
-    """Validate already-parsed data as if it came from ``source``."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with a 'models' key, got {type(raw).__name__}")
-    try:
-        config = OrchestratorConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = [describe(err, OrchestratorConfig) for err in exc.errors()]
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
-    config._source = source
-    base = config.settings.base_dir
-    config._base_dir = (source.parent / base).resolve() if base else source.parent
-    problems = check_config(config)
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    return config
-
-
-def check_config(config: OrchestratorConfig) -> list[str]:
-    """Cross-model and file-system checks; returns one message per problem."""
-    from core.config.checks import cross_model_problems, file_problems
-
-    return cross_model_problems(config) + file_problems(config)
-
-
-def service_argv(spec: ModelSpec, python: str, base_dir: Path) -> list[str]:
-    """The command line that starts ``spec``, placeholders filled in."""
-    if spec.service_script is not None:
-        script = Path(os.path.expanduser(spec.service_script))
-        script = script if script.is_absolute() else (base_dir / script).resolve()
-        base = [python, str(script), "--host", "{host}", "--port", "{port}"]
-    elif isinstance(spec.command, str):
-        base = shlex.split(spec.command)
-    else:
-        base = list(spec.command or [])
-    values = {"{port}": str(spec.port), "{host}": spec.host, "{model}": spec.name, "{python}": python,
-              "{base_dir}": str(base_dir), "{weights}": spec.weights.repo if spec.weights else "{weights}"}
-    return [_fill(token, values) for token in [*base, *spec.args]]
-
-
-def _fill(token: str, values: dict[str, str]) -> str:
-    for placeholder, value in values.items():
-        token = token.replace(placeholder, value)
-    return token
-
-
-def resolve_python(value: str | None, base_dir: Path, default: str) -> str | None:
-    """An interpreter path from a `python:` value, or None if it does not exist."""
-    if value is None:
-        return default
-    if os.sep not in value and not (base_dir / value).is_dir():  # a name on PATH, e.g. python3.11
-        return shutil.which(value)
-    path = Path(os.path.expanduser(value))
-    path = path if path.is_absolute() else base_dir / path
-    if path.is_dir():
-        path = path / "bin" / "python"
-    return str(path) if path.is_file() and os.access(path, os.X_OK) else None

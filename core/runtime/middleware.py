@@ -25,7 +25,6 @@ import os
 import sys
 from collections.abc import Callable, MutableMapping
 
-from core.common.aio import event_within
 from core.common.asgi import (
     ASGIApp,
     ClientGone,
@@ -39,6 +38,7 @@ from core.common.asgi import (
 )
 from core.common.contract import PARK_PATHS, SERVICE_TOKEN_ENV
 from core.common.errors import ServiceError
+from core.common.in_flight import InFlightCap
 
 log = logging.getLogger(__name__)
 
@@ -99,43 +99,6 @@ class ReadinessGate:
                 await send_error(send, ServiceError(503, reason, "model_not_ready", retry_after=5))
                 return
         await self.app(scope, receive, send)
-
-
-class InFlightCap:
-    """Answers ``refusal`` at once past ``limit`` counted requests in progress (streams count
-    until they end): shed load instead of queueing without bound. ``counted`` picks the
-    requests that count; the others pass through, so health probes answer under load.
-    ``idle()`` waits for the counted requests to end (a park drains them first)."""
-
-    def __init__(self, app: ASGIApp, limit: int, counted: Callable[[Scope], bool], refusal: ServiceError) -> None:
-        self.app = app
-        self.limit = limit
-        self.counted = counted
-        self.refusal = refusal
-        self.active = 0
-        self._idle: asyncio.Event | None = None  # made by idle() only: nothing per request until then
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.counted(scope):
-            await self.app(scope, receive, send)
-            return
-        if self.active >= self.limit:
-            await send_error(send, self.refusal)
-            return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-            if not self.active and self._idle is not None:
-                self._idle.set()
-
-    async def idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for no counted request to be in progress; whether none is."""
-        if not self.active:
-            return True
-        self._idle = asyncio.Event()
-        return await event_within(self._idle, timeout)
 
 
 class ConcurrencyCap(InFlightCap):

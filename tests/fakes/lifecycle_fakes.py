@@ -1,6 +1,6 @@
 """The real coordinator and service state machine in-process, over fakes the test drives step by step.
 
-``World`` builds real ``ManagedService`` objects (core/service_manager.py) and a real ``Coordinator``
+``World`` builds real ``ManagedService`` objects (core/supervision/managed_service.py) and a real ``Coordinator``
 (model-orchestrator/coordinator.py) for one config, and replaces only what touches the OS or the
 network, per service:
 
@@ -41,12 +41,12 @@ from typing import Any, TypeVar, cast
 import pytest
 from typing_extensions import TypeVarTuple, Unpack
 
-from core import service_manager
-from core.config.schema import ModelSpec, config_from_dict
+from core.config.load import config_from_dict
+from core.config.schema import ModelSpec
 from core.host.gpu import GPU_PROCESS_OVERHEAD_GB
 from core.host.memory_share import GIB
 from core.service_manager import ManagedService
-from core.supervision import park_client, readiness, service_park
+from core.supervision import managed_service, park_client, readiness, service_park
 from core.supervision.log_capture import ServiceLog
 from core.supervision.park_client import ParkFailed, ParkOutcome, ParkUnsupported, calls_of
 from core.supervision.restart_policy import RestartPolicy
@@ -124,7 +124,7 @@ class _VirtualTime:
 
 
 CLOCK = _VirtualTime()
-_TIMED_MODULES: tuple[ModuleType, ...] = (service_manager, coordinator_module, readiness, park_client)
+_TIMED_MODULES: tuple[ModuleType, ...] = (managed_service, coordinator_module, readiness, park_client)
 
 
 async def _port_open(host: str, port: int, timeout: float) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from core.config.schema import config_from_dict
+from core.config.load import config_from_dict
 from core.service_manager import ManagedService, ServiceManager
 from core.supervision.service_state import ServiceState
 from tests.integration.conftest import REPO, fake_model

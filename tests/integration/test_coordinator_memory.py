@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from core.config.schema import config_from_dict
+from core.config.load import config_from_dict
 from core.host.memory_share import WHOLE_GPU_UTILIZATION
 from core.service_manager import ServiceManager
 from core.supervision.service_state import ServiceState

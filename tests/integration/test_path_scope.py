@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 
 from core.common.asgi import Message
 from core.common.errors import ServiceError
-from core.config.schema import Limits, config_from_dict
+from core.config.load import config_from_dict
+from core.config.schema import Limits
 from core.supervision.park_client import private_paths
 from model_orchestrator import auth
 from model_orchestrator.http_server import server_options

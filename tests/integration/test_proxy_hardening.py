@@ -22,7 +22,8 @@ import pytest
 import uvicorn
 
 from core.common.asgi import Receive, Scope, Send, send_json
-from core.config.schema import Limits, config_from_dict
+from core.config.load import config_from_dict
+from core.config.schema import Limits
 from model_orchestrator.http_server import RequestCap, server_options
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ModelIndex

@@ -21,7 +21,7 @@ from typing import Any, cast
 import pytest
 
 from core.common.asgi import Message
-from core.config.schema import config_from_dict
+from core.config.load import config_from_dict
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.refusals import Reason, Refused
 from model_orchestrator.routing import ModelIndex

@@ -28,8 +28,8 @@ import psutil
 import pytest
 from openai import OpenAI
 
+from core.config.load import load_config
 from core.config.render import downloads
-from core.config.schema import load_config
 from tests.integration.conftest import free_port
 from tests.provisioning.hub_server import HubServer
 from tests.provisioning.standins import BUILDERS, DECOYS, standin_repo

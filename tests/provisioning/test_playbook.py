@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config.schema import load_config
+from core.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_BIN = Path(os.environ.get("AIO_ANSIBLE_BIN", REPO / ".venv-ansible" / "bin"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config.schema import load_config
+from core.config.load import load_config
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config.schema import ConfigError, ModelSpec, Settings, load_config, service_argv
+from core.config.launch import service_argv
+from core.config.load import load_config
+from core.config.schema import ConfigError, ModelSpec, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

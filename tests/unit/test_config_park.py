@@ -76,7 +76,7 @@ def test_bad_park_keys_are_named(tmp_path: Path, park: dict[str, Any], message: 
 
 
 def test_a_command_model_with_calls_may_park_on_idle(tmp_path: Path) -> None:
-    from core.config.schema import load_config
+    from core.config.load import load_config
 
     data = good()
     data["models"]["a"]["park"] = {"idle": 30, "calls": "vllm", "level": 2}

@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from core.common.aio import done_future, joined, retrieve_exception, wait_all
-from core.config.schema import ModelSpec, config_from_dict
+from core.config.load import config_from_dict
+from core.config.schema import ModelSpec
 from core.supervision.service_state import ParkRecord, ServiceSnapshot, ServiceState, check_transition
 from core.supervision.start_errors import StartFailed
 from model_orchestrator.control import build_control_app

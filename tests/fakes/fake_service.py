@@ -75,6 +75,7 @@ class FakeService(EchoService):
             self.child = await asyncio.create_subprocess_exec(sys.executable, "-c", _REPORTING_CHILD,
                                                               str(os.getpid()), opts.child_reports_to)
         await asyncio.sleep(opts.start_delay)
+        self.claim_fake_gpu_memory()
         if opts.fail_load:
             raise RuntimeError("fake load failure (--fail-load)")
         if opts.fatal_in_load:
@@ -116,7 +117,19 @@ class FakeService(EchoService):
                                 self.options.max_model_len)
 
     def identity(self, path: str) -> dict[str, Any]:
-        return {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests}
+        devices = {name: os.environ.get(name) for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "AIO_VRAM_GB")}
+        return {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests,
+                "devices": devices}
+
+    def claim_fake_gpu_memory(self) -> None:
+        """Under the stand-in NVML (tests/fakes/nvml), hold the GPU share on the device CUDA would give
+        this process as cuda:0, as a real engine does at load; the ledger frees it when the process ends."""
+        share, mask = os.environ.get("AIO_VRAM_GB"), os.environ.get("CUDA_VISIBLE_DEVICES")
+        if not os.environ.get("AIO_FAKE_NVML") or not share or not mask:
+            return
+        import pynvml  # the stand-in: the orchestrator's PYTHONPATH reaches its children
+
+        pynvml.claim(os.getpid(), {int(mask.split(",")[0]): int(float(share) * 1024**3)})
 
     def add_routes(self, app: FastAPI) -> None:
         @app.middleware("http")

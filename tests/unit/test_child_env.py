@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -123,8 +124,10 @@ def test_the_reaper_gets_the_allowlisted_environment_too(monkeypatch: pytest.Mon
     reaper.start()
     try:
         assert reaper.pid is not None
-        environ = Path(f"/proc/{reaper.pid}/environ").read_bytes().split(b"\0")
-        names = {entry.partition(b"=")[0] for entry in environ}
+        deadline = time.monotonic() + 5  # right after the exec the kernel may still show it empty (a busy machine)
+        while not (environ := Path(f"/proc/{reaper.pid}/environ").read_bytes()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        names = {entry.partition(b"=")[0] for entry in environ.split(b"\0")}
         assert b"PATH" in names and b"PYTHONPATH" in names
         assert not names & {b"AIO_API_KEYS", b"HF_TOKEN"}
     finally:

@@ -364,7 +364,7 @@ async def control(coordinator: Coordinator, manager: FakeManager, method: str, p
     config = config_from_dict({"models": {name: {"type": "text", "command": "unused", "port": svc.spec.port,
                                                  "vram_gb": svc.spec.vram_gb}
                                           for name, svc in manager.services.items()}}, Path("models.yaml"))
-    runtime = SimpleNamespace(coordinator=coordinator, manager=manager, index=ModelIndex(config))
+    runtime = SimpleNamespace(coordinator=coordinator, manager=manager, index=ModelIndex(config), gpus=[])
     app = build_control_app(cast(Any, runtime))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://control") as client:
         return await client.request(method, path)

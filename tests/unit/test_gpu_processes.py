@@ -35,7 +35,9 @@ def fake_nvml(devices: list[list[tuple[int, int | None]]], init_fails: bool = Fa
         nvmlInit=init, nvmlDeviceGetCount=lambda: len(devices), nvmlDeviceGetHandleByIndex=lambda i: i,
         nvmlDeviceGetMemoryInfo=lambda i: SimpleNamespace(total=80 * GIB, used=in_use[i], free=80 * GIB - in_use[i]),
         nvmlDeviceGetComputeRunningProcesses=lambda i: [SimpleNamespace(pid=p, usedGpuMemory=m)
-                                                        for p, m in devices[i]])
+                                                        for p, m in devices[i]],
+        nvmlDeviceGetUUID=lambda i: f"GPU-{i}", nvmlDeviceGetName=lambda i: "NVIDIA H100",
+        nvmlDeviceGetPciInfo=lambda i: SimpleNamespace(busId=f"00000000:{i + 1:02x}:00.0"))
 
 
 def test_usage_is_summed_per_process_over_every_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,71 +29,27 @@ edge that answers the client maps it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
 from core.host.memory_share import WHOLE_GPU_UTILIZATION
-from core.supervision.service_state import ServiceState
+from model_orchestrator.model_view import (
+    FAILED,
+    PARKED,
+    PARKING,
+    READY,
+    RESTORING,
+    STARTING,
+    STOPPING,
+    ModelView,
+    Servable,
+    Want,
+)
+from model_orchestrator.placement import Device, Placement, candidate_sets, evict_order, place, used_gb
 from model_orchestrator.refusals import Reason
 
-READY, STARTING, STOPPING, FAILED = (
-    ServiceState.READY, ServiceState.STARTING, ServiceState.STOPPING, ServiceState.FAILED,
-)
-PARKING, PARKED, RESTORING = ServiceState.PARKING, ServiceState.PARKED, ServiceState.RESTORING
-
-
-class Servable(Protocol):
-    """What ``can_serve_now`` reads: a ``ModelView``, or a live service on the hot path."""
-
-    @property
-    def state(self) -> ServiceState: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def max_concurrency(self) -> int | None: ...
-
-
-@dataclass(frozen=True)
-class ModelView:
-    """What the scheduler may know about one model at one instant."""
-
-    name: str
-    state: ServiceState
-    vram_gb: float | None = None  # None: needs the whole GPU
-    pinned: bool = False
-    in_flight: int = 0
-    last_used: float = 0.0
-    max_concurrency: int | None = None
-    oldest_waiter: float | None = None  # arrival time of the oldest request waiting for it
-    failed_until: float = 0.0
-    parkable: bool = False  # it can park (and has not said it cannot)
-    host_gb: float = 0.0  # host memory it holds now (parked, or the host copy a park left behind)
-    park_host_gb: float | None = None  # host memory it would hold parked; None: unknown
-    ttl: float = 0.0  # stop after this many idle seconds (0: never)
-    park_idle: float = 0.0  # park after this many idle seconds (0: only to make room)
-    overhead_gb: float = 0.0  # GPU memory its process holds beyond vram_gb (its CUDA context), parked too
-    kept_gb: float = 0.0  # GPU memory it keeps parked besides that (vLLM's CUDA graphs)
-
-    @property
-    def claim_gb(self) -> float:
-        """GPU memory it holds, or may hold, in its state: its share and its process's overhead while it
-        runs; parked, only that overhead and what a park keeps."""
-        if self.state is PARKED:
-            return self.parked_claim_gb
-        if not self.state.holds_memory:
-            return 0.0
-        return math.inf if self.vram_gb is None else self.vram_gb + self.overhead_gb
-
-    @property
-    def parked_claim_gb(self) -> float:
-        """What it would keep on the GPU parked: its process's overhead and what a park keeps."""
-        return self.overhead_gb + self.kept_gb
-
-    @property
-    def idle(self) -> bool:
-        return self.state is READY and self.in_flight == 0
-
+__all__ = ["ModelView", "Servable", "Want"]  # with the decisions below: what callers import from here
 
 @dataclass(frozen=True)
 class Serve:
@@ -109,12 +65,14 @@ class Join:
 class Start:
     evict: tuple[str, ...] = ()  # stopped, or parked when named in ``park`` too
     park: tuple[str, ...] = ()
+    devices: tuple[int, ...] = ()  # the GPUs it goes on (placement.py); (): no GPU accounting
 
 
 @dataclass(frozen=True)
 class Restore:
     evict: tuple[str, ...] = ()
     park: tuple[str, ...] = ()
+    devices: tuple[int, ...] = ()  # the GPUs it parked on
 
 
 @dataclass(frozen=True)
@@ -142,10 +100,13 @@ def can_serve_now(view: Servable) -> bool:
     return view.state is READY and (view.max_concurrency is None or view.in_flight < view.max_concurrency)
 
 
+Budget = float | Sequence[Device] | None  # one GPU's GiB, every GPU's budget, or None: no accounting
+
+
 def plan(
     target: str,
     views: Mapping[str, ModelView],
-    budget_gb: float | None,
+    budget_gb: Budget,
     now: float,
     batch_window: float,
     arrival: float | None = None,
@@ -172,19 +133,24 @@ def plan(
 
 
 def _plan_start(
-    target: str, views: Mapping[str, ModelView], budget_gb: float | None, batch_deadline: float,
+    target: str, views: Mapping[str, ModelView], budget_gb: Budget, batch_deadline: float,
     host_budget_gb: float | None,
 ) -> Decision:
-    victims = memory_victims(target, views, budget_gb)
-    if victims is None:
+    placement = placement_for(target, views, budget_gb)
+    if placement is None:
         return Reject(Reason.NO_FIT, _no_fit_message(target, views, budget_gb))
+    victims = list(placement.victims)
     blockers = [name for name in victims if not _evictable(views[name], batch_deadline)]
     if blockers:
         return Wait(f"waiting for {', '.join(blockers)} to finish before {target} can load")
     park, host_stops = park_or_stop(victims, views, host_budget_gb, keep=target,
-                                    gpu_room=gpu_spare(target, victims, views, budget_gb))
+                                    gpu_room=gpu_spare(target, placement, views, budget_gb))
     evict = (*victims, *(name for name in host_stops if name not in victims))
-    return Restore(evict, park) if views[target].state is PARKED else Start(evict, park)
+    # A plain GiB budget is one GPU, the default one: nothing to name. A list of GPUs names them.
+    devices = placement.devices if isinstance(budget_gb, Sequence) else ()
+    if views[target].state is PARKED:
+        return Restore(evict, park, devices)
+    return Start(evict, park, devices)
 
 
 def park_or_stop(
@@ -250,29 +216,33 @@ def _host_room(view: ModelView, used: float, room: list[ModelView], budget: floa
     return None
 
 
-def memory_victims(
-    target: str, views: Mapping[str, ModelView], budget_gb: float | None
-) -> list[str] | None:
-    """The models to evict (park or stop) so ``target`` fits, in eviction order; None if it never can.
-    With a budget, parked models count with what they keep on the GPU, and may be stopped for it."""
-    if budget_gb is None:  # no memory accounting; only whole-GPU models conflict
-        others = [v for v in views.values() if v.name != target and v.state.holds_memory]
-        if views[target].vram_gb is None:
-            return None if any(v.pinned for v in others) else [v.name for v in sorted(others, key=_evict_order)]
-        whole = [v for v in others if v.vram_gb is None]
-        return None if any(v.pinned for v in whole) else [v.name for v in whole]
-    others = [v for v in views.values() if v.name != target and v.claim_gb > 0]
-    target_view = views[target]
-    if target_view.vram_gb is None:  # whole GPU: everything else must go
-        return None if any(v.pinned for v in others) else [v.name for v in sorted(others, key=_evict_order)]
-    need = target_view.vram_gb + target_view.overhead_gb
-    candidates = sorted((v for v in others if not v.pinned), key=_evict_order)
-    chosen: list[str] = []
-    while _free_gb(budget_gb, others, chosen) < need:
-        if not candidates:
-            return None
-        chosen.append(candidates.pop(0).name)
-    return chosen
+def devices_of(budget_gb: Budget) -> list[Device] | None:
+    """The GPUs to place on: as given, or one GPU of ``budget_gb``; None: no memory accounting."""
+    if budget_gb is None:
+        return None
+    return [Device(0, float(budget_gb))] if isinstance(budget_gb, (int, float)) else list(budget_gb)
+
+
+def placement_for(target: str, views: Mapping[str, ModelView], budget_gb: Budget) -> Placement | None:
+    """Where ``target`` goes and the models to evict (park or stop) first, in eviction order; None if it
+    never fits (placement.py). With a budget, parked models count with what they keep on the GPU, and
+    may be stopped for it."""
+    devices = devices_of(budget_gb)
+    if devices is not None:
+        return place(target, views, devices)
+    # no memory accounting: only whole-GPU models conflict
+    others = [v for v in views.values() if v.name != target and v.state.holds_memory]
+    if views[target].vram_gb is not None:
+        others = [v for v in others if v.vram_gb is None]
+    if any(v.pinned for v in others):
+        return None
+    return Placement((), tuple(v.name for v in sorted(others, key=evict_order)))
+
+
+def memory_victims(target: str, views: Mapping[str, ModelView], budget_gb: Budget) -> list[str] | None:
+    """The models to evict so ``target`` fits, in eviction order; None if it never can."""
+    placement = placement_for(target, views, budget_gb)
+    return None if placement is None else list(placement.victims)
 
 
 def _evictable(view: ModelView, batch_deadline: float) -> bool:
@@ -282,31 +252,25 @@ def _evictable(view: ModelView, batch_deadline: float) -> bool:
     return view.idle and (view.oldest_waiter is None or view.oldest_waiter > batch_deadline)
 
 
-def _evict_order(view: ModelView) -> tuple[int, float]:
-    """Already stopping or parking first (free soon), then idle, then parked (stopping one frees only its
-    residue), then busy; least recently used first."""
-    rank = 0 if view.state in (STOPPING, PARKING) else 1 if view.idle else 2 if view.state is PARKED else 3
-    return rank, view.last_used
-
-
-def _free_gb(budget_gb: float, others: list[ModelView], evicted: list[str]) -> float:
-    used = sum(v.claim_gb for v in others if v.name not in evicted)
-    return budget_gb - used
-
-
-def gpu_spare(target: str, victims: list[str], views: Mapping[str, ModelView], budget_gb: float | None) -> float:
-    """GPU memory left once ``target`` runs and every victim is gone: what parks (rather than stops)
-    of the victims may keep on the GPU between them."""
-    view = views[target]
-    if budget_gb is None:
+def gpu_spare(target: str, placement: Placement, views: Mapping[str, ModelView], budget_gb: Budget) -> float:
+    """GPU memory left, on the tightest of ``target``'s GPUs, once it runs and every victim is gone: what
+    parks (rather than stops) of the victims may keep on the GPU between them."""
+    devices = devices_of(budget_gb)
+    if devices is None or not placement.devices:
         return math.inf
-    others = [v for v in views.values() if v.name != target]
-    need = budget_gb * WHOLE_GPU_UTILIZATION if view.vram_gb is None else view.vram_gb  # vLLM's default share
-    return _free_gb(budget_gb, others, victims) - need - view.overhead_gb
+    view, by_index = views[target], {d.index: d for d in devices}
+    used = used_gb(views, devices, {target, *placement.victims})
+    return min(by_index[i].budget_gb - used[i] - _running_need(view, by_index[i]) for i in placement.devices)
+
+
+def _running_need(view: ModelView, device: Device) -> float:
+    """What ``view`` takes on one GPU once running: a whole-GPU model its engine's usual share (vLLM's)."""
+    share = device.budget_gb * WHOLE_GPU_UTILIZATION if view.vram_gb is None else view.vram_gb
+    return share + view.overhead_gb
 
 
 def closing_for(
-    target: str, views: Mapping[str, ModelView], budget_gb: float | None, arrival: float, batch_window: float
+    target: str, views: Mapping[str, ModelView], budget_gb: Budget, arrival: float, batch_window: float
 ) -> str | None:
     """The waiting model (if any) that closes ``target`` to a request arriving at ``arrival``.
 
@@ -324,13 +288,24 @@ def closing_for(
     return None
 
 
-def _no_fit_message(target: str, views: Mapping[str, ModelView], budget_gb: float | None) -> str:
-    need = views[target].vram_gb
+def _no_fit_message(target: str, views: Mapping[str, ModelView], budget_gb: Budget) -> str:
+    view = views[target]
+    devices = devices_of(budget_gb) or []
     pinned = [v.name for v in views.values() if v.pinned and v.name != target and v.claim_gb > 0]
-    overhead = views[target].overhead_gb
-    wants = "the whole GPU" if need is None else f"{need:g} GB of GPU memory" + (
-        f" (+{overhead:g} GB for its process)" if overhead else "")
-    budget = "" if budget_gb is None else f" (budget {budget_gb:g} GB)"
+    where = "the whole GPU" if view.want.count == 1 else f"{view.want.count} whole GPUs of one kind"
+    wants = where if view.vram_gb is None else f"{view.vram_gb:g} GB of GPU memory" + (
+        f" (+{view.overhead_gb:g} GB for its process)" if view.overhead_gb else "") + (
+        f" on each of {view.want.count} GPUs of one kind" if view.want.count > 1 else "")
+    if not devices:
+        budget = ""
+    elif len(devices) == 1 and view.want.allowed is None:
+        budget = f" (budget {devices[0].budget_gb:g} GB)"
+    else:
+        budget = " (GPUs it may use: " + (", ".join(
+            f"{d.index}: {d.budget_gb:g} GB" for d in devices
+            if view.want.allowed is None or d.index in view.want.allowed) or "none") + ")"
+    if not candidate_sets(view, devices) and devices:
+        return f"model {target!r} needs {wants}, and no set of GPUs it may use has that many{budget}"
     if not pinned:
         return f"model {target!r} needs {wants}, more than the whole budget{budget}"
     return f"model {target!r} needs {wants}{budget}, but pinned models hold it: {', '.join(pinned)}"

@@ -27,6 +27,7 @@ from core.supervision.log_capture import ServiceLog, TooManyFollowers
 from core.supervision.service_park import gpu_bytes_of_tree
 from core.supervision.service_state import ParkRecord, ServiceSnapshot
 from model_orchestrator.coordinator import ModelStatus
+from model_orchestrator.placement import Device
 from model_orchestrator.refusals import Refused, http_error
 from model_orchestrator.ui import mount_ui
 
@@ -63,7 +64,7 @@ def build_control_app(runtime: Runtime) -> FastAPI:
         models = coordinator.status()
         gpu_used = await asyncio.to_thread(gpu_bytes_by_pid)  # NVML: blocking calls
         return {"gpu_budget_gb": coordinator.budget_gb, "host_budget_gb": coordinator.host_budget_gb,
-                "gpus": await asyncio.to_thread(_gpus_entry, runtime.gpus),
+                "gpus": await asyncio.to_thread(_gpus_entry, runtime.gpus, coordinator.devices, models),
                 "models": {n: _status_entry(m, gpu_used) for n, m in models.items()}}
 
     @app.get("/metrics", include_in_schema=False)
@@ -141,16 +142,20 @@ def _status_entry(model: ModelStatus, gpu_used: dict[int, int] | None) -> dict[s
         "in_flight": svc.in_flight, "waiting": model.waiting,
         "idle_seconds": None if idle_for is None else round(idle_for, 1), "started_at": svc.started_at,
         "restarts": svc.restarts, "failures": svc.failures, "last_error": svc.last_error,
-        "pinned": spec.pinned, "ttl": spec.ttl, "command": list(svc.command),
+        "pinned": spec.pinned, "ttl": spec.ttl, "command": list(svc.command), "devices": list(svc.devices),
     }
 
 
-def _gpus_entry(gpus: list[Gpu]) -> list[dict[str, Any]]:
-    """The GPUs this orchestrator places on, with what NVML says is in use on each now (None: unreadable)."""
+def _gpus_entry(gpus: list[Gpu], devices: list[Device], models: dict[str, ModelStatus]) -> list[dict[str, Any]]:
+    """The GPUs NVML lists for this orchestrator: their budget (None: not placed on, settings.gpus.devices),
+    the models placed on each, and what NVML says is in use on each now (None: unreadable)."""
     used = device_used_bytes([gpu.index for gpu in gpus])
+    budgets = {device.index: device.budget_gb for device in devices}
     return [{"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "pci_bus_id": gpu.pci_bus_id,
-             "total_gb": round(gpu.total_gb, 3),
-             "used_gb": None if used is None else round(used[gpu.index] / GIB, 3)} for gpu in gpus]
+             "total_gb": round(gpu.total_gb, 3), "budget_gb": budgets.get(gpu.index),
+             "used_gb": None if used is None else round(used[gpu.index] / GIB, 3),
+             "models": sorted(name for name, model in models.items() if gpu.index in model.service.devices)}
+            for gpu in gpus]
 
 
 def _measured_gb(pid: int | None, gpu_used: dict[int, int] | None) -> float | None:

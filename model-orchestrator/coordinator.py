@@ -28,6 +28,7 @@ from core.host.gpu import resolve_process_overhead
 from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.supervision.service_state import ServiceSnapshot, ServiceState
+from model_orchestrator.placement import Device, want_for
 from model_orchestrator.refusals import Reason, Refused
 from model_orchestrator.scheduler import (
     Decision,
@@ -74,13 +75,15 @@ class Coordinator:
         manager: ServiceManager,
         settings: Settings,
         budget_gb: float | None,
-        memory_released: Callable[[float], Awaitable[None]] | None = None,
+        memory_released: Callable[[float, tuple[int, ...]], Awaitable[None]] | None = None,
         host_budget_gb: float | None = 0.0,
         overhead_gb: float | None = None,
+        devices: Sequence[Device] = (),
     ) -> None:
         self.manager = manager
         self.settings = settings
-        self.budget_gb = budget_gb
+        self.budget_gb = budget_gb  # of one GPU (the first); with ``devices``, each has its own
+        self.devices = list(devices)  # the GPUs models are placed on; none: one GPU of budget_gb, or no accounting
         self.host_budget_gb = host_budget_gb  # what parked models may hold (None: unlimited; 0: never park)
         # Each GPU process's own memory beyond its share (settings.gpu_process_overhead_gb; "auto" is
         # resolved in one place, core.host.gpu.resolve_process_overhead)
@@ -124,7 +127,9 @@ class Coordinator:
             oldest_waiter=min(waiters) if waiters else None, failed_until=svc.failed_until,
             parkable=svc.parker.parkable and record.unsupported is None, host_gb=holds, park_host_gb=would_hold,
             ttl=spec.ttl, park_idle=spec.park.idle, overhead_gb=self._overhead_gb(spec),
-            kept_gb=spec.park.vram_kept_gb,
+            kept_gb=spec.park.vram_kept_gb, devices=svc.placed_on,
+            want=want_for(spec.gpus, spec.tensor_parallel, spec.placement or self.settings.gpus.placement,
+                          self.devices),
         )
 
     def _overhead_gb(self, spec: ModelSpec) -> float:
@@ -203,7 +208,8 @@ class Coordinator:
                 raise self._timed_out(svc) from None
 
     def decide(self, name: str, arrival: float | None = None) -> Decision:
-        return plan(name, self.views(), self.budget_gb, time.monotonic(), self.settings.batch_window, arrival,
+        budget = self.devices or self.budget_gb
+        return plan(name, self.views(), budget, time.monotonic(), self.settings.batch_window, arrival,
                     self.host_budget_gb)
 
     async def _act(self, svc: ManagedService, decision: Decision, deadline: float, ticket: Ticket) -> None:
@@ -228,7 +234,7 @@ class Coordinator:
         if need is not None and self._memory_released is not None:
             # Before every start, not only after an eviction: a model stopped a moment ago (TTL,
             # an operator's unload, a crash) may still be handing its memory back to the driver.
-            stops = [self._after(stops, self._memory_released(need))]
+            stops = [self._after(stops, self._memory_released(need, decision.devices))]
         if evict:
             stopped = [v for v in evict if v not in park]
             log.info("swap:%s%s to %s %s", f" parking {', '.join(park)}" if park else "",
@@ -242,7 +248,7 @@ class Coordinator:
         if restoring:
             svc.restore(after=stops)
         else:
-            svc.start(after=stops)
+            svc.start(after=stops, devices=decision.devices)
 
     def _gpu_need(self, svc: ManagedService) -> float | None:
         """GiB that must be free on the GPU before ``svc`` starts (None: it uses no GPU, or no budget)."""

@@ -26,7 +26,7 @@ class Servable(Protocol):
     def max_concurrency(self) -> int | None: ...
 
 
-Placement = Literal["pack", "spread"]
+Policy = Literal["pack", "spread"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Want:
 
     count: int = 1
     allowed: frozenset[int] | None = None
-    policy: Placement = "pack"
+    policy: Policy = "pack"
 
 
 @dataclass(frozen=True)

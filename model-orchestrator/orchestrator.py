@@ -43,9 +43,9 @@ import uvicorn
 from core.common.asgi import Receive, Scope, Send
 from core.common.log_setup import configure_logging
 from core.config.load import load_config
-from core.config.schema import ConfigError, OrchestratorConfig
+from core.config.schema import ConfigError, OrchestratorConfig, Settings
 from core.host.gpu import gpu_inventory, resolve_budget, resolve_process_overhead, wait_for_free_memory
-from core.host.gpu_inventory import InventoryError
+from core.host.gpu_inventory import Gpu, InventoryError
 from core.host.host_memory import resolve_host_budget
 from core.service_manager import ServiceManager
 from core.supervision.process_tree import port_holder
@@ -54,6 +54,7 @@ from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.http_server import AccessGate, CanonicalPath, RequestCap, server_options
 from model_orchestrator.metrics import Metrics
+from model_orchestrator.placement import Device, chosen_gpus
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ModelIndex
 
@@ -61,6 +62,23 @@ log = logging.getLogger("model_orchestrator")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "models.yaml"
 CONFIG_ENV = "AIO_CONFIG"
+
+
+def placement_devices(gpus: list[Gpu], settings: Settings) -> list[Device]:
+    """The GPUs models are placed on (settings.gpus.devices of ``gpus``, default all), each with its budget:
+    gpu_memory_gb (auto: its total) less settings.gpus.reserve_gb."""
+    configured, reserve = settings.gpu_memory_gb, settings.gpus.reserve_gb
+    devices = [Device(gpu.index, (gpu.total_gb if configured == "auto" else float(configured)) - reserve,
+                      kind=f"{gpu.name} {gpu.total_bytes}", uuid=gpu.uuid) for gpu in gpus]
+    if settings.gpus.devices is None:
+        return devices
+    chosen = chosen_gpus(settings.gpus.devices, devices)
+    return [device for device in devices if device.index in chosen]
+
+
+async def _memory_released(first: int, need_gb: float, devices: tuple[int, ...]) -> None:
+    """Wait (bounded) until each GPU a start goes on has ``need_gb`` free (the first GPU: not placed)."""
+    await asyncio.gather(*(wait_for_free_memory(need_gb, index=index) for index in devices or (first,)))
 
 
 class Runtime:
@@ -71,11 +89,12 @@ class Runtime:
         self.index = ModelIndex(config)
         self.manager = ServiceManager(config, use_reaper=use_reaper)
         self.gpus = gpu_inventory() or []  # the GPUs NVML lists that our own CUDA_VISIBLE_DEVICES allows
-        budget = resolve_budget(config.settings.gpu_memory_gb, self.gpus)
-        released = functools.partial(wait_for_free_memory, index=self.gpus[0].index) if self.gpus else None
+        devices = placement_devices(self.gpus, config.settings)
+        budget = devices[0].budget_gb if devices else resolve_budget(config.settings.gpu_memory_gb, self.gpus)
+        released = functools.partial(_memory_released, devices[0].index) if devices else None
         host_budget = resolve_host_budget(config.settings.host_memory_gb, config.settings.host_memory_reserve_gb)
         self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released,
-                                       host_budget_gb=host_budget,
+                                       host_budget_gb=host_budget, devices=devices,
                                        overhead_gb=resolve_process_overhead(config.settings.gpu_process_overhead_gb,
                                                                             self.gpus))
         self.metrics = Metrics(self.coordinator)
@@ -93,8 +112,11 @@ class Runtime:
         self.coordinator.start_ttl_watch()
         self._preload = asyncio.create_task(self.coordinator.preload(), name="preload")
         budget, host = self.coordinator.budget_gb, self.coordinator.host_budget_gb
-        log.info("GPUs: %s", "; ".join(f"{g.index} {g.name} {g.total_gb:.3g} GB {g.uuid} ({g.pci_bus_id})"
-                                       for g in self.gpus) or "none (services run on the CPU)")
+        budgets = {device.index: device.budget_gb for device in self.coordinator.devices}
+        log.info("GPUs: %s", "; ".join(
+            f"{g.index} {g.name} {g.total_gb:.3g} GB {g.uuid} ({g.pci_bus_id}), "
+            + (f"budget {budgets[g.index]:.3g} GB" if g.index in budgets else "not used (settings.gpus.devices)")
+            for g in self.gpus) or "none (services run on the CPU)")
         log.info("serving %d models (%s); GPU budget %s; parked models may hold %s of host memory",
                  len(self.config.models), ", ".join(self.config.models),
                  "unlimited" if budget is None else f"{budget:g} GB", "unlimited" if host is None else f"{host:.3g} GB")

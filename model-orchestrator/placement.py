@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from model_orchestrator.model_view import PARKED, PARKING, STOPPING, ModelView
+from model_orchestrator.model_view import PARKED, PARKING, STOPPING, ModelView, Policy, Want
 
 _EPSILON_GB = 1e-9
 
@@ -37,6 +37,21 @@ class Device:
     index: int  # NVML's (PCI bus order), as children get it in CUDA_VISIBLE_DEVICES
     budget_gb: float
     kind: str = ""  # GPUs of one kind (name and size) may share a tensor-parallel model
+    uuid: str = ""
+
+
+def chosen_gpus(names: Sequence[int | str], devices: Sequence[Device]) -> frozenset[int]:
+    """The indices of ``devices`` that ``names`` (models.yaml's NVML indices or UUID prefixes) pick."""
+    return frozenset(d.index for d in devices for name in names if d.index == name or _uuid_of(d, name))
+
+
+def _uuid_of(device: Device, name: int | str) -> bool:
+    return isinstance(name, str) and bool(device.uuid) and device.uuid.lower().startswith(name.lower())
+
+
+def want_for(gpus: Sequence[int | str] | None, count: int, policy: Policy, devices: Sequence[Device]) -> Want:
+    """Where a model may go, from its models.yaml keys (gpus, tensor_parallel, placement)."""
+    return Want(count, None if gpus is None else chosen_gpus(gpus, devices), policy)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,20 @@ def cross_model_problems(config: OrchestratorConfig) -> list[str]:
     problems += _vram_within_budget(config)
     problems += _weights_placeholder(config)
     problems += _park_ways(config)
+    problems += _gpu_choice(config)
+    return problems
+
+
+def _gpu_choice(config: OrchestratorConfig) -> list[str]:
+    """The GPUs a model may use can hold its tensor-parallel span, and the placement alone names them."""
+    problems = []
+    for name, spec in config.models.items():
+        if spec.gpus is not None and len(set(spec.gpus)) < spec.tensor_parallel:
+            problems.append(f"model {name!r}: key 'gpus': {len(set(spec.gpus))} GPU(s) cannot hold "
+                            f"tensor_parallel {spec.tensor_parallel}")
+        if "CUDA_VISIBLE_DEVICES" in spec.env:
+            problems.append(f"model {name!r}: key 'env': CUDA_VISIBLE_DEVICES is set by the orchestrator's "
+                            "placement; pin the model with 'gpus: [...]' instead")
     return problems
 
 

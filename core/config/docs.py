@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from core.config.park import HttpCall, ParkCalls, ParkSpec
-from core.config.schema import Limits, ModelSpec, OrchestratorConfig, Settings, WeightsSpec
+from core.config.schema import GpuSettings, Limits, ModelSpec, OrchestratorConfig, Settings, WeightsSpec
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"  # core/config/ is two below the repository
 
@@ -103,6 +103,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("#### One call (an item of `park` and `restore`)", HttpCall, ""),
     ("## Global (`settings`)", Settings, ""),
     ("### Limits (`settings.limits`)", Limits, ""),
+    ("### GPUs (`settings.gpus`)", GpuSettings, ""),
 ]
 
 

@@ -22,7 +22,8 @@ def service_argv(spec: ModelSpec, python: str, base_dir: Path) -> list[str]:
     else:
         base = list(spec.command or [])
     values = {"{port}": str(spec.port), "{host}": spec.host, "{model}": spec.name, "{python}": python,
-              "{base_dir}": str(base_dir), "{weights}": spec.weights.repo if spec.weights else "{weights}"}
+              "{base_dir}": str(base_dir), "{weights}": spec.weights.repo if spec.weights else "{weights}",
+              "{tensor_parallel}": str(spec.tensor_parallel)}
     return [_fill(token, values) for token in [*base, *spec.args]]
 
 

@@ -30,10 +30,21 @@ from core.config.park import ParkSpec
 from core.config.strict_model import Strict as _Strict
 
 ModelType = Literal["text", "image", "audio", "embedding", "custom"]
+Placement = Literal["pack", "spread"]
+
+
+
+
+def gpu_names(names: list[int | str] | None) -> list[int | str] | None:
+    """A ``gpus``/``devices`` list: NVML indices or UUIDs (checked by the fields' validators)."""
+    bad = [name for name in names or [] if (isinstance(name, int) and name < 0) or (isinstance(name, str) and not name)]
+    if bad:
+        raise ValueError(f"GPUs are NVML indices (0, 1, ...) or UUIDs (GPU-...), not {bad}")
+    return names
 
 # Placeholders a `command` or `args` entry may use; replaced literally (no str.format,
 # so JSON arguments with braces pass through untouched).
-PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}", "{weights}")
+PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}", "{weights}", "{tensor_parallel}")
 
 
 class ConfigError(ValueError):
@@ -73,7 +84,8 @@ class ModelSpec(_Strict):
     command: str | list[str] | None = Field(
         None,
         description="Any OpenAI-compatible server command line instead of service_script "
-        "(e.g. `vllm serve MODEL --port {port}`). Placeholders: {port} {host} {model} {python} {base_dir}.",
+        "(e.g. `vllm serve MODEL --port {port}`). Placeholders: {port} {host} {model} {python} {base_dir} "
+        "{weights} {tensor_parallel}.",
     )
     args: list[str] = Field(default_factory=list, description="Extra arguments appended to the command "
                             "(same placeholders; {base_dir} makes paths independent of the working directory).")
@@ -95,11 +107,19 @@ class ModelSpec(_Strict):
                                "The orchestrator replaces an alias by the model's name in the request body, so "
                                "the service sees, and its answers carry, the model's name.")
     vram_gb: float | None = Field(
-        None, ge=0, description="GPU memory the service needs (0: none, it runs on CPU). "
-        "Unset: it needs the whole GPU, so it runs alone."
+        None, ge=0, description="GPU memory the service needs on each GPU it runs on (0: none, it runs on CPU). "
+        "Unset: it needs whole GPUs, so it runs alone on them."
     )
     ttl: float = Field(0, ge=0, description="Stop the service after this many idle seconds; 0 keeps it running.")
     pinned: bool = Field(False, description="Never evicted to make room for another model.")
+    gpus: list[int | str] | None = Field(
+        None, min_length=1, description="The GPUs this model may run on (NVML indices, as nvidia-smi numbers "
+        "them, or UUIDs); default: any of settings.gpus.devices.")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs of one kind the model spans; its vram_gb "
+                                 "is claimed on each (vLLM gets --tensor-parallel-size from it).")
+    placement: Placement | None = Field(None, description="How a GPU is chosen when several fit: pack (the "
+                                        "tightest fit, keeping large holes for large models) or spread (the "
+                                        "most free); default settings.gpus.placement.")
     preload: bool = Field(False, description="Start at orchestrator boot instead of on the first request.")
     health_path: str = Field("/health", description="Path that answers 200 once the service can serve.")
     max_concurrency: int = Field(
@@ -127,6 +147,11 @@ class ModelSpec(_Strict):
     @property
     def name(self) -> str:
         return self._name
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_names(cls, value: list[int | str] | None) -> list[int | str] | None:
+        return gpu_names(value)
 
     @field_validator("endpoint", "health_path")
     @classmethod
@@ -181,15 +206,33 @@ class Limits(_Strict):
     max_log_followers: int = Field(8, ge=1, description="Clients following a log (/logs?follow) at once.")
 
 
+class GpuSettings(_Strict):
+    """The GPUs of the pod: which ones models go on, what stays free on each, the default placement."""
+
+    devices: list[int | str] | None = Field(
+        None, min_length=1, description="The GPUs to place models on (NVML indices or UUIDs); default: every "
+        "GPU the orchestrator's own CUDA_VISIBLE_DEVICES allows.")
+    reserve_gb: float = Field(0.0, ge=0, description="GPU memory kept free on each GPU (other processes, "
+                              "the display), taken off its budget.")
+    placement: Placement = Field("pack", description="Default for models without placement: pack or spread.")
+
+    @field_validator("devices")
+    @classmethod
+    def _gpu_names(cls, value: list[int | str] | None) -> list[int | str] | None:
+        return gpu_names(value)
+
+
 class Settings(_Strict):
     """Global settings (the `settings:` section)."""
 
     host: str = Field("127.0.0.1", description="Address the orchestrator listens on (0.0.0.0 for every interface).")
     port: int = Field(9000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
     gpu_memory_gb: float | Literal["auto"] = Field(
-        "auto", description="GPU memory budget for models with vram_gb. 'auto' reads the GPU's total through "
-        "NVML; without a GPU or NVML the budget is unlimited."
+        "auto", description="GPU memory budget for models with vram_gb, per GPU. 'auto' reads each GPU's total "
+        "through NVML; without a GPU or NVML the budget is unlimited."
     )
+    gpus: GpuSettings = Field(default_factory=GpuSettings,
+                              description="Which GPUs models are placed on, and how.")
     host_memory_gb: float | Literal["auto"] = Field(
         "auto", description="Host memory (GiB) parked models may hold (their weights wait there). 'auto': the "
         "machine's (or container's) memory minus host_memory_reserve_gb; 0: never park, always stop."

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from core import repo_pythonpath
-from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV
+from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV, TENSOR_PARALLEL_ENV
 from core.common.redact import secret_env_name
 from core.host.memory_share import VRAM_ENV
 
@@ -94,9 +94,19 @@ def service_env(spec: ModelSpec, token: str | None = None, passthrough: Iterable
     env.pop(SERVICE_TOKEN_ENV, None)
     if spec.vram_gb is not None:  # 0 too: a service told it has no GPU share refuses to use the GPU
         env[VRAM_ENV] = f"{spec.vram_gb:g}"
+    env.pop(TENSOR_PARALLEL_ENV, None)
+    if spec.tensor_parallel > 1:  # its share is per GPU; the engine spans this many (vLLM's tensor parallel)
+        env[TENSOR_PARALLEL_ENV] = str(spec.tensor_parallel)
     if spec.service_script is not None:
         env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))
     if token is not None:
         env[SERVICE_TOKEN_ENV] = token
     env[MODEL_NAME_ENV] = spec.name
     return env
+
+
+def placed_env(devices: tuple[int, ...]) -> dict[str, str]:
+    """What a child is told of the GPUs it was placed on: their NVML indices, which name the same cards in
+    its CUDA as every child runs with CUDA_DEVICE_ORDER=PCI_BUS_ID; never ordinals renumbered under the
+    orchestrator's own mask. Placed on none (no GPU accounting): nothing, the inherited mask stands."""
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in devices)} if devices else {}

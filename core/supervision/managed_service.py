@@ -41,6 +41,7 @@ import httpx
 from core.common.aio import done_future, joined, retrieve_exception, wait_all
 from core.common.redact import redact_argv
 from core.config.schema import ModelSpec
+from core.supervision.child_env import placed_env
 from core.supervision.health_watch import start_health_watch
 from core.supervision.log_capture import ServiceLog
 from core.supervision.park_client import ParkClient
@@ -89,6 +90,7 @@ class ManagedService:
         self._stopping_from: State | None = None  # while STOPPING: the state the stop began in
         self.parker = ParkClient(spec, health, service_token)
         self.park_record = ParkRecord()
+        self.devices: tuple[int, ...] = ()  # the GPUs of its last start (kept while parked: it restores there)
         self._health_watch: asyncio.Task[None] | None = None
 
     @property
@@ -141,7 +143,13 @@ class ManagedService:
             spec=self.spec, state=self.state, pid=self.pid, in_flight=self._in_flight, last_used=self._last_used,
             started_at=self.started_at, restarts=self.restarts, failures=len(self.failures),
             last_error=self.last_error, command=tuple(redact_argv(self.argv)), park=self.park_record,
+            devices=self.placed_on,
         )
+
+    @property
+    def placed_on(self) -> tuple[int, ...]:
+        """The GPUs it holds memory on now, or is parked on (where it restores); () when it holds none."""
+        return self.devices if self.state.holds_memory or self.state is State.PARKED else ()
 
     # -- the one place a state changes ----------------------------------------------
 
@@ -167,15 +175,18 @@ class ManagedService:
 
     # -- start ------------------------------------------------------------------------
 
-    def start(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
+    def start(self, after: Sequence[Awaitable[object]] = (), devices: tuple[int, ...] = ()) -> asyncio.Future[None]:
         """Begin a start now (STARTING at once) and return a future of its end.
 
-        ``after`` are awaited before spawning (e.g. evicted services stopping). While a
-        start is under way, calling again joins it. The future raises StartFailed, or is
-        cancelled when a stop aborted the start; cancelling it only gives up the wait.
+        ``after`` are awaited before spawning (e.g. evicted services stopping); ``devices`` are the
+        GPUs it was placed on (none: the inherited mask). While a start is under way, calling
+        again joins it. The future raises StartFailed, or is cancelled when a stop aborted the
+        start; cancelling it only gives up the wait.
         """
         if self.state is State.FAILED:
             self.failures.clear()  # the cooldown is over or an operator asked: a fresh budget
+        if self.state is not State.STARTING:  # a new start: placed now, so the next decision sees where
+            self.devices = devices
         return self._begin("start", State.STARTING, "", lambda: self._run_start(list(after)))
 
     def _begin(self, kind: str, state: State, reason: str, work: Callable[[], Coroutine[Any, Any, None]]
@@ -203,7 +214,7 @@ class ManagedService:
         try:
             await wait_all(after)
             await self._backoff()
-            await self._process.spawn(self.spec.host, self.spec.port)
+            await self._process.spawn(self.spec.host, self.spec.port, placed_env(self.devices))
             await wait_healthy(self.spec, self._process, self.probe, self._check_still_starting)
             self._check_still_starting()
         except asyncio.CancelledError:

@@ -94,6 +94,7 @@ class ServiceSnapshot:
     last_error: str | None
     command: tuple[str, ...]  # the command line, secrets masked
     park: ParkRecord  # parks and restores so far, what the last one held and took
+    devices: tuple[int, ...] = ()  # the GPUs it holds memory on (or is parked on); (): none, or not placed
 
     @property
     def name(self) -> str:

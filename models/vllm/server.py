@@ -31,6 +31,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from core.base_service import BaseService
+from core.common.contract import TENSOR_PARALLEL_ENV
 from core.host.memory_share import cap_torch_memory
 from core.runtime import openai_text as oa
 from core.runtime.devices import resolve_device
@@ -87,7 +88,8 @@ class TextService(BaseService):
         vllm.add_argument("--gpu-memory-utilization", type=float,
                           help="share of GPU memory to take (default: this service's vram_gb, $AIO_VRAM_GB)")
         vllm.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start)")
-        vllm.add_argument("--tensor-parallel-size", type=int, default=1)
+        vllm.add_argument("--tensor-parallel-size", type=int, default=int(os.environ.get(TENSOR_PARALLEL_ENV) or 1),
+                          help="GPUs to span (default: models.yaml's tensor_parallel, $AIO_TENSOR_PARALLEL)")
         vllm.add_argument("--enable-auto-tool-choice", action="store_true",
                           help='let the model call tools by itself (tool_choice "auto")')
         vllm.add_argument("--tool-call-parser", help="how tool calls are read from the output (hermes for Qwen 2.5)")

@@ -99,11 +99,13 @@ class FakeService(EchoService):
         if self.options.fail_park:
             raise RuntimeError("fake park failure (--fail-park)")
         self.parked_once = True
+        self.claim_fake_gpu_memory(held=False)
 
     async def restore(self) -> None:
         if self.options.fail_restore:
             raise RuntimeError("fake restore failure (--fail-restore)")
         await super().restore()
+        self.claim_fake_gpu_memory()
 
     def memory_use(self) -> MemoryUse:
         """Like the torch services: the host copy made by the first park stays."""
@@ -121,15 +123,17 @@ class FakeService(EchoService):
         return {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests,
                 "devices": devices}
 
-    def claim_fake_gpu_memory(self) -> None:
-        """Under the stand-in NVML (tests/fakes/nvml), hold the GPU share on the device CUDA would give
-        this process as cuda:0, as a real engine does at load; the ledger frees it when the process ends."""
+    def claim_fake_gpu_memory(self, held: bool = True) -> None:
+        """Under the stand-in NVML (tests/fakes/nvml), hold the GPU share on each GPU this process was placed
+        on, as a real engine does at load (a tensor-parallel one on each), or give it back (a park); the
+        ledger frees it when the process ends, however it ends."""
         share, mask = os.environ.get("AIO_VRAM_GB"), os.environ.get("CUDA_VISIBLE_DEVICES")
         if not os.environ.get("AIO_FAKE_NVML") or not share or not mask:
             return
         import pynvml  # the stand-in: the orchestrator's PYTHONPATH reaches its children
 
-        pynvml.claim(os.getpid(), {int(mask.split(",")[0]): int(float(share) * 1024**3)})
+        size = int(float(share) * 1024**3) if held else 0
+        pynvml.claim(os.getpid(), {int(token): size for token in mask.split(",")} if size else {})
 
     def add_routes(self, app: FastAPI) -> None:
         @app.middleware("http")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +205,7 @@ class FakeProcess:
     def live(self) -> list[Leader]:
         return [leader for leader in self.leaders if leader.alive]
 
-    async def spawn(self, host: str, port: int) -> None:
+    async def spawn(self, host: str, port: int, env: Mapping[str, str] | None = None) -> None:
         if self.live():
             self.world.violation(f"{self.name}: spawn while an earlier process of it is alive")
         self.spawning = True

@@ -33,7 +33,8 @@ def run_scenario(tmp_path: Path, models: dict[str, Any], loads: list[str]) -> li
     async def main() -> None:
         manager = ServiceManager(config, use_reaper=False)
 
-        async def released(need_gb: float) -> None:
+        async def released(need_gb: float, devices: tuple[int, ...]) -> None:
+            assert devices == ()  # one GPU of BUDGET: the default one, not named
             waits.append((need_gb, {name: svc.state.value for name, svc in manager.services.items()}))
 
         coordinator = Coordinator(manager, config.settings, BUDGET, memory_released=released)

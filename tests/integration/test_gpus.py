@@ -46,10 +46,11 @@ def test_under_a_mask_the_orchestrator_places_on_its_own_gpus_only(orchestrator:
     assert httpx.post(orch.url + "/v1/chat/completions", json=body, headers=orch.admin_headers,
                       timeout=60).status_code == 200
     devices = httpx.get(orch.url + "/upstream/a/whoami", headers=orch.admin_headers, timeout=10).json()["devices"]
-    assert devices == {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "AIO_VRAM_GB": "10"}
+    # Placed on GPU 2 (pack: a tie, the lowest index), named by its NVML index, never as ordinal 0 of the mask
+    assert devices == {"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "AIO_VRAM_GB": "10"}
     status = httpx.get(orch.url + "/status", headers=orch.admin_headers, timeout=10).json()
-    assert [g["used_gb"] for g in status["gpus"]] == [10.0, 0.0]  # on GPU 2, CUDA's cuda:0 under the mask
-    assert status["models"]["a"]["vram_used_gb"] == 10.0
+    assert [(g["used_gb"], g["models"]) for g in status["gpus"]] == [(10.0, ["a"]), (0.0, [])]
+    assert status["models"]["a"]["vram_used_gb"] == 10.0 and status["models"]["a"]["devices"] == [2]
     assert "GPUs: 2 NVIDIA GeForce RTX 4090 24 GB GPU-02" in orch.log()
 
 
@@ -58,6 +59,42 @@ def test_without_a_mask_every_gpu_is_listed_and_the_first_sets_the_budget(orches
     status = httpx.get(orch.url + "/status", headers=orch.admin_headers, timeout=10).json()
     assert [(g["index"], g["pci_bus_id"]) for g in status["gpus"]] == [(0, "00000000:41:00.0"), (1, "00000000:42:00.0")]
     assert status["gpu_budget_gb"] == 24.0
+
+
+def ask(orch: Any, model: str) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+    response = httpx.post(orch.url + "/v1/chat/completions", json=body, headers=orch.admin_headers, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def placed(orch: Any) -> tuple[dict[str, tuple[str, list[int]]], list[tuple[float | None, list[str]]]]:
+    """(model → (state, GPUs)), and per GPU (NVML's used GB, the models placed on it)."""
+    status = httpx.get(orch.url + "/status", headers=orch.admin_headers, timeout=10).json()
+    return ({name: (m["state"], m["devices"]) for name, m in status["models"].items()},
+            [(g["used_gb"], g["models"]) for g in status["gpus"]])
+
+
+def test_two_24_gb_gpus_place_evict_per_gpu_and_restore_where_parked(orchestrator: Any, tmp_path: Path) -> None:
+    models = {"a": fake_model("a", vram_gb=14), "b": fake_model("b", vram_gb=14),
+              "c": fake_model("c", vram_gb=8), "d": fake_model("d", vram_gb=14)}
+    orch = orchestrator(models, env=fake_driver(tmp_path, RTX4090, RTX4090), gpu_memory_gb="auto",
+                        gpu_process_overhead_gb=0, host_memory_gb=100, env_passthrough=["AIO_FAKE_NVML"])
+    for name in ("a", "b", "c"):
+        ask(orch, name)
+    models_now, gpus = placed(orch)
+    # a on GPU 0; b does not fit beside it and takes GPU 1; c packs beside a (both leave 2 GB: the lower index)
+    assert models_now == {"a": ("ready", [0]), "b": ("ready", [1]), "c": ("ready", [0]), "d": ("stopped", [])}
+    assert gpus == [(22.0, ["a", "c"]), (14.0, ["b"])]  # what each fake service holds, per the stand-in NVML
+    ask(orch, "d")  # fits nowhere: room is made on one GPU only, from its least recently used model
+    models_now, gpus = placed(orch)
+    assert models_now == {"a": ("parked", [0]), "b": ("ready", [1]), "c": ("ready", [0]), "d": ("ready", [0])}
+    assert gpus == [(22.0, ["a", "c", "d"]), (14.0, ["b"])]  # a parked on GPU 0 holds nothing there now
+    ask(orch, "a")  # restores onto GPU 0, where its process parked; b on GPU 1 is never touched
+    models_now, gpus = placed(orch)
+    assert models_now["a"] == ("ready", [0]) and models_now["b"] == ("ready", [1])
+    assert {models_now["c"][0], models_now["d"][0]} == {"parked"}
+    assert gpus == [(14.0, ["a", "c", "d"]), (14.0, ["b"])]
+    assert "swap: parking c, d to restore a" in orch.log() or "swap: parking d, c to restore a" in orch.log()
 
 
 def test_a_gpu_in_mig_mode_is_refused_before_serving(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ class FakeService:
     last_used = property(lambda self: self._last_used)
     max_concurrency = property(lambda self: self.spec.max_concurrency)
     holds_host_copy_maybe = property(lambda self: self.state in (S.PARKING, S.PARKED, S.RESTORING))
+    placed_on = property(lambda self: ())  # one GPU of BUDGET: nothing is named (tests/unit/test_placement.py)
 
     def begin_request(self) -> None:
         self._in_flight += 1
@@ -87,7 +88,7 @@ class FakeService:
         if self.on_change is not None:
             self.on_change()
 
-    def start(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
+    def start(self, after: Sequence[Awaitable[object]] = (), devices: tuple[int, ...] = ()) -> asyncio.Future[None]:
         if self.state is S.STARTING and self._start_task is not None:
             return joined(self._start_task)
         self._set(S.STARTING)
@@ -394,7 +395,7 @@ def test_status_shows_the_coordinators_snapshot_and_queue() -> None:
         assert status["models"]["a"] == {
             "state": "starting", "pid": None, "port": a.spec.port, "vram_gb": 10.0, "in_flight": 0, "waiting": 1,
             "idle_seconds": None, "started_at": None, "restarts": 0, "failures": 0, "last_error": None,
-            "pinned": False, "ttl": 0.0, "command": [], "vram_used_gb": None,  # no NVML here
+            "pinned": False, "ttl": 0.0, "command": [], "devices": [], "vram_used_gb": None,  # no NVML here
             "park": {"enabled": True, "level": None, "host_gb": None, "parks": 0, "restores": 0, "failures": 0,
                      "last_seconds": None, "last_error": None, "unsupported": None},
         }

@@ -105,3 +105,27 @@ def test_a_gpu_in_mig_mode_is_refused_before_serving(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "GPU 1 is in MIG mode" in done.stderr and "nvidia-smi -i 1 -mig 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def whoami(orch: Any, model: str) -> dict[str, str | None]:
+    ask(orch, model)
+    answer = httpx.get(f"{orch.url}/upstream/{model}/whoami", headers=orch.admin_headers, timeout=10).json()
+    return dict(answer["devices"])
+
+
+def test_a_tensor_parallel_model_spans_two_gpus_and_a_pinned_one_keeps_to_its_own(orchestrator: Any,
+                                                                                  tmp_path: Path) -> None:
+    env = fake_driver(tmp_path, H100, H100, H100, H100)
+    env.update(CUDA_VISIBLE_DEVICES="1,2,3", CUDA_DEVICE_ORDER="PCI_BUS_ID")  # GPU 0 belongs to someone else
+    models = {"tp": fake_model("tp", vram_gb=30, tensor_parallel=2), "pin": fake_model("pin", vram_gb=10, gpus=[3]),
+              "any": fake_model("any", vram_gb=60)}
+    orch = orchestrator(models, env=env, gpu_memory_gb="auto", gpu_process_overhead_gb=0,
+                        env_passthrough=["AIO_FAKE_NVML"])
+    assert whoami(orch, "pin")["CUDA_VISIBLE_DEVICES"] == "3"
+    tp = whoami(orch, "tp")
+    # 30 GB on each of two; pack: beside pin on 3 (40 GB left over there, not 50), keeping GPU 2 whole
+    assert tp["CUDA_VISIBLE_DEVICES"] == "1,3" and tp["AIO_VRAM_GB"] == "30"
+    assert whoami(orch, "any")["CUDA_VISIBLE_DEVICES"] == "2"  # the 60 GB model finds the hole pack kept
+    models_now, gpus = placed(orch)
+    assert models_now == {"tp": ("ready", [1, 3]), "pin": ("ready", [3]), "any": ("ready", [2])}
+    assert gpus == [(30.0, ["tp"]), (60.0, ["any"]), (40.0, ["pin", "tp"])]  # GPU 0 is never listed

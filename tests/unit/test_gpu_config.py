@@ -1,0 +1,85 @@
+"""models.yaml's GPU keys (settings.gpus; a model's gpus, tensor_parallel, placement), what a child is told
+of its GPUs, and the orchestrator's list of GPUs with their budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.common.contract import TENSOR_PARALLEL_ENV
+from core.config.launch import service_argv
+from core.config.load import config_from_dict
+from core.config.schema import ConfigError, ModelSpec, Settings
+from core.host.gpu_inventory import Gpu
+from core.supervision.child_env import placed_env, service_env
+from model_orchestrator.orchestrator import placement_devices
+from model_orchestrator.placement import Device, Want, want_for
+
+GIB = 1024**3
+
+
+def config(model: dict[str, Any] | None = None, **settings: Any) -> Any:
+    raw = {"settings": settings, "models": {"m": {"type": "text", "command": "serve --port {port}", "port": 8001,
+                                                   **(model or {})}}}
+    return config_from_dict(raw, Path("models.yaml"))
+
+
+def problem(model: dict[str, Any] | None = None, **settings: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        config(model, **settings)
+    return str(info.value)
+
+
+def test_the_keys_and_their_defaults() -> None:
+    spec = config().models["m"]
+    assert (spec.gpus, spec.tensor_parallel, spec.placement) == (None, 1, None)
+    assert Settings().gpus.model_dump() == {"devices": None, "reserve_gb": 0.0, "placement": "pack"}
+    loaded = config({"gpus": [1, "GPU-8c1f"], "tensor_parallel": 2, "placement": "spread"},
+                    gpus={"devices": [0, 1], "reserve_gb": 1.5, "placement": "spread"})
+    assert loaded.models["m"].gpus == [1, "GPU-8c1f"] and loaded.settings.gpus.reserve_gb == 1.5
+
+
+@pytest.mark.parametrize(("model", "settings", "message"), [
+    ({"gpus": [-1]}, {}, "model 'm': key 'gpus'"),
+    ({"gpus": []}, {}, "model 'm': key 'gpus'"),
+    ({"tensor_parallel": 0}, {}, "model 'm': key 'tensor_parallel'"),
+    ({"placement": "fill"}, {}, "model 'm': key 'placement'"),
+    ({"gpus": [1], "tensor_parallel": 2}, {}, "key 'gpus': 1 GPU(s) cannot hold tensor_parallel 2"),
+    ({"env": {"CUDA_VISIBLE_DEVICES": "1"}}, {}, "pin the model with 'gpus: [...]' instead"),
+    ({}, {"gpus": {"reserve_gb": -1}}, "key 'settings.gpus.reserve_gb'"),
+    ({}, {"gpus": {"devices": [0], "spread": True}},
+     "key 'settings.gpus.spread': unknown key (allowed: devices, reserve_gb, placement)"),
+])
+def test_mistakes_name_the_key(model: dict[str, Any], settings: dict[str, Any], message: str) -> None:
+    assert message in problem(model, **settings)
+
+
+def test_a_child_is_told_its_gpus_and_its_span() -> None:
+    assert placed_env((2, 3)) == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert placed_env(()) == {}  # not placed (no GPU accounting): the inherited mask stands
+    spec = ModelSpec(type="text", command="serve", port=8001, tensor_parallel=2, vram_gb=20)
+    env = service_env(spec, base={"PATH": "/bin", TENSOR_PARALLEL_ENV: "8"})
+    assert env[TENSOR_PARALLEL_ENV] == "2" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    single = service_env(ModelSpec(type="text", command="serve", port=8001), base={TENSOR_PARALLEL_ENV: "8"})
+    assert TENSOR_PARALLEL_ENV not in single  # never another model's span
+    argv = service_argv(ModelSpec(type="text", command="vllm serve x --tensor-parallel-size {tensor_parallel}",
+                                  port=8001, tensor_parallel=4), "python", Path("/srv"))
+    assert argv[-2:] == ["--tensor-parallel-size", "4"]
+
+
+def gpu(index: int, total_gb: float, name: str = "NVIDIA RTX A6000") -> Gpu:
+    return Gpu(index, f"GPU-{index}{index}aa", f"00000000:{index + 1:02x}:00.0", name, int(total_gb * GIB))
+
+
+def test_each_gpu_gets_its_budget_and_the_chosen_ones_only() -> None:
+    gpus = [gpu(0, 48), gpu(1, 48), gpu(2, 24, "NVIDIA GeForce RTX 4090")]
+    assert placement_devices(gpus, Settings()) == [
+        Device(0, 48.0, f"NVIDIA RTX A6000 {48 * GIB}", "GPU-00aa"), Device(1, 48.0, f"NVIDIA RTX A6000 {48 * GIB}",
+                                                                           "GPU-11aa"),
+        Device(2, 24.0, f"NVIDIA GeForce RTX 4090 {24 * GIB}", "GPU-22aa")]
+    capped = placement_devices(gpus, Settings(gpu_memory_gb=40, gpus={"reserve_gb": 2, "devices": [2, "GPU-0"]}))
+    assert [(d.index, d.budget_gb) for d in capped] == [(0, 38.0), (2, 38.0)]  # a number is each GPU's budget
+    assert want_for([1, "GPU-22"], 1, "pack", placement_devices(gpus, Settings())) == Want(1, frozenset({1, 2}))
+    assert want_for(["GPU-9"], 1, "pack", placement_devices(gpus, Settings())).allowed == frozenset()

@@ -30,10 +30,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from core.host.gpu import gpu_bytes_by_pid
+from core.host.gpu import device_used_bytes, gpu_bytes_by_pid
 from core.host.memory_share import GIB
 from core.supervision.service_park import gpu_bytes_of_tree
 from core.supervision.service_state import ServiceState
+from model_orchestrator.placement import used_gb
 from model_orchestrator.routing import ENDPOINT_TYPES, UPLOAD_PATHS
 
 if TYPE_CHECKING:
@@ -188,10 +189,11 @@ def _add(family: HistogramMetricFamily, labels: list[str], histogram: _Histogram
 class StateCollector(Collector):
     """Per-model state, read from the coordinator's snapshot at scrape time."""
 
-    def __init__(self, coordinator: Coordinator, gpu_usage: Callable[[], dict[int, int] | None] = gpu_bytes_by_pid
-                 ) -> None:
+    def __init__(self, coordinator: Coordinator, gpu_usage: Callable[[], dict[int, int] | None] = gpu_bytes_by_pid,
+                 device_usage: Callable[[list[int]], dict[int, int] | None] = device_used_bytes) -> None:
         self.coordinator = coordinator
         self.gpu_usage = gpu_usage
+        self.device_usage = device_usage
 
     def collect(self) -> Iterator[Any]:
         status = self.coordinator.status()
@@ -216,6 +218,7 @@ class StateCollector(Collector):
             families["host_held"].add_metric([name], svc.park.host_bytes or 0)
         yield from families.values()
         yield from _budgets(self.coordinator)
+        yield from _per_gpu(self.coordinator, self.device_usage)
 
 
 def _families() -> dict[str, Any]:
@@ -247,3 +250,29 @@ def _budgets(coordinator: Coordinator) -> Iterator[Any]:
             family = GaugeMetricFamily(name, f"The {what} (absent: unlimited).")
             family.add_metric([], value * GIB)
             yield family
+
+
+def _per_gpu(coordinator: Coordinator, device_usage: Callable[[list[int]], dict[int, int] | None]) -> Iterator[Any]:
+    """Per GPU models are placed on: its budget, what the models placed on it claim, what NVML says is in
+    use, and which models are placed on it (1 per model and GPU)."""
+    devices = coordinator.devices
+    if not devices:
+        return
+    views = coordinator.views()
+    claimed = used_gb(views, devices, set())
+    in_use = device_usage([device.index for device in devices]) or {}
+    budget = GaugeMetricFamily("aio_gpu_device_budget_bytes", "A GPU's budget for models.", labels=["gpu"])
+    claim = GaugeMetricFamily("aio_gpu_device_claimed_bytes", "What the models placed on a GPU claim there "
+                              "(their vram_gb and process overhead; parked: what they keep).", labels=["gpu"])
+    used = GaugeMetricFamily("aio_gpu_device_used_bytes", "Memory in use on a GPU, per NVML.", labels=["gpu"])
+    placed = GaugeMetricFamily("aio_model_gpu", "1 for each GPU a model is placed on.", labels=["model", "gpu"])
+    for device in devices:
+        label = [str(device.index)]
+        budget.add_metric(label, device.budget_gb * GIB)
+        claim.add_metric(label, claimed[device.index] * GIB)
+        if device.index in in_use:
+            used.add_metric(label, in_use[device.index])
+    for view in views.values():
+        for index in view.devices:
+            placed.add_metric([view.name, str(index)], 1.0)
+    yield from (budget, claim, used, placed)

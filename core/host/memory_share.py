@@ -95,16 +95,34 @@ def device_total_bytes(device: str) -> int | None:
     """
     if not device.startswith("cuda"):
         return None
-    index = device.partition(":")[2]
-    if not os.environ.get("CUDA_VISIBLE_DEVICES"):  # else NVML's numbering differs from torch's
+    nvml = nvml_index(int(device.partition(":")[2] or 0), os.environ)
+    if nvml is not None:
         from core.host.gpu import gpu_memory_gb
 
-        memory = gpu_memory_gb(int(index or 0))
+        memory = gpu_memory_gb(nvml)
         if memory is not None:
             return int(memory[0] * GIB)
     import torch
 
     return int(torch.cuda.get_device_properties(_cuda_index(torch, device)).total_memory)
+
+
+def nvml_index(cuda_index: int, environ: Mapping[str, str]) -> int | None:
+    """NVML's index of this process's ``cuda:<cuda_index>``, or None when it cannot be told without CUDA.
+
+    The orchestrator starts every service with CUDA_DEVICE_ORDER=PCI_BUS_ID (NVML's order) and, once
+    placed, CUDA_VISIBLE_DEVICES naming NVML indices: then cuda:i is the i-th of them. A mask of UUIDs,
+    or another order, leaves it to torch (at the cost of a CUDA context in this process).
+    """
+    mask = environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None or not mask.strip():
+        return cuda_index if mask is None else None
+    if environ.get("CUDA_DEVICE_ORDER", "").upper() != "PCI_BUS_ID":
+        return None
+    tokens = [token.strip() for token in mask.split(",")]
+    if cuda_index >= len(tokens) or not tokens[cuda_index].isdigit():
+        return None
+    return int(tokens[cuda_index])
 
 
 def _cuda_index(torch: Any, device: str) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import ORCHESTRATOR, REPO, fake_model, write_config
 
@@ -95,6 +96,23 @@ def test_two_24_gb_gpus_place_evict_per_gpu_and_restore_where_parked(orchestrato
     assert {models_now["c"][0], models_now["d"][0]} == {"parked"}
     assert gpus == [(14.0, ["a", "c", "d"]), (14.0, ["b"])]
     assert "swap: parking c, d to restore a" in orch.log() or "swap: parking d, c to restore a" in orch.log()
+    gauges = per_gpu_metrics(orch)
+    assert gauges["aio_gpu_device_budget_bytes"] == {("0",): 24 * GIB, ("1",): 24 * GIB}
+    # a 14 on GPU 0; c and d parked there keep nothing declared (no overhead, no kept graphs); b 14 on 1
+    assert gauges["aio_gpu_device_claimed_bytes"] == {("0",): 14 * GIB, ("1",): 14 * GIB}
+    assert gauges["aio_gpu_device_used_bytes"] == {("0",): 14 * GIB, ("1",): 14 * GIB}
+    assert gauges["aio_model_gpu"] == {("a", "0"): 1, ("b", "1"): 1, ("c", "0"): 1, ("d", "0"): 1}
+
+
+def per_gpu_metrics(orch: Any) -> dict[str, dict[tuple[str, ...], float]]:
+    text = httpx.get(orch.url + "/metrics", headers=orch.admin_headers, timeout=10).text
+    found: dict[str, dict[tuple[str, ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith(("aio_gpu_device_", "aio_model_gpu")):
+            for sample in family.samples:
+                key = tuple(sample.labels[label] for label in ("model", "gpu") if label in sample.labels)
+                found.setdefault(family.name, {})[key] = sample.value
+    return found
 
 
 def test_a_gpu_in_mig_mode_is_refused_before_serving(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from core.host.memory_share import (
     cap_torch_memory,
     device_total_bytes,
     memory_fraction,
+    nvml_index,
     release_cached_memory,
     share_from_env,
     vllm_utilization,
@@ -197,3 +198,17 @@ def test_release_without_cuda_in_use_does_nothing(monkeypatch: pytest.MonkeyPatc
     release_cached_memory()
     assert "torch" not in sys.modules  # it never imports torch itself
     assert generations == []
+
+
+@pytest.mark.parametrize(("cuda_index", "environ", "expected"), [
+    (0, {}, 0),  # no mask: CUDA's order is NVML's (the orchestrator sets PCI_BUS_ID)
+    (0, {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, 2),  # a placed child's cuda:0
+    (1, {"CUDA_VISIBLE_DEVICES": "2, 3", "CUDA_DEVICE_ORDER": "pci_bus_id"}, 3),
+    (2, {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, None),  # past the mask
+    (0, {"CUDA_VISIBLE_DEVICES": "2,3"}, None),  # fastest-first order: only CUDA knows
+    (0, {"CUDA_VISIBLE_DEVICES": "GPU-8c1f", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, None),  # a UUID: only CUDA knows
+    (0, {"CUDA_VISIBLE_DEVICES": ""}, None),  # no GPU at all
+])
+def test_a_childs_cuda_index_is_read_as_nvmls_without_cuda(cuda_index: int, environ: dict[str, str],
+                                                           expected: int | None) -> None:
+    assert nvml_index(cuda_index, environ) == expected

@@ -14,8 +14,9 @@ from core.config.load import config_from_dict
 from core.config.schema import ConfigError, ModelSpec, Settings
 from core.host.gpu_inventory import Gpu
 from core.supervision.child_env import placed_env, service_env
+from model_orchestrator.model_view import Want
 from model_orchestrator.orchestrator import placement_devices
-from model_orchestrator.placement import Device, Want, want_for
+from model_orchestrator.placement import Device, want_for
 
 GIB = 1024**3
 

@@ -158,7 +158,33 @@ function render(status) {
   renderBudget(status);
 }
 
+function renderDevices(status) {
+  // One line per GPU the orchestrator places on: what the models placed there declare, what NVML
+  // says is in use, of its budget, and which models hold it. Without GPUs (CPU, no NVML) the one
+  // "GPU" line below stands for the whole budget.
+  const gpus = status.gpus || [];
+  const box = $("gpu-devices");
+  $("gpu-line").hidden = gpus.length > 0;
+  while (box.children.length > gpus.length) box.lastElementChild.remove();
+  gpus.forEach((gpu, i) => {
+    const line = box.children[i] || box.appendChild($("gpu-template").content.firstElementChild.cloneNode(true));
+    line.dataset.gpu = String(gpu.index);
+    const placed = Object.values(status.models).filter((m) => GPU_STATES.has(m.state) && (m.devices || []).includes(gpu.index));
+    const declared = placed.reduce((sum, m) => sum + (m.vram_gb || 0), 0);
+    const budget = gpu.budget_gb ?? gpu.total_gb;
+    const text = `declared ${gb(declared)}` + (gpu.used_gb === null ? "" : `, in use ${gb(gpu.used_gb)}`)
+      + ` of ${gb(budget)}` + (gpu.budget_gb === null ? " (not used)" : "")
+      + ` · ${gpu.models.length ? gpu.models.join(", ") : "no models"}`;
+    setText(line.querySelector('[data-field="gpu-name"]'), `GPU ${gpu.index}`);
+    line.querySelector('[data-field="gpu-name"]').title = `${gpu.name} (${gpu.pci_bus_id}, ${gpu.uuid})`;
+    setText(line.querySelector('[data-field="gpu-text"]'), text);
+    setBar(line.querySelector(".bar"), { ".declared": [declared, budget], ".measured": [gpu.used_gb, budget] },
+      `GPU ${gpu.index}, ${gpu.name}: ${text}`);
+  });
+}
+
 function renderBudget(status) {
+  renderDevices(status);
   const models = Object.values(status.models);
   const declared = models.filter((m) => GPU_STATES.has(m.state)).reduce((sum, m) => sum + (m.vram_gb || 0), 0);
   const measuredOnes = models.filter((m) => m.vram_used_gb !== null && m.vram_used_gb !== undefined);
@@ -201,7 +227,9 @@ function updateRow(row, name, model, budget) {
   setText(state, model.state);
   state.className = `state state-${model.state}`;
   row.dataset.state = model.state;
-  const gpuText = `${gb(model.vram_gb)} / ${gb(model.vram_used_gb)}`;
+  const devices = model.devices || [];
+  const gpuText = `${gb(model.vram_gb)} / ${gb(model.vram_used_gb)}`
+    + (devices.length ? ` on GPU ${devices.join(", ")}` : "");
   setText(field("gpu"), gpuText);
   const holds = GPU_STATES.has(model.state);
   setBar(field("gpu-bar"), { ".declared": [holds ? model.vram_gb : 0, budget],

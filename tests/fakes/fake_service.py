@@ -62,6 +62,8 @@ class FakeService(EchoService):
         parser.add_argument("--fail-park", action="store_true", help="raise in offload() (the service turns fatal)")
         parser.add_argument("--fail-restore", action="store_true", help="raise in restore()")
         parser.add_argument("--host-bytes", type=int, default=0, help="host memory to report holding once parked")
+        parser.add_argument("--report-cuda", action="store_true",
+                            help="/whoami also names the CUDA devices torch sees (a GPU machine's order check)")
 
     async def load(self) -> None:
         await super().load()
@@ -120,8 +122,13 @@ class FakeService(EchoService):
 
     def identity(self, path: str) -> dict[str, Any]:
         devices = {name: os.environ.get(name) for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "AIO_VRAM_GB")}
-        return {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests,
-                "devices": devices}
+        answer = {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests,
+                  "devices": devices}
+        if self.options.report_cuda:
+            import torch  # only on a GPU machine's check: the other fakes stay torch-free
+
+            answer["cuda"] = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+        return answer
 
     def claim_fake_gpu_memory(self, held: bool = True) -> None:
         """Under the stand-in NVML (tests/fakes/nvml), hold the GPU share on each GPU this process was placed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -36,6 +37,18 @@ def fake_model(name: str, *extra: str, **spec: Any) -> dict[str, Any]:
     """A models.yaml entry running the fake service with the given knobs."""
     return {"type": "text", "service_script": FAKE, "args": ["--served-name", name, *extra],
             "port": free_port(), "startup_time": 20, "stop_timeout": 5, **spec}
+
+
+def fake_driver(tmp_path: Path, *cards: dict[str, Any]) -> dict[str, str]:
+    """The environment that makes an orchestrator (and, with ``env_passthrough: [AIO_FAKE_NVML]``, its
+    children) see ``cards`` through the stand-in NVML (tests/fakes/nvml: a mock of the driver, which
+    cannot run here), with an admin key."""
+    devices = [{"uuid": f"GPU-{i:02d}{'ab' * 6}", "pci_bus_id": f"00000000:{0x41 + i:02x}:00.0", **card}
+               for i, card in enumerate(cards)]
+    spec = tmp_path / "nvml.json"
+    spec.write_text(json.dumps({"devices": devices, "used": str(tmp_path / "nvml-used.json")}))
+    path = os.pathsep.join([str(REPO / "tests" / "fakes" / "nvml"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {"AIO_FAKE_NVML": str(spec), "PYTHONPATH": path, "AIO_ADMIN_KEYS": "admin-key-gpus"}
 
 
 def write_config(directory: Path, models: dict[str, Any], **settings: Any) -> Path:

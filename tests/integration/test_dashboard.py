@@ -25,7 +25,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.integration.conftest import REPO, Orchestrator, fake_model
+from tests.integration.conftest import REPO, Orchestrator, fake_driver, fake_model
 
 pytestmark = pytest.mark.integration
 
@@ -98,13 +98,13 @@ def last_log_line(orch: Orchestrator, model: str) -> str:
     return lines[-1]
 
 
-def save_screenshot(driver: WebDriver, tmp_path: Path) -> Path:
+def save_screenshot(driver: WebDriver, tmp_path: Path, name: str = "dashboard.png") -> Path:
     folder = Path(os.environ.get("AIO_TEST_ARTIFACTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "dashboard.png"
+    path = folder / name
     assert driver.save_screenshot(str(path)), "the screenshot could not be written"
     (REPO / "test-artifacts").mkdir(exist_ok=True)
-    shutil.copyfile(path, REPO / "test-artifacts" / "dashboard.png")
+    shutil.copyfile(path, REPO / "test-artifacts" / name)
     return path
 
 
@@ -162,3 +162,33 @@ def test_dashboard_lists_models_follows_a_load_tails_the_log_and_unloads(
     last_line = last_log_line(orch, model)
     assert last_line not in shown_before_unload
     wait_for(browser, lambda d: last_line in log_text(d), f"{model}'s log lines written while stopping")
+
+
+def gpu_line(driver: WebDriver, index: int) -> str:
+    return str(driver.find_element(By.CSS_SELECTOR, f'#gpu-devices [data-gpu="{index}"] [data-field="gpu-text"]').text)
+
+
+def test_dashboard_shows_each_gpu_and_the_models_placed_on_it(
+    orchestrator: Any, browser: WebDriver, tmp_path: Path
+) -> None:
+    """Two stand-in 24 GB GPUs (tests/fakes/nvml) under the demo profile's models: the screenshot in
+    docs/dashboard.png. No log is followed: its header names this machine's paths."""
+    models, budgets = demo_profile()
+    card = {"name": "NVIDIA GeForce RTX 4090", "total_gb": 24}
+    env = {**fake_driver(tmp_path, card, card), "AIO_ADMIN_KEYS": ADMIN}
+    orch = orchestrator(models, env=env, host_memory_gb=budgets["host_memory_gb"], gpu_memory_gb="auto",
+                        gpu_process_overhead_gb=0, env_passthrough=["AIO_FAKE_NVML"])
+    log_in(browser, orch)
+    assert not browser.find_element(By.ID, "gpu-line").is_displayed()  # one line per GPU instead
+    wait_for(browser, lambda d: gpu_line(d, 1) == "declared 0.00 GB, in use 0.00 GB of 24.0 GB · no models",
+             "GPU 1 empty")
+    requests = {"/v1/chat/completions": {"model": "tiny-qwen", "messages": [{"role": "user", "content": "hi"}]},
+                "/v1/images/generations": {"model": "tiny-flux", "prompt": "a cat"}}
+    for path, body in requests.items():
+        reply = httpx.post(orch.url + path, headers=AUTH, timeout=60, json=body)
+        assert reply.status_code == 200, reply.text
+    expected = "declared 3.00 GB, in use 3.00 GB of 24.0 GB · tiny-flux, tiny-qwen"  # pack: both on GPU 0
+    wait_for(browser, lambda d: gpu_line(d, 0) == expected, "both models on GPU 0")
+    wait_for(browser, lambda d: cell(d, "tiny-qwen", "gpu") == "1.50 GB / 1.50 GB on GPU 0", "tiny-qwen's GPU")
+    assert gpu_line(browser, 1).endswith("no models")
+    save_screenshot(browser, tmp_path, "dashboard-gpus.png")

@@ -4,7 +4,6 @@ of the device services land on, what /status shows, and MIG refused before servi
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,20 +13,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import ORCHESTRATOR, REPO, fake_model, write_config
+from tests.integration.conftest import ORCHESTRATOR, fake_driver, fake_model, write_config
 
-ADMIN = "admin-key-gpus"
 GIB = 1024**3
-
-
-def fake_driver(tmp_path: Path, *cards: dict[str, Any]) -> dict[str, str]:
-    """The environment that makes the orchestrator (and its children) see ``cards`` through NVML."""
-    devices = [{"uuid": f"GPU-{i:02d}{'ab' * 6}", "pci_bus_id": f"00000000:{0x41 + i:02x}:00.0", **card}
-               for i, card in enumerate(cards)]
-    spec = tmp_path / "nvml.json"
-    spec.write_text(json.dumps({"devices": devices, "used": str(tmp_path / "nvml-used.json")}))
-    path = os.pathsep.join([str(REPO / "tests" / "fakes" / "nvml"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {"AIO_FAKE_NVML": str(spec), "PYTHONPATH": path, "AIO_ADMIN_KEYS": ADMIN}
 
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "total_gb": 80}

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import io
 import logging
+import os
 import random
 import re
 import time
@@ -26,6 +27,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.base_service import BaseService
+from core.common.contract import TENSOR_PARALLEL_ENV
 from core.common.errors import bad_request
 from core.host.gpu_stack import release
 from core.host.memory_share import cap_torch_memory, release_cached_memory
@@ -104,6 +106,7 @@ class FluxService(ParksWithHostCopy, BaseService):
         self.model_path = "black-forest-labs/FLUX.1-schnell"
         self.pipeline: Any = None
         self.weights: HostCopy | None = None  # what parking moves (core/runtime/parking.py); None with --offload
+        self.spread = False  # components on several GPUs (--gpus, diffusers' device map): cannot park
         # One render at a time (the pipeline is not thread-safe); after each, the job's cached
         # GPU blocks go back so that what NVML shows free between requests really is free.
         self.worker = Worker("flux", after_job=lambda: release_cached_memory(full_collection=False))
@@ -115,6 +118,9 @@ class FluxService(ParksWithHostCopy, BaseService):
         parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
         parser.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                             help="CPU offload to fit smaller GPUs (CUDA only; ignored with a warning otherwise)")
+        parser.add_argument("--gpus", type=int, default=int(os.environ.get(TENSOR_PARALLEL_ENV) or 1),
+                            help="GPUs to spread the pipeline's components over (default: models.yaml's "
+                            "tensor_parallel, $AIO_TENSOR_PARALLEL): 2 runs FLUX on two 24 GB cards")
         parser.add_argument("--default-steps", type=int, default=4, help="num_inference_steps when not sent")
         parser.add_argument("--default-guidance", type=float, default=0.0, help="guidance_scale when not sent")
         parser.add_argument("--max-size", type=int, default=1536, help="largest width or height in pixels")
@@ -131,10 +137,14 @@ class FluxService(ParksWithHostCopy, BaseService):
         """The pipeline on its device; without --offload, also ``self.weights`` to park it with."""
         device = resolve_device(self.options.device)
         dtype = torch_dtype(self.options.dtype, device)
-        cap_torch_memory(self.vram_gb, device)  # before any weights reach the GPU
-        log.info("loading %s (%s, %s, offload=%s)", self.model_path, device, dtype, self.options.offload)
+        split = split_kwargs(self.options.gpus, device, self.vram_gb)
+        self.spread = bool(split)
+        for index in range(self.options.gpus if split else 1):  # before any weights reach a GPU
+            cap_torch_memory(self.vram_gb, f"cuda:{index}" if split else device)
+        log.info("loading %s (%s, %s, offload=%s%s)", self.model_path, device, dtype, self.options.offload,
+                 f", over {self.options.gpus} GPUs" if split else "")
         began = time.monotonic()
-        pipe = self._from_pretrained(dtype)
+        pipe = self._from_pretrained(dtype, **split)
         # Decode the images of a batch one at a time, and large images in overlapping tiles: 4 images
         # of 1536x1536 in one VAE pass would need tens of GB at the very end of a render. Tiling starts
         # above the VAE's sample_size (1024 px for FLUX.1), so smaller images are decoded whole.
@@ -146,11 +156,14 @@ class FluxService(ParksWithHostCopy, BaseService):
             # accelerate's offload hooks need an accelerator; on CPU there is nothing to offload to.
             log.warning("--offload %s needs CUDA; running without offload on %s", offload, device)
             offload = "none"
+        if split and offload != "none":
+            log.warning("--offload %s with --gpus %d: the GPUs hold it all; no offload", offload, self.options.gpus)
+            offload = "none"
         if offload == "model":
             pipe.enable_model_cpu_offload()
         elif offload == "sequential":
             pipe.enable_sequential_cpu_offload()
-        else:
+        elif not split:  # spread, diffusers placed each component on its GPU and moves tensors between them
             pipe.to(device)
             # Level 2 reloads the weights the way they were loaded here, straight onto the device.
             self.weights = HostCopy(weight_modules(pipe), device,
@@ -159,14 +172,14 @@ class FluxService(ParksWithHostCopy, BaseService):
         log.info("loaded in %.1fs", time.monotonic() - began)
         return pipe
 
-    def _from_pretrained(self, dtype: Any) -> Any:
+    def _from_pretrained(self, dtype: Any, **split: Any) -> Any:
         import diffusers
         from diffusers import FluxPipeline
 
         # diffusers 0.40 renamed torch_dtype= to dtype=. 0.39 (the newest the torch 2.9.1 stack can
         # have) ignores dtype= with a warning and loads float32: twice the memory, silently.
         keyword = "dtype" if release(diffusers.__version__)[:2] >= (0, 40) else "torch_dtype"
-        pipe = FluxPipeline.from_pretrained(self.model_path, **{keyword: dtype})
+        pipe = FluxPipeline.from_pretrained(self.model_path, **{keyword: dtype}, **split)
         if pipe.transformer.dtype != dtype:
             raise RuntimeError(f"diffusers {diffusers.__version__} loaded {pipe.transformer.dtype}, not {dtype}")
         return pipe
@@ -191,6 +204,9 @@ class FluxService(ParksWithHostCopy, BaseService):
     # -- parking (core/runtime/parking.py) ------------------------------------------------------------
 
     def park_unsupported(self, level: ParkLevel | None = None) -> str | None:
+        if self.spread:
+            return (f"flux runs over {self.options.gpus} GPUs (diffusers' device map): its components cannot "
+                    "be moved as one, so it cannot park (it is stopped instead)")
         if self.weights is None and self.options.offload != "none":
             return (f"flux runs with --offload {self.options.offload}: accelerate's hooks move its weights, "
                     "so it cannot park (it is stopped instead)")
@@ -251,7 +267,22 @@ class FluxService(ParksWithHostCopy, BaseService):
 
 
 
-__all__ = ["FluxService", "ImageRequest", "Job", "parse_size"]
+def split_kwargs(gpus: int, device: str, share_gb: float | None) -> dict[str, Any]:
+    """``from_pretrained``'s keywords that spread the pipeline's components over ``gpus`` GPUs, each held
+    to the share: diffusers' pipeline device map "balanced" (the transformer on one GPU, the text
+    encoders and the VAE on the next). {} for one GPU, or on CPU (with a warning: nothing to spread over)."""
+    if gpus < 2:
+        return {}
+    if not device.startswith("cuda"):
+        log.warning("--gpus %d needs CUDA; running on %s as one device", gpus, device)
+        return {}
+    split: dict[str, Any] = {"device_map": "balanced"}
+    if share_gb:
+        split["max_memory"] = {index: f"{share_gb:g}GiB" for index in range(gpus)}
+    return split
+
+
+__all__ = ["FluxService", "ImageRequest", "Job", "parse_size", "split_kwargs"]
 
 if __name__ == "__main__":
     FluxService().run()

@@ -243,3 +243,38 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def test_two_gpus_spread_the_pipeline_with_a_share_on_each(caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch, tiny: Path) -> None:
+    """models.yaml's tensor_parallel: 2 reaches FLUX as AIO_TENSOR_PARALLEL: diffusers' device map over
+    two GPUs, each held to vram_gb. On CPU the same load runs as one device, and parks as before."""
+    from models.flux.server import FluxService, split_kwargs
+
+    assert split_kwargs(2, "cuda", 18) == {"device_map": "balanced", "max_memory": {0: "18GiB", 1: "18GiB"}}
+    assert split_kwargs(2, "cuda", None) == {"device_map": "balanced"}
+    assert split_kwargs(1, "cuda", 18) == {}
+    with caplog.at_level("WARNING", logger="models.flux.server"):
+        assert split_kwargs(2, "cpu", 18) == {}
+    assert "--gpus 2 needs CUDA" in caplog.text
+    monkeypatch.setenv("AIO_TENSOR_PARALLEL", "2")
+    flux = FluxService()
+    flux.options = flux.argument_parser().parse_args(["--model", str(tiny), "--device", "cpu"])
+    assert flux.options.gpus == 2
+    flux.model_path = str(tiny)
+    flux.pipeline = flux._load_pipeline()
+    assert flux.spread is False and flux.weights is not None and flux.park_unsupported() is None
+
+
+@pytest.mark.gpu
+def test_tiny_model_spread_over_two_gpus(tiny: Path) -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    args = ("--model", str(tiny), "--device", "cuda", "--dtype", "bfloat16", "--default-steps", "2", "--gpus", "2")
+    with running_service(SCRIPT, *args) as (_, url):
+        (png,) = generate(url, seed=1)
+        assert image(png).size == (64, 64)
+        state = httpx.post(url + "/offload", timeout=30)  # no service token: started outside an orchestrator
+        assert state.status_code == 501 and "over 2 GPUs" in state.json()["error"]["message"]

@@ -121,7 +121,8 @@ class FakeService(EchoService):
                                 self.options.max_model_len)
 
     def identity(self, path: str) -> dict[str, Any]:
-        devices = {name: os.environ.get(name) for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "AIO_VRAM_GB")}
+        devices = {name: os.environ.get(name)
+                   for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "AIO_VRAM_GB", "AIO_TENSOR_PARALLEL")}
         answer = {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests,
                   "devices": devices}
         if self.options.report_cuda:

@@ -36,7 +36,8 @@ def test_under_a_mask_the_orchestrator_places_on_its_own_gpus_only(orchestrator:
                       timeout=60).status_code == 200
     devices = httpx.get(orch.url + "/upstream/a/whoami", headers=orch.admin_headers, timeout=10).json()["devices"]
     # Placed on GPU 2 (pack: a tie, the lowest index), named by its NVML index, never as ordinal 0 of the mask
-    assert devices == {"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "AIO_VRAM_GB": "10"}
+    assert devices == {"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "AIO_VRAM_GB": "10",
+                       "AIO_TENSOR_PARALLEL": None}
     status = httpx.get(orch.url + "/status", headers=orch.admin_headers, timeout=10).json()
     assert [(g["used_gb"], g["models"]) for g in status["gpus"]] == [(10.0, ["a"]), (0.0, [])]
     assert status["models"]["a"]["vram_used_gb"] == 10.0 and status["models"]["a"]["devices"] == [2]
@@ -135,3 +136,22 @@ def test_a_tensor_parallel_model_spans_two_gpus_and_a_pinned_one_keeps_to_its_ow
     models_now, gpus = placed(orch)
     assert models_now == {"tp": ("ready", [1, 3]), "pin": ("ready", [3]), "any": ("ready", [2])}
     assert gpus == [(30.0, ["tp"]), (60.0, ["any"]), (40.0, ["pin", "tp"])]  # GPU 0 is never listed
+
+
+def test_flux_configured_over_two_24_gb_gpus_takes_turns_with_qwen(orchestrator: Any, tmp_path: Path) -> None:
+    """The GPU profile's shape on 2 x 24 GB: FLUX (36 GB) fits no one card, so its entry spans two."""
+    models = {"qwen": fake_model("qwen", vram_gb=22), "minilm": fake_model("minilm", vram_gb=1),
+              "flux": fake_model("flux", vram_gb=18, tensor_parallel=2)}
+    orch = orchestrator(models, env=fake_driver(tmp_path, RTX4090, RTX4090), gpu_memory_gb="auto",
+                        gpu_process_overhead_gb=0, host_memory_gb=100, env_passthrough=["AIO_FAKE_NVML"])
+    ask(orch, "qwen")
+    ask(orch, "minilm")  # pack: the 2 GB beside qwen
+    flux = whoami(orch, "flux")
+    assert (flux["CUDA_VISIBLE_DEVICES"], flux["AIO_VRAM_GB"], flux["AIO_TENSOR_PARALLEL"]) == ("0,1", "18", "2")
+    models_now, gpus = placed(orch)
+    assert models_now == {"qwen": ("parked", [0]), "minilm": ("ready", [0]), "flux": ("ready", [0, 1])}
+    assert gpus == [(19.0, ["flux", "minilm", "qwen"]), (18.0, ["flux"])]
+    ask(orch, "qwen")  # back where it parked; flux must leave both cards
+    models_now, gpus = placed(orch)
+    assert models_now["qwen"] == ("ready", [0]) and models_now["flux"][0] == "parked"
+    assert gpus[1] == (0.0, ["flux"])  # flux parked: its process stays on both, holding nothing

@@ -151,3 +151,27 @@ def test_placement_invariants(pod: tuple[list[Device], dict[str, ModelView]]) ->
     for i in result.devices:
         need = by_index[i].budget_gb if target.vram_gb is None else target.vram_gb
         assert used[i] + need <= by_index[i].budget_gb + 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(pods())
+def test_a_childs_fraction_is_its_claim_over_its_own_gpus_total(pod: tuple[list[Device], dict[str, ModelView]]
+                                                                ) -> None:
+    """What a placed child computes from what it is given (CUDA_VISIBLE_DEVICES, PCI order, AIO_VRAM_GB):
+    on each of its cuda:i, the GPU's NVML index is the placed one, and vLLM's fraction is the claim over
+    that GPU's own total, never another's."""
+    from core.host.memory_share import GIB, nvml_index, vllm_utilization
+    from core.supervision.child_env import placed_env
+
+    devices, models = pod
+    result = place("t", models, devices)
+    share = models["t"].vram_gb
+    if result is None or share is None:
+        return
+    environ = {**placed_env(result.devices), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    totals = {d.index: int(d.budget_gb * GIB) for d in devices}  # here each budget is its GPU's total
+    for cuda_index, placed_index in enumerate(result.devices):
+        nvml = nvml_index(cuda_index, environ)
+        assert nvml == placed_index
+        fraction = vllm_utilization(share, totals[nvml])
+        assert share / totals[nvml] * GIB - 1e-4 <= fraction <= share / totals[nvml] * GIB

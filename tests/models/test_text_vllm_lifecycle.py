@@ -29,7 +29,7 @@ HI = [{"role": "user", "content": "Hi"}]
 def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.vllm.tiny import build
 
-    return build(tmp_path_factory.mktemp("models") / "tiny-qwen")
+    return build(tmp_path_factory.mktemp("models") / "tiny-qwen", max_position_embeddings=4096)  # a long stream
 
 
 def vllm_args(model: Path, max_model_len: int = 1024) -> list[str]:
@@ -73,11 +73,13 @@ def test_health_answers_while_the_engine_builds_and_sigterm_then_stops_it(tiny_t
 
 
 def test_sigterm_drains_a_stream_before_stopping_the_engine(tiny_text: Path) -> None:
-    with text_service(*vllm_args(tiny_text)) as service:
+    # A stream of seconds, not a fraction of one: on a loaded 2-core machine the service may take over
+    # two seconds to act on SIGTERM, and the stream must still be open when it does.
+    with text_service(*vllm_args(tiny_text, max_model_len=4096)) as service:
         engine = service.engine_processes()
         assert {p.name() for p in engine} >= {"VLLM::EngineCore"}, engine
         start = service.log.mark()
-        body = {"model": "tiny", "messages": HI, "max_tokens": 800, "ignore_eos": True, "stream": True,
+        body = {"model": "tiny", "messages": HI, "max_tokens": 3000, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", service.url + "/v1/chat/completions", json=body, timeout=120) as response:
             lines = (line for line in response.iter_lines() if line.startswith("data: "))
@@ -87,7 +89,7 @@ def test_sigterm_drains_a_stream_before_stopping_the_engine(tiny_text: Path) -> 
         chunks = [e for e in events[:-1] if isinstance(e, dict)]
         assert events[-1] == "[DONE]" and not [c for c in chunks if "error" in c], events[-3:]
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
-        assert chunks[-1]["usage"]["completion_tokens"] == 800  # all of it, after SIGTERM
+        assert chunks[-1]["usage"]["completion_tokens"] == 3000  # all of it, after SIGTERM
         assert service.proc.wait(120) == 0, service.log.tail()
         drained = service.log.position("Waiting for connections to close", start)  # uvicorn, with our stream open
         assert drained < service.log.position(r"\[shutdown\] MPClient: start", start)  # then the engine stops

@@ -28,7 +28,7 @@ from core.host.gpu import resolve_process_overhead
 from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.supervision.service_state import ServiceSnapshot, ServiceState
-from model_orchestrator.placement import Device, want_for
+from model_orchestrator.placement import Device, utilization_fill, want_for
 from model_orchestrator.refusals import Reason, Refused
 from model_orchestrator.scheduler import (
     Decision,
@@ -248,7 +248,8 @@ class Coordinator:
         if restoring:
             svc.restore(after=stops)
         else:
-            svc.start(after=stops, devices=decision.devices)
+            fill = utilization_fill(svc.spec.vram_gb, decision.devices, self.devices, self.budget_gb)
+            svc.start(after=stops, devices=decision.devices, fills={"{gpu_memory_utilization}": fill})
 
     def _gpu_need(self, svc: ManagedService) -> float | None:
         """GiB that must be free on the GPU before ``svc`` starts (None: it uses no GPU, or no budget)."""

@@ -69,7 +69,7 @@ def placement_devices(gpus: list[Gpu], settings: Settings) -> list[Device]:
     gpu_memory_gb (auto: its total) less settings.gpus.reserve_gb."""
     configured, reserve = settings.gpu_memory_gb, settings.gpus.reserve_gb
     devices = [Device(gpu.index, (gpu.total_gb if configured == "auto" else float(configured)) - reserve,
-                      kind=f"{gpu.name} {gpu.total_bytes}", uuid=gpu.uuid) for gpu in gpus]
+                      kind=f"{gpu.name} {gpu.total_bytes}", uuid=gpu.uuid, total_gb=gpu.total_gb) for gpu in gpus]
     if settings.gpus.devices is None:
         return devices
     chosen = chosen_gpus(settings.gpus.devices, devices)

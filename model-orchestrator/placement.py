@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION, ShareError, vllm_utilization
 from model_orchestrator.model_view import PARKED, PARKING, STOPPING, ModelView, Policy, Want
 
 _EPSILON_GB = 1e-9
@@ -38,6 +39,24 @@ class Device:
     budget_gb: float
     kind: str = ""  # GPUs of one kind (name and size) may share a tensor-parallel model
     uuid: str = ""
+    total_gb: float = 0.0  # the card's memory (0: unknown); engines take fractions of it
+
+
+def utilization_fill(vram_gb: float | None, placed: tuple[int, ...], devices: Sequence[Device],
+                     budget_gb: float | None) -> str:
+    """``{gpu_memory_utilization}`` for a start on ``placed``: the share over the smallest total among them
+    (vLLM takes one fraction of each GPU), rounded down as the vLLM service does; vLLM's whole-GPU share for
+    a model without ``vram_gb``; over ``budget_gb`` (one GPU's) when the GPUs are not known."""
+    totals = [d.total_gb for d in devices if d.index in placed and d.total_gb]
+    total_gb = min(totals) if totals else budget_gb
+    if vram_gb is None or not total_gb:
+        return f"{WHOLE_GPU_UTILIZATION:g}"
+    if vram_gb <= 0:  # no GPU share: a service that uses the GPU anyway refuses to start, and says why
+        return "0"
+    try:
+        return f"{vllm_utilization(vram_gb, int(total_gb * GIB)):g}"
+    except ShareError:  # more than the card: the service's own check says so at its start
+        return "1"
 
 
 def chosen_gpus(names: Sequence[int | str], devices: Sequence[Device]) -> frozenset[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from core.config.schema import ModelSpec
@@ -24,10 +25,12 @@ def service_argv(spec: ModelSpec, python: str, base_dir: Path) -> list[str]:
     values = {"{port}": str(spec.port), "{host}": spec.host, "{model}": spec.name, "{python}": python,
               "{base_dir}": str(base_dir), "{weights}": spec.weights.repo if spec.weights else "{weights}",
               "{tensor_parallel}": str(spec.tensor_parallel)}
-    return [_fill(token, values) for token in [*base, *spec.args]]
+    return [fill_placeholders(token, values) for token in [*base, *spec.args]]
 
 
-def _fill(token: str, values: dict[str, str]) -> str:
+def fill_placeholders(token: str, values: Mapping[str, str]) -> str:
+    """``token`` with each placeholder of ``values`` replaced literally (no str.format: JSON braces stay).
+    {gpu_memory_utilization} is left for each start to fill: it depends on the GPUs it is placed on."""
     for placeholder, value in values.items():
         token = token.replace(placeholder, value)
     return token

@@ -44,7 +44,8 @@ def gpu_names(names: list[int | str] | None) -> list[int | str] | None:
 
 # Placeholders a `command` or `args` entry may use; replaced literally (no str.format,
 # so JSON arguments with braces pass through untouched).
-PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}", "{weights}", "{tensor_parallel}")
+PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}", "{weights}", "{tensor_parallel}",
+                "{gpu_memory_utilization}")
 
 
 class ConfigError(ValueError):
@@ -85,7 +86,7 @@ class ModelSpec(_Strict):
         None,
         description="Any OpenAI-compatible server command line instead of service_script "
         "(e.g. `vllm serve MODEL --port {port}`). Placeholders: {port} {host} {model} {python} {base_dir} "
-        "{weights} {tensor_parallel}.",
+        "{weights} {tensor_parallel} {gpu_memory_utilization} (vram_gb over the total of the GPU it is placed on).",
     )
     args: list[str] = Field(default_factory=list, description="Extra arguments appended to the command "
                             "(same placeholders; {base_dir} makes paths independent of the working directory).")

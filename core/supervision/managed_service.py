@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +40,7 @@ import httpx
 
 from core.common.aio import done_future, joined, retrieve_exception, wait_all
 from core.common.redact import redact_argv
+from core.config.launch import fill_placeholders
 from core.config.schema import ModelSpec
 from core.supervision.child_env import placed_env
 from core.supervision.health_watch import start_health_watch
@@ -91,6 +92,7 @@ class ManagedService:
         self.parker = ParkClient(spec, health, service_token)
         self.park_record = ParkRecord()
         self.devices: tuple[int, ...] = ()  # the GPUs of its last start (kept while parked: it restores there)
+        self._fills: dict[str, str] = {}  # placeholders of its last start (core/config/launch.py)
         self._health_watch: asyncio.Task[None] | None = None
 
     @property
@@ -175,18 +177,21 @@ class ManagedService:
 
     # -- start ------------------------------------------------------------------------
 
-    def start(self, after: Sequence[Awaitable[object]] = (), devices: tuple[int, ...] = ()) -> asyncio.Future[None]:
+    def start(self, after: Sequence[Awaitable[object]] = (), devices: tuple[int, ...] = (),
+              fills: Mapping[str, str] | None = None) -> asyncio.Future[None]:
         """Begin a start now (STARTING at once) and return a future of its end.
 
         ``after`` are awaited before spawning (e.g. evicted services stopping); ``devices`` are the
-        GPUs it was placed on (none: the inherited mask). While a start is under way, calling
-        again joins it. The future raises StartFailed, or is cancelled when a stop aborted the
-        start; cancelling it only gives up the wait.
+        GPUs it was placed on (none: the inherited mask); ``fills`` the placeholders only a start
+        knows ({gpu_memory_utilization}). While a start is under way, calling again joins it. The
+        future raises StartFailed, or is cancelled when a stop aborted the start; cancelling it
+        only gives up the wait.
         """
         if self.state is State.FAILED:
             self.failures.clear()  # the cooldown is over or an operator asked: a fresh budget
         if self.state is not State.STARTING:  # a new start: placed now, so the next decision sees where
             self.devices = devices
+            self._fills = dict(fills or {})
         return self._begin("start", State.STARTING, "", lambda: self._run_start(list(after)))
 
     def _begin(self, kind: str, state: State, reason: str, work: Callable[[], Coroutine[Any, Any, None]]
@@ -214,7 +219,8 @@ class ManagedService:
         try:
             await wait_all(after)
             await self._backoff()
-            await self._process.spawn(self.spec.host, self.spec.port, placed_env(self.devices))
+            argv = [fill_placeholders(token, self._fills) for token in self.argv]
+            await self._process.spawn(self.spec.host, self.spec.port, placed_env(self.devices), argv)
             await wait_healthy(self.spec, self._process, self.probe, self._check_still_starting)
             self._check_still_starting()
         except asyncio.CancelledError:

@@ -50,9 +50,11 @@ class ServiceProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process and self.process.returncode is None else None
 
-    async def spawn(self, host: str, port: int, env: Mapping[str, str] | None = None) -> None:
+    async def spawn(self, host: str, port: int, env: Mapping[str, str] | None = None,
+                    argv: list[str] | None = None) -> None:
         """Check that ``port`` is free, open the log, spawn the process (its environment plus ``env``:
-        this start's own, e.g. the GPUs it was placed on) and watch its exit.
+        this start's own, e.g. the GPUs it was placed on; ``argv``: this start's command line, default
+        ``self.argv``) and watch its exit.
 
         Raises StartFailed (naming whoever holds the port); an OSError becomes one too, except
         the orchestrator's own lack of file descriptors (core/supervision/start_errors.py).
@@ -63,9 +65,9 @@ class ServiceProcess:
             raise StartFailed(f"port {port} is already in use by {holder}")
         self.spawns += 1
         with os_errors_as(f"cannot open log file {self.log.path}"):
-            self.log.open(" ".join(redact_argv(self.argv)))
+            self.log.open(" ".join(redact_argv(argv or self.argv)))
         with os_errors_as(f"cannot run {self.argv[0]!r}"):
-            self.process = await spawn_group_leader(self.argv, {**self._env, **(env or {})})
+            self.process = await spawn_group_leader(argv or self.argv, {**self._env, **(env or {})})
         if self._reaper is not None:
             self._reaper.register(self.process.pid)
         self._exit_task = asyncio.create_task(self._watch_exit(self.process), name=f"exit:{self.name}")

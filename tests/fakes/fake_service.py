@@ -62,6 +62,7 @@ class FakeService(EchoService):
         parser.add_argument("--fail-park", action="store_true", help="raise in offload() (the service turns fatal)")
         parser.add_argument("--fail-restore", action="store_true", help="raise in restore()")
         parser.add_argument("--host-bytes", type=int, default=0, help="host memory to report holding once parked")
+        parser.add_argument("--gpu-memory-utilization", help="reported by /whoami, as vLLM would take it")
         parser.add_argument("--report-cuda", action="store_true",
                             help="/whoami also names the CUDA devices torch sees (a GPU machine's order check)")
 
@@ -124,7 +125,7 @@ class FakeService(EchoService):
         devices = {name: os.environ.get(name)
                    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "AIO_VRAM_GB", "AIO_TENSOR_PARALLEL")}
         answer = {"service": self.served_name, "pid": os.getpid(), "path": path, "requests": self.requests,
-                  "devices": devices}
+                  "devices": devices, "gpu_memory_utilization": self.options.gpu_memory_utilization}
         if self.options.report_cuda:
             import torch  # only on a GPU machine's check: the other fakes stay torch-free
 

@@ -205,7 +205,8 @@ class FakeProcess:
     def live(self) -> list[Leader]:
         return [leader for leader in self.leaders if leader.alive]
 
-    async def spawn(self, host: str, port: int, env: Mapping[str, str] | None = None) -> None:
+    async def spawn(self, host: str, port: int, env: Mapping[str, str] | None = None,
+                    argv: list[str] | None = None) -> None:
         if self.live():
             self.world.violation(f"{self.name}: spawn while an earlier process of it is alive")
         self.spawning = True

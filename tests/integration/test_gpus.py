@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import ORCHESTRATOR, fake_driver, fake_model, write_config
+from tests.integration.conftest import ORCHESTRATOR, REPO, fake_driver, fake_model, write_config
 
 GIB = 1024**3
 
@@ -25,7 +26,8 @@ RTX4090 = {"name": "NVIDIA GeForce RTX 4090", "total_gb": 24}
 def test_under_a_mask_the_orchestrator_places_on_its_own_gpus_only(orchestrator: Any, tmp_path: Path) -> None:
     env = fake_driver(tmp_path, H100, H100, RTX4090, RTX4090)
     env.update(CUDA_VISIBLE_DEVICES="2,3", CUDA_DEVICE_ORDER="PCI_BUS_ID")
-    orch = orchestrator({"a": fake_model("a", vram_gb=10)}, env=env, gpu_memory_gb="auto",
+    model = fake_model("a", "--gpu-memory-utilization", "{gpu_memory_utilization}", vram_gb=10)
+    orch = orchestrator({"a": model}, env=env, gpu_memory_gb="auto",
                         gpu_process_overhead_gb=0, env_passthrough=["AIO_FAKE_NVML"])  # children see the driver too
     status = httpx.get(orch.url + "/status", headers=orch.admin_headers, timeout=10).json()
     assert [(g["index"], g["name"], g["total_gb"], g["used_gb"]) for g in status["gpus"]] == [
@@ -34,7 +36,9 @@ def test_under_a_mask_the_orchestrator_places_on_its_own_gpus_only(orchestrator:
     body = {"model": "a", "messages": [{"role": "user", "content": "hello"}]}
     assert httpx.post(orch.url + "/v1/chat/completions", json=body, headers=orch.admin_headers,
                       timeout=60).status_code == 200
-    devices = httpx.get(orch.url + "/upstream/a/whoami", headers=orch.admin_headers, timeout=10).json()["devices"]
+    who = httpx.get(orch.url + "/upstream/a/whoami", headers=orch.admin_headers, timeout=10).json()
+    devices = who["devices"]
+    assert who["gpu_memory_utilization"] == "0.4166"  # 10 of GPU 2's 24 GB, rounded down as vLLM's service does
     # Placed on GPU 2 (pack: a tie, the lowest index), named by its NVML index, never as ordinal 0 of the mask
     assert devices == {"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "AIO_VRAM_GB": "10",
                        "AIO_TENSOR_PARALLEL": None}
@@ -155,3 +159,43 @@ def test_flux_configured_over_two_24_gb_gpus_takes_turns_with_qwen(orchestrator:
     models_now, gpus = placed(orch)
     assert models_now["qwen"] == ("ready", [0]) and models_now["flux"][0] == "parked"
     assert gpus[1] == (0.0, ["flux"])  # flux parked: its process stays on both, holding nothing
+
+
+PROFILE = REPO / "model-orchestrator" / "models.yaml"
+ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
+    "text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    "embedding": ("/v1/embeddings", {"input": "hi"}), "audio": ("/v1/audio/speech", {"input": "hi"}),
+    "image": ("/v1/images/generations", {"prompt": "a cat"})}
+
+
+def test_the_gpu_profiles_models_on_two_24_gb_gpus(orchestrator: Any, tmp_path: Path) -> None:
+    """The GPU profile's models (names, types, shares, what a parked Qwen keeps), each played by the fake
+    service, on a pretend 2 x 24 GB pod with FLUX configured over both cards. No GPU is ever over its
+    budget, and each swap parks only models on the GPUs that need the room."""
+    profile = yaml.safe_load(PROFILE.read_text())["models"]
+    models = {name: fake_model(name, type=spec["type"], vram_gb=spec["vram_gb"],
+                               park={"vram_kept_gb": spec.get("park", {}).get("vram_kept_gb", 0)})
+              for name, spec in profile.items() if name != "echo"}
+    models["flux.1-schnell"].update(vram_gb=18, tensor_parallel=2)  # 36 GB fits no one 24 GB card
+    orch = orchestrator(models, env=fake_driver(tmp_path, RTX4090, RTX4090), gpu_memory_gb="auto",
+                        gpu_process_overhead_gb=0.5, host_memory_gb=100, env_passthrough=["AIO_FAKE_NVML"])
+
+    def use(name: str) -> dict[str, tuple[str, list[int]]]:
+        path, body = ROUTES[profile[name]["type"]]
+        reply = httpx.post(orch.url + path, json={"model": name, **body}, headers=orch.admin_headers, timeout=60)
+        assert reply.status_code == 200, reply.text
+        gauges = per_gpu_metrics(orch)
+        for gpu, claimed in gauges["aio_gpu_device_claimed_bytes"].items():
+            assert claimed <= gauges["aio_gpu_device_budget_bytes"][gpu], (name, gauges)
+        return placed(orch)[0]
+
+    qwen, minilm, musicgen, flux = "qwen2.5-7b-instruct", "all-minilm-l6-v2", "musicgen-medium", "flux.1-schnell"
+    assert use(qwen)[qwen] == ("ready", [0])
+    assert use(minilm)[minilm] == ("ready", [0])  # pack: the 1.5 GB left beside Qwen (22 + 0.5)
+    assert use(musicgen)[musicgen] == ("ready", [1])  # fits no longer on GPU 0: GPU 1, nothing evicted
+    states = use(flux)  # 18.5 GB on each card: Qwen parks from GPU 0, MusicGen from GPU 1; MiniLM stays
+    assert states == {qwen: ("parked", [0]), minilm: ("ready", [0]), musicgen: ("parked", [1]),
+                      flux: ("ready", [0, 1])}
+    states = use(qwen)  # restores onto GPU 0: MiniLM and FLUX (on both) make room; MusicGen is not touched
+    assert states[qwen] == ("ready", [0]) and states[musicgen] == ("parked", [1])
+    assert states[flux][0] == "parked" and states[minilm][0] == "parked"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -88,7 +88,8 @@ class FakeService:
         if self.on_change is not None:
             self.on_change()
 
-    def start(self, after: Sequence[Awaitable[object]] = (), devices: tuple[int, ...] = ()) -> asyncio.Future[None]:
+    def start(self, after: Sequence[Awaitable[object]] = (), devices: tuple[int, ...] = (),
+              fills: Mapping[str, str] | None = None) -> asyncio.Future[None]:
         if self.state is S.STARTING and self._start_task is not None:
             return joined(self._start_task)
         self._set(S.STARTING)

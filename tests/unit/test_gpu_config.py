@@ -16,7 +16,7 @@ from core.host.gpu_inventory import Gpu
 from core.supervision.child_env import placed_env, service_env
 from model_orchestrator.model_view import Want
 from model_orchestrator.orchestrator import placement_devices
-from model_orchestrator.placement import Device, want_for
+from model_orchestrator.placement import Device, utilization_fill, want_for
 
 GIB = 1024**3
 
@@ -76,11 +76,25 @@ def gpu(index: int, total_gb: float, name: str = "NVIDIA RTX A6000") -> Gpu:
 
 def test_each_gpu_gets_its_budget_and_the_chosen_ones_only() -> None:
     gpus = [gpu(0, 48), gpu(1, 48), gpu(2, 24, "NVIDIA GeForce RTX 4090")]
+    a6000, rtx = f"NVIDIA RTX A6000 {48 * GIB}", f"NVIDIA GeForce RTX 4090 {24 * GIB}"
     assert placement_devices(gpus, Settings()) == [
-        Device(0, 48.0, f"NVIDIA RTX A6000 {48 * GIB}", "GPU-00aa"), Device(1, 48.0, f"NVIDIA RTX A6000 {48 * GIB}",
-                                                                           "GPU-11aa"),
-        Device(2, 24.0, f"NVIDIA GeForce RTX 4090 {24 * GIB}", "GPU-22aa")]
+        Device(0, 48.0, a6000, "GPU-00aa", 48.0), Device(1, 48.0, a6000, "GPU-11aa", 48.0),
+        Device(2, 24.0, rtx, "GPU-22aa", 24.0)]
     capped = placement_devices(gpus, Settings(gpu_memory_gb=40, gpus={"reserve_gb": 2, "devices": [2, "GPU-0"]}))
     assert [(d.index, d.budget_gb) for d in capped] == [(0, 38.0), (2, 38.0)]  # a number is each GPU's budget
     assert want_for([1, "GPU-22"], 1, "pack", placement_devices(gpus, Settings())) == Want(1, frozenset({1, 2}))
     assert want_for(["GPU-9"], 1, "pack", placement_devices(gpus, Settings())).allowed == frozenset()
+
+
+def test_a_start_fills_gpu_memory_utilization_from_its_gpus() -> None:
+    h100, l40 = Device(1, 70.0, "H100", total_gb=80.0), Device(2, 40.0, "L40S", total_gb=48.0)
+    assert utilization_fill(20, (1,), [h100, l40], None) == "0.25"  # of the card's total, not its budget
+    assert utilization_fill(12, (1, 2), [h100, l40], None) == "0.25"  # the smaller card decides
+    assert utilization_fill(None, (1,), [h100], None) == "0.9"  # a whole-GPU model: vLLM's share
+    assert utilization_fill(6, (), [], 24.0) == "0.25"  # one GPU of a configured budget
+    assert utilization_fill(6, (), [], None) == "0.9"  # nothing known: vLLM's share
+    assert utilization_fill(0, (1,), [h100], None) == "0"  # no GPU share (a CPU service)
+    assert utilization_fill(90, (1,), [h100], None) == "1"  # past the card: the service's check refuses it
+    argv = service_argv(ModelSpec(type="text", command="vllm serve x --gpu-memory-utilization {gpu_memory_utilization}",
+                                  port=8001), "python", Path("/srv"))
+    assert argv[-1] == "{gpu_memory_utilization}"  # left for each start, which knows its GPUs

@@ -76,9 +76,10 @@ def placement_devices(gpus: list[Gpu], settings: Settings) -> list[Device]:
     return [device for device in devices if device.index in chosen]
 
 
-async def _memory_released(first: int, need_gb: float, devices: tuple[int, ...]) -> None:
-    """Wait (bounded) until each GPU a start goes on has ``need_gb`` free (the first GPU: not placed)."""
-    await asyncio.gather(*(wait_for_free_memory(need_gb, index=index) for index in devices or (first,)))
+async def _memory_released(first: int, reserve_gb: float, need_gb: float, devices: tuple[int, ...]) -> None:
+    """Wait (bounded) until each GPU a start goes on has ``need_gb`` free beyond its reserve (settings.gpus.
+    reserve_gb: what others may use there), per NVML (the first GPU: a start not placed)."""
+    await asyncio.gather(*(wait_for_free_memory(need_gb + reserve_gb, index=index) for index in devices or (first,)))
 
 
 class Runtime:
@@ -91,7 +92,8 @@ class Runtime:
         self.gpus = gpu_inventory() or []  # the GPUs NVML lists that our own CUDA_VISIBLE_DEVICES allows
         devices = placement_devices(self.gpus, config.settings)
         budget = devices[0].budget_gb if devices else resolve_budget(config.settings.gpu_memory_gb, self.gpus)
-        released = functools.partial(_memory_released, devices[0].index) if devices else None
+        released = (functools.partial(_memory_released, devices[0].index, config.settings.gpus.reserve_gb)
+                    if devices else None)
         host_budget = resolve_host_budget(config.settings.host_memory_gb, config.settings.host_memory_reserve_gb)
         self.coordinator = Coordinator(self.manager, config.settings, budget, memory_released=released,
                                        host_budget_gb=host_budget, devices=devices,

@@ -93,8 +93,8 @@ async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: 
         return
     while (memory := await asyncio.to_thread(_memory_gb, nvml, index)) is not None and memory[1] < need_gb:
         if time.monotonic() >= deadline:
-            log.warning("GPU still has only %.1f GiB free after %.0fs (need %.1f); starting anyway",
-                        memory[1], timeout, need_gb)
+            log.warning("GPU %d still has only %.1f GiB free after %.0fs (need %.1f); starting anyway",
+                        index, memory[1], timeout, need_gb)
             return
         await asyncio.sleep(interval)
 

@@ -98,3 +98,19 @@ def test_a_start_fills_gpu_memory_utilization_from_its_gpus() -> None:
     argv = service_argv(ModelSpec(type="text", command="vllm serve x --gpu-memory-utilization {gpu_memory_utilization}",
                                   port=8001), "python", Path("/srv"))
     assert argv[-1] == "{gpu_memory_utilization}"  # left for each start, which knows its GPUs
+
+
+def test_the_memory_wait_is_per_placed_gpu_and_keeps_the_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from model_orchestrator import orchestrator
+
+    asked: list[tuple[float, int]] = []
+
+    async def wait_for_free_memory(need_gb: float, index: int = 0) -> None:  # NVML's, recorded
+        asked.append((need_gb, index))
+
+    monkeypatch.setattr(orchestrator, "wait_for_free_memory", wait_for_free_memory)
+    asyncio.run(orchestrator._memory_released(2, 1.5, 10.0, (3, 5)))
+    asyncio.run(orchestrator._memory_released(2, 0.0, 4.0, ()))  # a start not placed: the first GPU
+    assert asked == [(11.5, 3), (11.5, 5), (4.0, 2)]

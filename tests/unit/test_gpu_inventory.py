@@ -3,7 +3,6 @@ mask leaves, UUIDs, MIG refused, and the stand-in's ledger of used memory."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -15,20 +14,10 @@ from typing import Any
 
 import pytest
 
-from core import REPO_ROOT
 from core.host.gpu_inventory import Gpu, InventoryError, read_inventory, visible
+from tests.fakes import stand_in_nvml
 
-FAKE = REPO_ROOT / "tests" / "fakes" / "nvml" / "pynvml.py"
 GIB = 1024**3
-
-
-def fake_nvml() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fake_pynvml", FAKE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
 
 
 def four_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: Any) -> ModuleType:
@@ -36,7 +25,7 @@ def four_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: Any) -> 
                 "name": "NVIDIA RTX A6000", "total_gb": 48, **extra.get(str(i), {})} for i in range(4)]
     (tmp_path / "nvml.json").write_text(json.dumps({"devices": devices, "used": str(tmp_path / "used.json")}))
     monkeypatch.setenv("AIO_FAKE_NVML", str(tmp_path / "nvml.json"))
-    return fake_nvml()
+    return stand_in_nvml.load()
 
 
 def indices(devices: list[Gpu]) -> list[int]:

@@ -98,6 +98,10 @@ class Coordinator:
         self._settling: set[asyncio.Future[None]] = set()  # parks under way (see _park_or_stop)
         for svc in manager.services.values():
             svc.on_change = self.notify
+        # Where each model may go depends on its config and the GPUs only: once, not per decision.
+        self._wants = {name: want_for(svc.spec.gpus, svc.spec.tensor_parallel,
+                                      svc.spec.placement or settings.gpus.placement, self.devices)
+                       for name, svc in manager.services.items()}
 
     # -- change broadcast -------------------------------------------------------------
 
@@ -127,9 +131,7 @@ class Coordinator:
             oldest_waiter=min(waiters) if waiters else None, failed_until=svc.failed_until,
             parkable=svc.parker.parkable and record.unsupported is None, host_gb=holds, park_host_gb=would_hold,
             ttl=spec.ttl, park_idle=spec.park.idle, overhead_gb=self._overhead_gb(spec),
-            kept_gb=spec.park.vram_kept_gb, devices=svc.placed_on,
-            want=want_for(spec.gpus, spec.tensor_parallel, spec.placement or self.settings.gpus.placement,
-                          self.devices),
+            kept_gb=spec.park.vram_kept_gb, devices=svc.placed_on, want=self._wants[svc.name],
         )
 
     def _overhead_gb(self, spec: ModelSpec) -> float:

@@ -228,17 +228,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     for warning in auth.startup_warnings(host, keys, settings):
         log.warning("%s", warning)
-    try:
-        gpu_inventory()  # before serving: GPUs that cannot be placed on are an operator's to fix
-    except InventoryError as exc:
-        print(f"ai-orchestrator: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     holder = port_holder(host, port)
     if holder is not None:  # uvicorn would run startup (preloads) before finding out
         print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
         raise SystemExit(1)
+    try:
+        app = OrchestratorApp(config, host=host, keys=keys)  # reads the GPUs (Runtime), before serving
+    except InventoryError as exc:  # GPUs that cannot be placed on are an operator's to fix
+        print(f"ai-orchestrator: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     uvicorn.run(
-        RequestCap(OrchestratorApp(config, host=host, keys=keys), settings.limits.max_requests), host=host, port=port,
+        RequestCap(app, settings.limits.max_requests), host=host, port=port,
         log_config=None, access_log=args.access_log, lifespan="on", server_header=False, proxy_headers=False,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout)), **server_options(settings.limits),
     )

@@ -42,6 +42,7 @@ def gpu_names(names: list[int | str] | None) -> list[int | str] | None:
         raise ValueError(f"GPUs are NVML indices (0, 1, ...) or UUIDs (GPU-...), not {bad}")
     return names
 
+
 # Placeholders a `command` or `args` entry may use; replaced literally (no str.format,
 # so JSON arguments with braces pass through untouched).
 PLACEHOLDERS = ("{port}", "{host}", "{model}", "{python}", "{base_dir}", "{weights}", "{tensor_parallel}",

@@ -143,23 +143,21 @@ def blind_view(by_pid: dict[int, int], device_used: int, pid_exists: Callable[[i
 def device_used_bytes(indices: list[int]) -> dict[int, int] | None:
     """Memory in use on each of the GPUs ``indices`` (NVML's device view); None when it cannot be read."""
     nvml = _nvml()
-    if nvml is None:
-        return None
-    try:
-        return {i: int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)).used) for i in indices}
-    except Exception as exc:
-        log.debug("NVML could not read the GPUs' memory: %s", exc)
-        return None
+    return None if nvml is None else _used_on(nvml, indices)
 
 
 def gpu_used_bytes() -> int | None:
     """Memory in use on every GPU together (NVML's device view, which containers do not hide)."""
     nvml = _nvml()
-    if nvml is None:
-        return None
+    used = None if nvml is None else _used_on(nvml, None)
+    return None if used is None else sum(used.values())
+
+
+def _used_on(nvml: Any, indices: list[int] | None) -> dict[int, int] | None:
+    """Memory in use per GPU of ``indices`` (None: every GPU NVML lists); None when it cannot be read."""
     try:
-        return sum(int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)).used)
-                   for i in range(nvml.nvmlDeviceGetCount()))
+        chosen = range(nvml.nvmlDeviceGetCount()) if indices is None else indices
+        return {i: int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)).used) for i in chosen}
     except Exception as exc:
         log.debug("NVML could not read the GPUs' memory: %s", exc)
         return None

@@ -139,8 +139,8 @@ class FluxService(ParksWithHostCopy, BaseService):
         dtype = torch_dtype(self.options.dtype, device)
         split = split_kwargs(self.options.gpus, device, self.vram_gb)
         self.spread = bool(split)
-        for index in range(self.options.gpus if split else 1):  # before any weights reach a GPU
-            cap_torch_memory(self.vram_gb, f"cuda:{index}" if split else device)
+        for each in [f"cuda:{index}" for index in range(self.options.gpus)] if split else [device]:
+            cap_torch_memory(self.vram_gb, each)  # before any weights reach a GPU
         log.info("loading %s (%s, %s, offload=%s%s)", self.model_path, device, dtype, self.options.offload,
                  f", over {self.options.gpus} GPUs" if split else "")
         began = time.monotonic()

@@ -148,12 +148,15 @@ def _status_entry(model: ModelStatus, gpu_used: dict[int, int] | None) -> dict[s
 
 def _gpus_entry(gpus: list[Gpu], devices: list[Device], models: dict[str, ModelStatus]) -> list[dict[str, Any]]:
     """The GPUs NVML lists for this orchestrator: their budget (None: not placed on, settings.gpus.devices),
-    the models placed on each, and what NVML says is in use on each now (None: unreadable)."""
+    the models placed on each, what NVML says is in use on each now (None: unreadable), and how much of that
+    processes not the orchestrator's hold (as last read: foreign_memory.py)."""
     used = device_used_bytes([gpu.index for gpu in gpus])
-    budgets = {device.index: device.budget_gb for device in devices}
+    placed = {device.index: device for device in devices}
     return [{"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "pci_bus_id": gpu.pci_bus_id,
-             "total_gb": round(gpu.total_gb, 3), "budget_gb": budgets.get(gpu.index),
+             "total_gb": round(gpu.total_gb, 3),
+             "budget_gb": placed[gpu.index].budget_gb if gpu.index in placed else None,
              "used_gb": None if used is None else round(used[gpu.index] / GIB, 3),
+             "others_gb": round(placed[gpu.index].others_gb, 3) if gpu.index in placed else None,
              "models": sorted(name for name, model in models.items() if gpu.index in model.service.devices)}
             for gpu in gpus]
 

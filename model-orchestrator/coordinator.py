@@ -28,6 +28,7 @@ from core.host.gpu import resolve_process_overhead
 from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.supervision.service_state import ServiceSnapshot, ServiceState
+from model_orchestrator.model_view import park_host_gb
 from model_orchestrator.placement import Device, utilization_fill, want_for
 from model_orchestrator.refusals import Reason, Refused
 from model_orchestrator.scheduler import (
@@ -103,6 +104,12 @@ class Coordinator:
                                       svc.spec.placement or settings.gpus.placement, self.devices)
                        for name, svc in manager.services.items()}
 
+    def use_devices(self, devices: Sequence[Device]) -> None:
+        """The same GPUs with new readings of what other processes hold (foreign_memory.py): decisions from
+        now on place with them, and waiters look again."""
+        self.devices = list(devices)
+        self.notify()
+
     # -- change broadcast -------------------------------------------------------------
 
     def notify(self) -> None:
@@ -121,7 +128,7 @@ class Coordinator:
     def view(self, svc: ManagedService) -> ModelView:
         waiters = self._waiters.get(svc.name)
         record, spec = svc.park_record, svc.spec
-        would_hold = _park_host_gb(spec, record.host_bytes)
+        would_hold = park_host_gb(spec, record.host_bytes)
         holds = record.host_bytes / GIB if record.host_bytes is not None else 0.0
         if svc.holds_host_copy_maybe:  # at least the estimate; unknown: all of it
             holds = math.inf if would_hold is None else max(holds, would_hold)
@@ -398,15 +405,3 @@ class Coordinator:
                     next_check = min(next_check, at)
             await event_within(self._changed, max(0.0, next_check - now))
 
-
-def _park_host_gb(spec: ModelSpec, measured_bytes: int | None) -> float | None:
-    """Host memory parking ``spec`` would hold: none at level 2; else what it reported last time,
-    the declared park.host_gb, the weights' size or its vram_gb; None when nothing says."""
-    if spec.park.level == 2:
-        return 0.0
-    if measured_bytes is not None:  # a service that under-reports (0: "unknown") never undercuts the declared size
-        return max(measured_bytes / GIB, spec.park.host_gb or 0.0)
-    for value in (spec.park.host_gb, spec.weights.size_gb if spec.weights else None, spec.vram_gb):
-        if value is not None:
-            return value
-    return None

@@ -265,14 +265,17 @@ def _per_gpu(coordinator: Coordinator, device_usage: Callable[[list[int]], dict[
     claim = GaugeMetricFamily("aio_gpu_device_claimed_bytes", "What the models placed on a GPU claim there "
                               "(their vram_gb and process overhead; parked: what they keep).", labels=["gpu"])
     used = GaugeMetricFamily("aio_gpu_device_used_bytes", "Memory in use on a GPU, per NVML.", labels=["gpu"])
+    others = GaugeMetricFamily("aio_gpu_device_others_bytes", "Memory processes not the orchestrator's hold on a "
+                               "GPU, per NVML; placement keeps clear of it.", labels=["gpu"])
     placed = GaugeMetricFamily("aio_model_gpu", "1 for each GPU a model is placed on.", labels=["model", "gpu"])
     for device in devices:
         label = [str(device.index)]
         budget.add_metric(label, device.budget_gb * GIB)
         claim.add_metric(label, claimed[device.index] * GIB)
+        others.add_metric(label, device.others_gb * GIB)
         if device.index in in_use:
             used.add_metric(label, in_use[device.index])
     for view in views.values():
         for index in view.devices:
             placed.add_metric([view.name, str(index)], 1.0)
-    yield from (budget, claim, used, placed)
+    yield from (budget, claim, used, others, placed)

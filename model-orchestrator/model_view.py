@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from core.config.schema import ModelSpec
+from core.host.memory_share import GIB
 from core.supervision.service_state import ServiceState
 
 READY, STARTING, STOPPING, FAILED = (
@@ -81,3 +83,16 @@ class ModelView:
     @property
     def idle(self) -> bool:
         return self.state is READY and self.in_flight == 0
+
+
+def park_host_gb(spec: ModelSpec, measured_bytes: int | None) -> float | None:
+    """Host memory parking ``spec`` would hold: none at level 2; else what it reported last time,
+    the declared park.host_gb, the weights' size or its vram_gb; None when nothing says."""
+    if spec.park.level == 2:
+        return 0.0
+    if measured_bytes is not None:  # a service that under-reports (0: "unknown") never undercuts the declared size
+        return max(measured_bytes / GIB, spec.park.host_gb or 0.0)
+    for value in (spec.park.host_gb, spec.weights.size_gb if spec.weights else None, spec.vram_gb):
+        if value is not None:
+            return value
+    return None

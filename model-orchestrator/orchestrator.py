@@ -32,8 +32,10 @@ if __name__ == "__main__" and not __package__:  # run as a file: import this fol
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,6 +54,7 @@ from core.supervision.process_tree import port_holder
 from model_orchestrator import auth
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
+from model_orchestrator.foreign_memory import ForeignMemory
 from model_orchestrator.http_server import AccessGate, CanonicalPath, RequestCap, server_options
 from model_orchestrator.metrics import Metrics
 from model_orchestrator.placement import Device, chosen_gpus
@@ -66,14 +69,29 @@ CONFIG_ENV = "AIO_CONFIG"
 
 def placement_devices(gpus: list[Gpu], settings: Settings) -> list[Device]:
     """The GPUs models are placed on (settings.gpus.devices of ``gpus``, default all), each with its budget:
-    gpu_memory_gb (auto: its total) less settings.gpus.reserve_gb."""
-    configured, reserve = settings.gpu_memory_gb, settings.gpus.reserve_gb
-    devices = [Device(gpu.index, (gpu.total_gb if configured == "auto" else float(configured)) - reserve,
-                      kind=f"{gpu.name} {gpu.total_bytes}", uuid=gpu.uuid, total_gb=gpu.total_gb) for gpu in gpus]
-    if settings.gpus.devices is None:
+    gpu_memory_gb (auto: its total), or its settings.gpus.cap_gb when lower, less settings.gpus.reserve_gb.
+    Raises InventoryError when those settings name a GPU this pod does not have (a config for another pod)."""
+    configured, chosen = settings.gpu_memory_gb, settings.gpus
+    devices = [Device(gpu.index, 0.0, kind=f"{gpu.name} {gpu.total_bytes}", uuid=gpu.uuid, total_gb=gpu.total_gb,
+                      reserve_gb=chosen.reserve_gb) for gpu in gpus]
+    caps = {index: cap for name, cap in chosen.cap_gb.items() for index in _named(name, devices, "cap_gb")}
+    devices = [dataclasses.replace(device, budget_gb=min(device.total_gb if configured == "auto" else float(configured),
+                                                         caps.get(device.index, math.inf)) - chosen.reserve_gb)
+               for device in devices]
+    if chosen.devices is None:
         return devices
-    chosen = chosen_gpus(settings.gpus.devices, devices)
-    return [device for device in devices if device.index in chosen]
+    kept = {index for name in chosen.devices for index in _named(name, devices, "devices")}
+    return [device for device in devices if device.index in kept]
+
+
+def _named(name: int | str, devices: list[Device], key: str) -> frozenset[int]:
+    """The GPUs settings.gpus.``key`` means by ``name``; none at all is the operator's to fix."""
+    indices = chosen_gpus([name], devices)
+    if devices and not indices:
+        raise InventoryError(f"settings.gpus.{key} names GPU {name!r}, which is none of the GPUs the orchestrator "
+                             "may use (" + ", ".join(f"{d.index} {d.uuid}" for d in devices) + ", under its own "
+                             "CUDA_VISIBLE_DEVICES): name one of those by index or UUID")
+    return indices
 
 
 async def _memory_released(first: int, reserve_gb: float, need_gb: float, devices: tuple[int, ...]) -> None:
@@ -99,6 +117,7 @@ class Runtime:
                                        host_budget_gb=host_budget, devices=devices,
                                        overhead_gb=resolve_process_overhead(config.settings.gpu_process_overhead_gb,
                                                                             self.gpus))
+        self.foreign = ForeignMemory(devices, self.coordinator.use_devices)
         self.metrics = Metrics(self.coordinator)
         self.coordinator.on_swap = self.metrics.swap
         for svc in self.manager.services.values():
@@ -112,6 +131,7 @@ class Runtime:
         self.manager.open()
         await self.proxy.open()
         self.coordinator.start_ttl_watch()
+        self.foreign.start()
         self._preload = asyncio.create_task(self.coordinator.preload(), name="preload")
         budget, host = self.coordinator.budget_gb, self.coordinator.host_budget_gb
         budgets = {device.index: device.budget_gb for device in self.coordinator.devices}
@@ -129,6 +149,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._preload
         await self.coordinator.stop_ttl_watch()
+        await self.foreign.stop()
         await self.manager.shutdown()
         await self.proxy.close()
 

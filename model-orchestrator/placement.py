@@ -20,6 +20,7 @@ With one GPU there is one candidate set and this is the single-GPU rule exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,16 @@ class Device:
     kind: str = ""  # GPUs of one kind (name and size) may share a tensor-parallel model
     uuid: str = ""
     total_gb: float = 0.0  # the card's memory (0: unknown); engines take fractions of it
+    reserve_gb: float = 0.0  # settings.gpus.reserve_gb, already off budget_gb
+    others_gb: float = 0.0  # held by processes not the orchestrator's, per NVML (foreign_memory.py)
+
+    def within_room(self) -> Device:
+        """This GPU with its budget lowered to what other processes leave of it (its total less their memory
+        and the reserve)."""
+        if not self.others_gb or not self.total_gb:
+            return self
+        room = max(0.0, self.total_gb - self.others_gb - self.reserve_gb)
+        return dataclasses.replace(self, budget_gb=min(self.budget_gb, room))
 
 
 def utilization_fill(vram_gb: float | None, placed: tuple[int, ...], devices: Sequence[Device],
@@ -104,7 +115,20 @@ def candidate_sets(view: ModelView, devices: Sequence[Device]) -> list[tuple[int
 
 
 def place(target: str, views: Mapping[str, ModelView], devices: Sequence[Device]) -> Placement | None:
-    """Where ``target`` goes and what it evicts; None when no candidate set can ever hold it."""
+    """Where ``target`` goes and what it evicts; None when no candidate set can ever hold it.
+
+    Memory that processes not ours hold (``Device.others_gb``) counts where it can: a GPU another program
+    crowds is avoided, or room made beside it. Where even that cannot make room, the declared claims
+    alone decide (and the memory wait before the start says what is short): a program outside the
+    orchestrator's control never makes a model unservable, as models.yaml is the operator's word."""
+    if any(device.others_gb for device in devices):
+        actual = _best(target, views, [device.within_room() for device in devices])
+        if actual is not None:
+            return actual
+    return _best(target, views, devices)
+
+
+def _best(target: str, views: Mapping[str, ModelView], devices: Sequence[Device]) -> Placement | None:
     best: tuple[tuple[object, ...], Placement] | None = None
     for chosen in candidate_sets(views[target], devices):
         victims = victims_for(target, chosen, views, devices)

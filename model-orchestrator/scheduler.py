@@ -258,7 +258,7 @@ def gpu_spare(target: str, placement: Placement, views: Mapping[str, ModelView],
     devices = devices_of(budget_gb)
     if devices is None or not placement.devices:
         return math.inf
-    view, by_index = views[target], {d.index: d for d in devices}
+    view, by_index = views[target], {d.index: d.within_room() for d in devices}  # others' memory too
     used = used_gb(views, devices, {target, *placement.victims})
     return min(by_index[i].budget_gb - used[i] - _running_need(view, by_index[i]) for i in placement.devices)
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 SERVICE_TOKEN_ENV = "AIO_SERVICE_TOKEN"  # the per-run secret a service requires on every route but /health
 MODEL_NAME_ENV = "AIO_MODEL_NAME"  # the models.yaml entry a child serves
 TENSOR_PARALLEL_ENV = "AIO_TENSOR_PARALLEL"  # GPUs a child spans (models.yaml tensor_parallel), when over one
+# NCCL's own switch, set to "1" for a model with peer_to_peer: false; the vLLM service reads it as well, since
+# vLLM's custom all-reduce copies between the GPUs directly too (--disable-custom-all-reduce).
+PEER_TO_PEER_OFF_ENV = "NCCL_P2P_DISABLE"
 
 # A service's park routes (core/runtime/parking.py): never reachable from outside (the orchestrator blocks them).
 PARK_PATHS = ("/offload", "/restore", "/state")

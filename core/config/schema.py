@@ -119,6 +119,9 @@ class ModelSpec(_Strict):
         "them, or UUIDs); default: any of settings.gpus.devices.")
     tensor_parallel: int = Field(1, ge=1, le=64, description="GPUs of one kind the model spans; its vram_gb "
                                  "is claimed on each (vLLM gets --tensor-parallel-size from it).")
+    peer_to_peer: bool = Field(True, description="Direct copies between the GPUs a tensor-parallel model spans. "
+                               "false for PCIe cards without NVLink where they hang or fail: the service gets "
+                               "NCCL_P2P_DISABLE=1, and the vLLM service turns off its custom all-reduce.")
     placement: Placement | None = Field(None, description="How a GPU is chosen when several fit: pack (the "
                                         "tightest fit, keeping large holes for large models) or spread (the "
                                         "most free); default settings.gpus.placement.")
@@ -217,11 +220,20 @@ class GpuSettings(_Strict):
     reserve_gb: float = Field(0.0, ge=0, description="GPU memory kept free on each GPU (other processes, "
                               "the display), taken off its budget.")
     placement: Placement = Field("pack", description="Default for models without placement: pack or spread.")
+    cap_gb: dict[int | str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="Lower budgets for single GPUs (NVML index or UUID: GiB), under "
+        "gpu_memory_gb; e.g. {0: 20} leaves 4 GB of a 24 GB card that also drives a display to others.")
 
     @field_validator("devices")
     @classmethod
     def _gpu_names(cls, value: list[int | str] | None) -> list[int | str] | None:
         return gpu_names(value)
+
+    @field_validator("cap_gb")
+    @classmethod
+    def _capped_gpus(cls, value: dict[int | str, float]) -> dict[int | str, float]:
+        gpu_names(list(value))
+        return value
 
 
 class Settings(_Strict):

@@ -102,22 +102,49 @@ async def wait_for_free_memory(need_gb: float, timeout: float = 10.0, interval: 
 def gpu_bytes_by_pid() -> dict[int, int] | None:
     """GPU memory each process uses now, over every GPU (NVML); None when it cannot be read, or
     cannot be trusted (``blind_view``). A process whose usage NVML cannot measure is absent."""
+    per_gpu = processes_by_gpu(None)
+    return None if per_gpu is None else _summed(per_gpu)
+
+
+def _summed(per_gpu: dict[int, dict[int, int]]) -> dict[int, int]:
+    used: dict[int, int] = {}
+    for held in per_gpu.values():
+        for pid, size in held.items():
+            used[pid] = used.get(pid, 0) + size
+    return used
+
+
+def processes_by_gpu(indices: list[int] | None) -> dict[int, dict[int, int]] | None:
+    """For each GPU of ``indices`` (None: every one), the memory each process holds there (pid: bytes);
+    None when NVML cannot be read, or its per-process view cannot be trusted (``blind_view``)."""
     nvml = _nvml()
     if nvml is None:
         return None
-    used: dict[int, int] = {}
+    per_gpu: dict[int, dict[int, int]] = {}
     device_used = 0
     try:
-        for index in range(nvml.nvmlDeviceGetCount()):
+        for index in range(nvml.nvmlDeviceGetCount()) if indices is None else indices:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             device_used += int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
-            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.usedGpuMemory is not None:
-                    used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory)
+            per_gpu[index] = _held_on(nvml, handle)
     except Exception as exc:
         log.debug("NVML could not list GPU processes: %s", exc)
         return None
-    return None if blind_view(used, device_used) else used
+    return None if blind_view(_summed(per_gpu), device_used) else per_gpu
+
+
+def _held_on(nvml: Any, handle: Any) -> dict[int, int]:
+    """What each process holds on one GPU: its compute and graphics contexts (a process with both is listed
+    in each, with the same figure: counted once)."""
+    lists = [nvml.nvmlDeviceGetComputeRunningProcesses]
+    if hasattr(nvml, "nvmlDeviceGetGraphicsRunningProcesses"):  # a display server, a desktop's compositor
+        lists.append(nvml.nvmlDeviceGetGraphicsRunningProcesses)
+    held: dict[int, int] = {}
+    for running in lists:
+        for proc in running(handle):
+            if proc.usedGpuMemory is not None:
+                held[proc.pid] = max(held.get(proc.pid, 0), int(proc.usedGpuMemory))
+    return held
 
 
 def blind_view(by_pid: dict[int, int], device_used: int, pid_exists: Callable[[int], bool] = psutil.pid_exists

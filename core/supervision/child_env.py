@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from core import repo_pythonpath
-from core.common.contract import MODEL_NAME_ENV, SERVICE_TOKEN_ENV, TENSOR_PARALLEL_ENV
+from core.common.contract import MODEL_NAME_ENV, PEER_TO_PEER_OFF_ENV, SERVICE_TOKEN_ENV, TENSOR_PARALLEL_ENV
 from core.common.redact import secret_env_name
 from core.host.memory_share import VRAM_ENV
 
@@ -97,6 +97,8 @@ def service_env(spec: ModelSpec, token: str | None = None, passthrough: Iterable
     env.pop(TENSOR_PARALLEL_ENV, None)
     if spec.tensor_parallel > 1:  # its share is per GPU; the engine spans this many (vLLM's tensor parallel)
         env[TENSOR_PARALLEL_ENV] = str(spec.tensor_parallel)
+    if not spec.peer_to_peer:
+        env[PEER_TO_PEER_OFF_ENV] = "1"
     if spec.service_script is not None:
         env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))
     if token is not None:

@@ -172,7 +172,8 @@ function renderDevices(status) {
     const placed = Object.values(status.models).filter((m) => GPU_STATES.has(m.state) && (m.devices || []).includes(gpu.index));
     const declared = placed.reduce((sum, m) => sum + (m.vram_gb || 0), 0);
     const budget = gpu.budget_gb ?? gpu.total_gb;
-    const text = `declared ${gb(declared)}` + (gpu.used_gb === null ? "" : `, in use ${gb(gpu.used_gb)}`)
+    const others = gpu.others_gb ? ` (others ${gb(gpu.others_gb)})` : "";
+    const text = `declared ${gb(declared)}` + (gpu.used_gb === null ? "" : `, in use ${gb(gpu.used_gb)}${others}`)
       + ` of ${gb(budget)}` + (gpu.budget_gb === null ? " (not used)" : "")
       + ` · ${gpu.models.length ? gpu.models.join(", ") : "no models"}`;
     setText(line.querySelector('[data-field="gpu-name"]'), `GPU ${gpu.index}`);

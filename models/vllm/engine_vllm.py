@@ -44,6 +44,7 @@ class VllmSettings:
     vram_gb: float | None = None  # this service's share of the GPU (None: the whole GPU)
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False  # PCIe cards whose peer-to-peer copies hang (models.yaml peer_to_peer)
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     generation_config: str = "auto"
@@ -64,7 +65,8 @@ def vllm_argv(settings: VllmSettings) -> list[str]:
         argv += ["--tool-call-parser", settings.tool_call_parser]
     flags = {"--enforce-eager": settings.enforce_eager, "--enable-log-requests": settings.enable_log_requests,
              "--enable-auto-tool-choice": settings.enable_auto_tool_choice,
-             "--enable-sleep-mode": settings.enable_sleep_mode}
+             "--enable-sleep-mode": settings.enable_sleep_mode,
+             "--disable-custom-all-reduce": settings.disable_custom_all_reduce}
     return argv + [flag for flag, on in flags.items() if on]
 
 

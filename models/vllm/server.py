@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from core.base_service import BaseService
-from core.common.contract import TENSOR_PARALLEL_ENV
+from core.common.contract import PEER_TO_PEER_OFF_ENV, TENSOR_PARALLEL_ENV
 from core.host.memory_share import cap_torch_memory
 from core.runtime import openai_text as oa
 from core.runtime.devices import resolve_device
@@ -90,6 +90,10 @@ class TextService(BaseService):
         vllm.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start)")
         vllm.add_argument("--tensor-parallel-size", type=int, default=int(os.environ.get(TENSOR_PARALLEL_ENV) or 1),
                           help="GPUs to span (default: models.yaml's tensor_parallel, $AIO_TENSOR_PARALLEL)")
+        vllm.add_argument("--disable-custom-all-reduce", action="store_true",
+                          default=os.environ.get(PEER_TO_PEER_OFF_ENV) == "1",
+                          help="NCCL's all-reduce only, no direct GPU copies (default: on when models.yaml's "
+                               "peer_to_peer is false, $NCCL_P2P_DISABLE=1)")
         vllm.add_argument("--enable-auto-tool-choice", action="store_true",
                           help='let the model call tools by itself (tool_choice "auto")')
         vllm.add_argument("--tool-call-parser", help="how tool calls are read from the output (hermes for Qwen 2.5)")
@@ -136,6 +140,7 @@ class TextService(BaseService):
             model=str(self.model_path), served_names=tuple(self.served_names), dtype=o.dtype,
             max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization, vram_gb=self.vram_gb,
             enforce_eager=o.enforce_eager, tensor_parallel_size=o.tensor_parallel_size,
+            disable_custom_all_reduce=o.disable_custom_all_reduce,
             enable_auto_tool_choice=o.enable_auto_tool_choice, tool_call_parser=o.tool_call_parser,
             generation_config=o.generation_config, enable_log_requests=o.enable_log_requests,
             enable_sleep_mode=sleep_mode,

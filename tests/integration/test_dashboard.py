@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.fakes import stand_in_nvml
 from tests.integration.conftest import REPO, Orchestrator, fake_driver, fake_model
 
 pytestmark = pytest.mark.integration
@@ -169,7 +172,7 @@ def gpu_line(driver: WebDriver, index: int) -> str:
 
 
 def test_dashboard_shows_each_gpu_and_the_models_placed_on_it(
-    orchestrator: Any, browser: WebDriver, tmp_path: Path
+    orchestrator: Any, browser: WebDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two stand-in 24 GB GPUs (tests/fakes/nvml) under the demo profile's models: the screenshot in
     docs/dashboard.png. No log is followed: its header names this machine's paths."""
@@ -192,3 +195,12 @@ def test_dashboard_shows_each_gpu_and_the_models_placed_on_it(
     wait_for(browser, lambda d: cell(d, "tiny-qwen", "gpu") == "1.50 GB / 1.50 GB on GPU 0", "tiny-qwen's GPU")
     assert gpu_line(browser, 1).endswith("no models")
     save_screenshot(browser, tmp_path, "dashboard-gpus.png")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # not the orchestrator's
+    try:
+        monkeypatch.setenv("AIO_FAKE_NVML", env["AIO_FAKE_NVML"])
+        stand_in_nvml.load().claim(other.pid, {1: 5 * 1024**3})
+        wait_for(browser, lambda d: gpu_line(d, 1) == "declared 0.00 GB, in use 5.00 GB (others 5.00 GB) of 24.0 GB"
+                 " · no models", "another program's memory on GPU 1")
+    finally:
+        other.kill()
+        other.wait()

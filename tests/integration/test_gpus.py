@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fakes import stand_in_nvml
 from tests.integration.conftest import ORCHESTRATOR, REPO, fake_driver, fake_model, write_config
 
 GIB = 1024**3
@@ -199,3 +202,36 @@ def test_the_gpu_profiles_models_on_two_24_gb_gpus(orchestrator: Any, tmp_path: 
     states = use(qwen)  # restores onto GPU 0: MiniLM and FLUX (on both) make room; MusicGen is not touched
     assert states[qwen] == ("ready", [0]) and states[musicgen] == ("parked", [1])
     assert states[flux][0] == "parked" and states[minilm][0] == "parked"
+
+
+def test_memory_other_processes_hold_steers_placement(orchestrator: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program outside the orchestrator (here a sleeping Python the stand-in charges 16 GB of GPU 0) is
+    seen per GPU: a model that would pack onto GPU 0 goes to GPU 1, a small one still fits beside it, and
+    once the program exits the GPU is clear again."""
+    env = fake_driver(tmp_path, RTX4090, RTX4090)
+    monkeypatch.setenv("AIO_FAKE_NVML", env["AIO_FAKE_NVML"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stand_in_nvml.load().claim(other.pid, {0: 16 * GIB})
+        models = {"a": fake_model("a", vram_gb=10), "b": fake_model("b", vram_gb=6)}
+        orch = orchestrator(models, env=env, gpu_memory_gb="auto", gpu_process_overhead_gb=0,
+                            env_passthrough=["AIO_FAKE_NVML"])
+        assert others(orch) == [16.0, 0.0]
+        ask(orch, "a")  # both GPUs are empty of models; pack would take GPU 0, where only 8 GB are left
+        ask(orch, "b")  # 6 GB: the tightest fit is beside the other program (2 GB over, against 8 on GPU 1)
+        assert placed(orch) == ({"a": ("ready", [1]), "b": ("ready", [0])}, [(22.0, ["b"]), (10.0, ["a"])])
+        assert per_gpu_metrics(orch)["aio_gpu_device_others_bytes"] == {("0",): 16 * GIB, ("1",): 0.0}
+    finally:
+        other.kill()
+        other.wait()
+    deadline = time.monotonic() + 15
+    while others(orch) != [0.0, 0.0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert others(orch) == [0.0, 0.0]
+    assert "GPU memory held by other processes: GPU 0 16.0 GB" in orch.log()
+
+
+def others(orch: Any) -> list[float]:
+    status = httpx.get(orch.url + "/status", headers=orch.admin_headers, timeout=10).json()
+    return [g["others_gb"] for g in status["gpus"]]

@@ -46,6 +46,14 @@ def test_settings_become_vllm_serve_options() -> None:
         "1", "--generation-config", "auto", "--max-model-len", "16384", "--gpu-memory-utilization", "0.25",
         "--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
     assert "--gpu-memory-utilization" not in vllm_argv(VllmSettings(model="/m", served_names=("m",)))
+    pcie = VllmSettings(model="/m", served_names=("m",), tensor_parallel_size=2, disable_custom_all_reduce=True)
+    assert vllm_argv(pcie)[-1] == "--disable-custom-all-reduce" and "2" in vllm_argv(pcie)
+
+
+def test_peer_to_peer_off_turns_off_the_custom_all_reduce(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not TextService().argument_parser().parse_args([]).disable_custom_all_reduce
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")  # what the orchestrator sets for peer_to_peer: false
+    assert TextService().argument_parser().parse_args([]).disable_custom_all_reduce
 
 
 def test_served_names_default_to_the_model_folder_and_keep_their_order() -> None:
@@ -64,8 +72,10 @@ def test_vllm_parses_the_options_like_vllm_serve() -> None:
     from models.vllm.engine_vllm import serve_arguments
 
     args = serve_arguments(VllmSettings(model="/m", served_names=("qwen", "q"), enable_auto_tool_choice=True,
-                                        tool_call_parser="hermes", generation_config="vllm"))
+                                        tool_call_parser="hermes", generation_config="vllm",
+                                        disable_custom_all_reduce=True))
     assert (args.model, args.served_model_name, args.generation_config) == ("/m", ["qwen", "q"], "vllm")
+    assert args.disable_custom_all_reduce
     assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
     with pytest.raises(KeyError, match="invalid tool call parser"):
         serve_arguments(VllmSettings(model="/m", served_names=("q",), enable_auto_tool_choice=True,

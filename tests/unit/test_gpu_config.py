@@ -12,7 +12,7 @@ from core.common.contract import TENSOR_PARALLEL_ENV
 from core.config.launch import service_argv
 from core.config.load import config_from_dict
 from core.config.schema import ConfigError, ModelSpec, Settings
-from core.host.gpu_inventory import Gpu
+from core.host.gpu_inventory import Gpu, InventoryError
 from core.supervision.child_env import placed_env, service_env
 from model_orchestrator.model_view import Want
 from model_orchestrator.orchestrator import placement_devices
@@ -36,7 +36,8 @@ def problem(model: dict[str, Any] | None = None, **settings: Any) -> str:
 def test_the_keys_and_their_defaults() -> None:
     spec = config().models["m"]
     assert (spec.gpus, spec.tensor_parallel, spec.placement) == (None, 1, None)
-    assert Settings().gpus.model_dump() == {"devices": None, "reserve_gb": 0.0, "placement": "pack"}
+    assert Settings().gpus.model_dump() == {"devices": None, "reserve_gb": 0.0, "placement": "pack", "cap_gb": {}}
+    assert spec.peer_to_peer
     loaded = config({"gpus": [1, "GPU-8c1f"], "tensor_parallel": 2, "placement": "spread"},
                     gpus={"devices": [0, 1], "reserve_gb": 1.5, "placement": "spread"})
     assert loaded.models["m"].gpus == [1, "GPU-8c1f"] and loaded.settings.gpus.reserve_gb == 1.5
@@ -51,7 +52,9 @@ def test_the_keys_and_their_defaults() -> None:
     ({"env": {"CUDA_VISIBLE_DEVICES": "1"}}, {}, "pin the model with 'gpus: [...]' instead"),
     ({}, {"gpus": {"reserve_gb": -1}}, "key 'settings.gpus.reserve_gb'"),
     ({}, {"gpus": {"devices": [0], "spread": True}},
-     "key 'settings.gpus.spread': unknown key (allowed: devices, reserve_gb, placement)"),
+     "key 'settings.gpus.spread': unknown key (allowed: devices, reserve_gb, placement, cap_gb)"),
+    ({}, {"gpus": {"cap_gb": {0: -2}}}, "key 'settings.gpus.cap_gb.0'"),
+    ({}, {"gpus": {"cap_gb": {-1: 20}}}, "key 'settings.gpus.cap_gb'"),
 ])
 def test_mistakes_name_the_key(model: dict[str, Any], settings: dict[str, Any], message: str) -> None:
     assert message in problem(model, **settings)
@@ -65,6 +68,9 @@ def test_a_child_is_told_its_gpus_and_its_span() -> None:
     assert env[TENSOR_PARALLEL_ENV] == "2" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     single = service_env(ModelSpec(type="text", command="serve", port=8001), base={TENSOR_PARALLEL_ENV: "8"})
     assert TENSOR_PARALLEL_ENV not in single  # never another model's span
+    assert "NCCL_P2P_DISABLE" not in env
+    pcie = ModelSpec(type="text", command="serve", port=8001, tensor_parallel=2, peer_to_peer=False)
+    assert service_env(pcie)["NCCL_P2P_DISABLE"] == "1"
     argv = service_argv(ModelSpec(type="text", command="vllm serve x --tensor-parallel-size {tensor_parallel}",
                                   port=8001, tensor_parallel=4), "python", Path("/srv"))
     assert argv[-2:] == ["--tensor-parallel-size", "4"]
@@ -84,6 +90,18 @@ def test_each_gpu_gets_its_budget_and_the_chosen_ones_only() -> None:
     assert [(d.index, d.budget_gb) for d in capped] == [(0, 38.0), (2, 38.0)]  # a number is each GPU's budget
     assert want_for([1, "GPU-22"], 1, "pack", placement_devices(gpus, Settings())) == Want(1, frozenset({1, 2}))
     assert want_for(["GPU-9"], 1, "pack", placement_devices(gpus, Settings())).allowed == frozenset()
+    caps = Settings(gpus={"reserve_gb": 1, "cap_gb": {"GPU-1": 20, 2: 30}})  # 30: over GPU 2's total
+    assert [d.budget_gb for d in placement_devices(gpus, caps)] == [47.0, 19.0, 23.0]
+    assert [d.budget_gb for d in placement_devices(gpus, Settings(gpu_memory_gb=10, gpus={"cap_gb": {0: 20}}))] == [
+        10.0, 10.0, 10.0]  # a cap only ever lowers a budget
+
+
+@pytest.mark.parametrize("gpus", [{"devices": [0, 7]}, {"cap_gb": {"GPU-9": 20}}])
+def test_settings_naming_a_gpu_the_pod_lacks_are_refused(gpus: dict[str, Any]) -> None:
+    with pytest.raises(InventoryError, match=r"settings\.gpus\.\w+ names GPU (7|'GPU-9'), which is none of "
+                                             r"the GPUs the orchestrator may use \(0 GPU-00aa, 1 GPU-11aa, "):
+        placement_devices([gpu(0, 48), gpu(1, 48)], Settings(gpus=gpus))
+    assert placement_devices([], Settings(gpus=gpus)) == []  # no GPU at all (CPU services): nothing to place on
 
 
 def test_a_start_fills_gpu_memory_utilization_from_its_gpus() -> None:

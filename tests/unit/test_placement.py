@@ -175,3 +175,41 @@ def test_a_childs_fraction_is_its_claim_over_its_own_gpus_total(pod: tuple[list[
         assert nvml == placed_index
         fraction = vllm_utilization(share, totals[nvml])
         assert share / totals[nvml] * GIB - 1e-4 <= fraction <= share / totals[nvml] * GIB
+
+
+# --- memory other processes hold (Device.others_gb, read by foreign_memory.py) ------------------
+
+def crowded(index: int, others_gb: float, kind: str = "4090") -> Device:
+    return Device(index, 24.0, kind, total_gb=24.0, reserve_gb=0.0, others_gb=others_gb)
+
+
+def test_a_gpu_other_processes_crowd_is_avoided() -> None:
+    pod = views(v("a", READY, 4, (0,)), v("new"))
+    assert place("new", pod, TWO_4090) == Placement((0,), ())  # pack: beside a
+    assert place("new", pod, [crowded(0, 12.0), crowded(1, 0.0)]) == Placement((1,), ())  # 8 GB left there
+
+
+def test_room_is_made_beside_what_others_hold_and_without_room_the_claims_decide() -> None:
+    pod = views(v("idle", READY, 8, (0,)), v("new", vram_gb=10))
+    one = [Device(0, 24.0, "4090", total_gb=24.0, reserve_gb=1.0, others_gb=8.0)]  # 24 - 8 - 1 = 15 GB room
+    assert place("new", pod, one) == Placement((0,), ("idle",))  # declared alone, 10 fits beside 8
+    assert place("new", pod, [crowded(0, 20.0)]) == Placement((0,), ())  # no room even alone: as declared
+    assert crowded(0, 20.0).within_room().budget_gb == 4.0 and crowded(0, 0.0).within_room() == crowded(0, 0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pods(), st.lists(st.sampled_from([0.0, 4.0, 16.0, 30.0]), min_size=4, max_size=4))
+def test_others_memory_steers_but_never_refuses(pod: tuple[list[Device], dict[str, ModelView]],
+                                                others: list[float]) -> None:
+    """With others' memory: refused exactly where the declared claims refuse, and where any placement fits
+    within what others leave, the one chosen does."""
+    devices, models = pod
+    seen = [Device(d.index, d.budget_gb, d.kind, total_gb=d.budget_gb, others_gb=others[d.index]) for d in devices]
+    result = place("t", models, seen)
+    assert (result is None) == (place("t", models, devices) is None)
+    if result is None or place("t", models, [d.within_room() for d in seen]) is None:
+        return
+    used = used_gb(models, seen, {"t", *result.victims})
+    for i in result.devices:
+        room = seen[i].within_room().budget_gb
+        assert used[i] + (room if models["t"].vram_gb is None else models["t"].vram_gb) <= room + 1e-9

@@ -4,7 +4,8 @@ Three scopes:
 
 * public: ``/health``, which says only that the orchestrator is up, and the dashboard's static
   files (``/``, ``/ui/...``: no data; the page calls the admin routes with the key typed in);
-* client: the OpenAI routes (``POST /v1/...``, ``GET /v1/models``); client or admin keys;
+* client: the OpenAI routes (``POST /v1/...``, ``GET /v1/models``) and the rerank routes of Jina's
+  and Cohere's shape (``POST /rerank``, ``/v2/rerank``: routing.ROOT_ROUTES); client or admin keys;
 * admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/metrics``,
   ``/docs``, ``/openapi.json``); admin keys only.
 

@@ -164,8 +164,10 @@ def used_gb(views: Mapping[str, ModelView], devices: Sequence[Device], skip: set
 
 
 def _short(view: ModelView, chosen: set[int], used: dict[int, float], by_index: dict[int, Device]) -> set[int]:
-    """The GPUs of ``chosen`` where ``view`` does not fit yet (a rounding crumb is not a shortage)."""
-    return {i for i in chosen if by_index[i].budget_gb - used[i] < need_gb(view, by_index[i]) - _EPSILON_GB}
+    """The GPUs of ``chosen`` where ``view`` does not fit yet (a rounding crumb is not a shortage); a GPU with
+    no budget at all (others hold all of it) holds no whole-GPU model either."""
+    return {i for i in chosen if (view.vram_gb is None and by_index[i].budget_gb <= 0)
+            or by_index[i].budget_gb - used[i] < need_gb(view, by_index[i]) - _EPSILON_GB}
 
 
 def victims_for(target: str, chosen: tuple[int, ...], views: Mapping[str, ModelView],

@@ -32,7 +32,17 @@ from collections.abc import Iterable
 import aiohttp
 from yarl import URL
 
-from core.common.asgi import ClientGone, DisconnectWatcher, Receive, Scope, Send, content_length, read_body, send_error
+from core.common.asgi import (
+    ClientGone,
+    DisconnectWatcher,
+    Receive,
+    Scope,
+    Send,
+    content_length,
+    header,
+    read_body,
+    send_error,
+)
 from core.common.errors import ServiceError, error_body
 from core.common.sse import sse_event
 from core.config.schema import Limits, ModelSpec
@@ -41,11 +51,13 @@ from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker
 from model_orchestrator.loading import Answer, admit
 from model_orchestrator.metrics import Metrics
+from model_orchestrator.multipart import is_form
 from model_orchestrator.paths import upstream_query, upstream_target
 from model_orchestrator.refusals import Refused, http_error
 from model_orchestrator.routing import (
     ModelIndex,
     body_limit,
+    parse_form_model,
     parse_model,
     problem_error,
     split_upstream_path,
@@ -101,11 +113,16 @@ class Proxy:
     # -- entry points --------------------------------------------------------------
 
     async def openai_route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /v1/...: the body's ``model`` (or the endpoint's default) picks the service."""
+        """POST /v1/...: the body's ``model`` (or the endpoint's default) picks the service: a JSON body's, or
+        a form's field (a multipart body starts with its boundary, "--": JSON never does)."""
         began = time.monotonic()
         try:
             body = await self._read_body(scope, receive)
-            spec, body, stream = await self._route_json(scope["path"], body)
+            if body[:2] == b"--" and is_form(content_type := header(scope["headers"], b"content-type")):
+                requested, stream = parse_form_model(body, content_type or b"")  # an upload: forwarded unchanged
+                spec = self.index.resolve(requested, scope["path"])
+            else:
+                spec, body, stream = await self._route_json(scope["path"], body)
         except ServiceError as exc:
             await send_error(send, exc)
             return

@@ -15,15 +15,24 @@ from core.common.errors import ServiceError
 from core.config.schema import Limits, ModelSpec, ModelType, OrchestratorConfig
 from core.supervision.park_client import private_paths
 from model_orchestrator.json_worker import BodyProblem, parse_object, requested_model, with_model
+from model_orchestrator.multipart import FormProblem, form_fields
 
 # The OpenAI routes the orchestrator dispatches by model, and the model type each serves.
 ENDPOINT_TYPES: Mapping[str, ModelType] = {
     "/v1/chat/completions": "text",
     "/v1/completions": "text",
     "/v1/embeddings": "embedding",
+    "/v1/rerank": "rerank",  # and the same body at Jina's (vLLM's) and Cohere v2's paths:
+    "/rerank": "rerank",
+    "/v2/rerank": "rerank",
     "/v1/images/generations": "image",
     "/v1/audio/speech": "audio",
+    "/v1/audio/transcriptions": "transcription",  # multipart uploads: ``model`` is a form field (multipart.py)
+    "/v1/audio/translations": "transcription",
 }
+
+# The model routes outside /v1 (client scope, dispatched by model like /v1's; model_orchestrator.auth).
+ROOT_ROUTES = frozenset(route for route in ENDPOINT_TYPES if not route.startswith("/v1/"))
 
 # Routes whose bodies are uploads (multipart files), allowed the larger upload_body_mb.
 UPLOAD_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits",
@@ -135,6 +144,17 @@ def parse_model(body: bytes, max_depth: int = 64) -> tuple[str | None, dict[str,
         return requested_model(data), data
     except BodyProblem as exc:
         raise problem_error(exc) from None
+
+
+def parse_form_model(body: bytes, content_type: bytes) -> tuple[str | None, bool]:
+    """(the form's ``model`` or None, whether it asks for a stream) of a multipart/form-data body; 400 if
+    the body is not the form its Content-Type says (multipart.py)."""
+    try:
+        fields = form_fields(body, content_type)
+    except FormProblem as exc:
+        raise ServiceError(400, f"Could not parse the multipart/form-data body: {exc}.", "invalid_multipart") \
+            from None
+    return fields.get("model") or None, fields.get("stream", "").lower() == "true"
 
 
 def problem_error(problem: BodyProblem) -> ServiceError:

@@ -68,6 +68,7 @@ REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "image": ("/v1/images/generations", {"prompt": "a red fox", "size": "64x64", "n": 1}),
     "audio": ("/v1/audio/speech", {"input": "calm piano", "voice": "alloy", "response_format": "wav", "duration": 1}),
     "embedding": ("/v1/embeddings", {"input": ["a cat sits"]}),
+    "rerank": ("/v1/rerank", {"query": "where do cats sit", "documents": ["a cat sits on the mat", "gpus"]}),
 }
 
 
@@ -84,6 +85,8 @@ def _answered(kind: str, response: httpx.Response) -> str:
         return f"replied {body['choices'][0]['message']['content']!r}"
     if kind == "image":
         return f"{len(body['data'][0]['b64_json'])} base64 chars of PNG"
+    if kind == "rerank":
+        return f"ranked {len(body['results'])} documents, best score {body['results'][0]['relevance_score']:.3f}"
     return f"{len(body['data'][0]['embedding'])} dimensions"
 
 

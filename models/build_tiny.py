@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / ".cache" / "tiny-models"
 # name → module with `build(out_dir: Path) -> Path` (returns the folder to pass as --model)
-BUILDERS = {"text": "models.vllm.tiny", "image": "models.flux.tiny", "music": "models.musicgen.tiny"}
+BUILDERS = {"text": "models.vllm.tiny", "image": "models.flux.tiny", "music": "models.musicgen.tiny",
+            "rerank": "models.rerank.tiny"}
 
 
 def portable_tokenizer_configs(folder: Path) -> None:

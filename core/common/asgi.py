@@ -44,6 +44,11 @@ class BodyRefused(ServiceError):
 # -- the request body ---------------------------------------------------------------------
 
 
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case, as ASGI servers give names), or None."""
+    return next((value for key, value in headers if key == name), None)
+
+
 def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     for name, value in headers:
         if name == b"content-length":

@@ -29,7 +29,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from core.config.park import ParkSpec
 from core.config.strict_model import Strict as _Strict
 
-ModelType = Literal["text", "image", "audio", "embedding", "custom"]
+ModelType = Literal["text", "image", "audio", "transcription", "embedding", "rerank", "custom"]
 Placement = Literal["pack", "spread"]
 
 
@@ -79,7 +79,8 @@ class WeightsSpec(_Strict):
 class ModelSpec(_Strict):
     """One model service: how to start it, where it listens, and how to schedule it."""
 
-    type: ModelType = Field(description="What the model serves: text, image, audio, embedding or custom.")
+    type: ModelType = Field(description="What the model serves: text, image, audio (speech or music out), "
+                            "transcription (speech in), embedding, rerank or custom.")
     service_script: str | None = Field(
         None, description="Python file of a BaseService server, started as `python SCRIPT --host H --port P`."
     )

@@ -28,12 +28,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict
 
-from core.base_service import BaseService
 from core.common.errors import bad_request
-from core.host.memory_share import cap_torch_memory, release_cached_memory
-from core.runtime.devices import resolve_device
-from core.runtime.host_copy import HostCopy, ParksWithHostCopy
-from core.runtime.worker import JobContext, Worker
+from core.runtime.single_model import SingleModelService
+from core.runtime.worker import JobContext
 
 if TYPE_CHECKING:
     import numpy as np
@@ -116,23 +113,15 @@ def encode_vector(vector: NDArray[np.float32], encoding_format: str) -> list[flo
     return [float(x) for x in vector.tolist()]
 
 
-class EmbeddingsService(ParksWithHostCopy, BaseService):
+class EmbeddingsService(SingleModelService):
     name = "embeddings"
     engine_modules = ("torch", "sentence_transformers")
     default_port = 8004
-
-    def __init__(self) -> None:
-        super().__init__()
-        # One forward pass at a time; a request whose client left stops before its next batch.
-        # After each job only a young-generation collection: a full one costs ~0.3 s in this
-        # process, 15 short requests' worth. Without CUDA in use that returns at once.
-        self.worker = Worker(self.name, after_job=lambda: release_cached_memory(full_collection=False))
-        self.weights: HostCopy | None = None  # what parking moves (core/runtime/parking.py)
+    model: SentenceTransformer
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                            help="where to run the model (auto: cuda when available)")
+        super().add_arguments(parser)  # --device
         parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                             help="return unit-length vectors, so dot product = cosine (default: on)")
         parser.add_argument("--max-batch", type=int, default=256, help="most inputs in one request")
@@ -144,25 +133,12 @@ class EmbeddingsService(ParksWithHostCopy, BaseService):
         if not self.model_path:
             packaged = await asyncio.to_thread(packaged_model)
             self.model_path = str(packaged) if packaged else HUB_MODEL
-        self.model: SentenceTransformer = await self.worker.run(self.load_model, label="load")
+        self.model = await self.worker.run(self.load_model, label="load")
         self.dimension = int(self.model.get_embedding_dimension() or 0)
         log.info("%s: loaded %s (%d dimensions) on %s in %.1fs", self.name, self.model_path, self.dimension,
                  self.model.device, time.monotonic() - started)
 
-    def load_model(self, ctx: JobContext) -> SentenceTransformer:
-        """The model on its device, and ``self.weights`` to park it with."""
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # no "Loading weights" bars in the service log
-
-        device = resolve_device(self.options.device)
-        cap_torch_memory(self.vram_gb, device)  # before any weights reach the GPU
-        model = self.sentence_transformer(device)
-        # Level 2 reloads the weights the way they were loaded here, straight onto the device.
-        self.weights = HostCopy([model], device, loader=lambda: [self.sentence_transformer(device)])
-        return model
-
-    def sentence_transformer(self, device: str) -> SentenceTransformer:
+    def build(self, device: str) -> SentenceTransformer:
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(str(self.model_path), device=device)
@@ -171,17 +147,6 @@ class EmbeddingsService(ParksWithHostCopy, BaseService):
 
     async def warmup(self) -> None:
         await self.worker.run(self.embed, ["warm up"], None, "float", label="warm-up")
-
-    async def unload(self) -> None:
-        await self.worker.close()  # the model stays until the job using it has ended
-        if self.weights is not None:
-            self.weights.close()  # the host copy, if parked once
-            self.weights = None
-        if getattr(self, "model", None) is not None:
-            del self.model
-            release_cached_memory()
-
-    # -- parking (core/runtime/parking.py): the weights, moved on the worker between requests ---------------
 
     def check_options(self, request: EmbeddingRequest) -> str:
         """The encoding format after checking ``encoding_format`` and ``dimensions``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `models`
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from core.runtime.parking import MemoryUse, ParkLevel
 from models.echo.server import EchoEngine, EchoService
@@ -160,13 +161,24 @@ class FakeService(EchoService):
         async def whoami() -> dict[str, Any]:
             return self.identity("/whoami")
 
-        for path in ("/v1/embeddings", "/v1/images/generations", "/v1/audio/speech"):
+        for path in ("/v1/embeddings", "/v1/images/generations", "/v1/audio/speech", "/v1/rerank", "/rerank",
+                     "/v2/rerank"):
             app.add_api_route(path, self._identity_route(path), methods=["POST"])
+        for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            app.add_api_route(path, self._upload_route(path), methods=["POST"])
 
         @app.post("/sleep")
         async def sleep(seconds: float = 5.0) -> dict[str, Any]:
             await asyncio.sleep(seconds)
             return self.identity("/sleep")
+
+    def _upload_route(self, path: str) -> Any:
+        """Who answered, and a digest of the body as it arrived (proof that the proxy passed it on unchanged)."""
+        async def route(request: Request) -> dict[str, Any]:
+            body = await request.body()
+            return {**self.identity(path), "body_sha256": hashlib.sha256(body).hexdigest(),
+                    "content_type": request.headers.get("content-type")}
+        return route
 
     def _identity_route(self, path: str) -> Any:
         async def route() -> dict[str, Any]:

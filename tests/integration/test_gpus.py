@@ -168,7 +168,8 @@ PROFILE = REPO / "model-orchestrator" / "models.yaml"
 ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
     "text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
     "embedding": ("/v1/embeddings", {"input": "hi"}), "audio": ("/v1/audio/speech", {"input": "hi"}),
-    "image": ("/v1/images/generations", {"prompt": "a cat"})}
+    "image": ("/v1/images/generations", {"prompt": "a cat"}), "rerank": ("/v1/rerank", {"query": "q",
+                                                                                       "documents": ["d"]})}
 
 
 def test_the_gpu_profiles_models_on_two_24_gb_gpus(orchestrator: Any, tmp_path: Path) -> None:
@@ -193,14 +194,17 @@ def test_the_gpu_profiles_models_on_two_24_gb_gpus(orchestrator: Any, tmp_path: 
         return placed(orch)[0]
 
     qwen, minilm, musicgen, flux = "qwen2.5-7b-instruct", "all-minilm-l6-v2", "musicgen-medium", "flux.1-schnell"
+    rerank = "bge-reranker-v2-m3"
     assert use(qwen)[qwen] == ("ready", [0])
     assert use(minilm)[minilm] == ("ready", [0])  # pack: the 1.5 GB left beside Qwen (22 + 0.5)
     assert use(musicgen)[musicgen] == ("ready", [1])  # fits no longer on GPU 0: GPU 1, nothing evicted
     states = use(flux)  # 18.5 GB on each card: Qwen parks from GPU 0, MusicGen from GPU 1; MiniLM stays
     assert states == {qwen: ("parked", [0]), minilm: ("ready", [0]), musicgen: ("parked", [1]),
-                      flux: ("ready", [0, 1])}
-    states = use(qwen)  # restores onto GPU 0: MiniLM and FLUX (on both) make room; MusicGen is not touched
-    assert states[qwen] == ("ready", [0]) and states[musicgen] == ("parked", [1])
+                      flux: ("ready", [0, 1]), rerank: ("stopped", [])}
+    # 3.5 GB: 2.5 left on GPU 0 (FLUX, MiniLM, parked Qwen's 1.5), 5 on GPU 1 (FLUX, parked MusicGen's 0.5)
+    assert use(rerank)[rerank] == ("ready", [1])
+    states = use(qwen)  # restores onto GPU 0: MiniLM and FLUX (on both) make room; GPU 1's are not touched
+    assert states[qwen] == ("ready", [0]) and states[musicgen] == ("parked", [1]) and states[rerank] == ("ready", [1])
     assert states[flux][0] == "parked" and states[minilm][0] == "parked"
 
 

@@ -45,6 +45,7 @@ from model_orchestrator import auth
 from model_orchestrator.http_server import server_options
 from model_orchestrator.orchestrator import OrchestratorApp
 from model_orchestrator.paths import canonical_path
+from model_orchestrator.routing import ROOT_ROUTES
 from tests.integration import raw_http
 from tests.integration.conftest import (
     REPO,
@@ -192,7 +193,9 @@ ENCODED_ADMIN_ROUTES = [("GET", "/%73tatus"), ("GET", "/%6Detrics"), ("GET", "/%
                         ("POST", "/%61dmin/models/b/load"), ("GET", "/%75pstream/a/health"),
                         ("GET", "/upstream/%61/health"), ("GET", "/%64ocs"), ("GET", "/openapi%2Ejson")]
 # ... and dressed up as OpenAI routes: refused before any route is picked.
-DISGUISED_ADMIN_ROUTES = [("GET", "/v1/..%2fstatus"), ("GET", "/v1/models/../../status"),
+DISGUISED_ADMIN_ROUTES = [("POST", "/rerank/..%2fadmin/models/b/load"), ("POST", "/v2/rerank/%2e%2e/%2e%2e/status"),
+                          ("POST", "/rerank/../upstream/a/whoami"), ("GET", "/v2/%2e%2e/status"),
+                          ("GET", "/v1/..%2fstatus"), ("GET", "/v1/models/../../status"),
                           ("GET", "/v1/models/%2e%2e/%2e%2e/metrics"), ("POST", "/v1/%2e%2e/admin/models/b/load"),
                           ("POST", "/v1/chat/../../upstream/a/whoami"), ("GET", "/v1/%252e%252e/logs/a"),
                           ("POST", "/v1/.%2e/%2e./admin/models/b/load"), ("GET", "//status"), ("GET", "/%2fstatus"),
@@ -233,6 +236,23 @@ def test_another_models_custom_endpoint_is_a_404_that_starts_nothing(served: Ser
     error = envelope(raw_http.request(served.port, "POST", "/v1/ner", AS_CLIENT, body), 404, "route_not_served")
     assert f"'{model}'" in error["message"] and "/v1/ner" in error["message"] and error["param"] == "model"
     unchanged(served, before)  # b not started (nor a parked to make room for it); a not sent the request
+
+
+# The rerank routes outside /v1 (routing.ROOT_ROUTES, client scope) are model routes too: a model of another
+# type is refused before it starts, and the routes' near misses are no model's.
+@pytest.mark.parametrize(("target", "status", "code"), [
+    ("/rerank", 404, "route_not_served"), ("/v2/rerank", 404, "route_not_served"), ("/%72erank", 404,
+                                                                                  "route_not_served"),
+    ("/rerank/whoami", 404, "not_found"), ("/v2/rerank/x", 404, "not_found"), ("/v3/rerank", 404, "not_found"),
+    ("/rerank/%2e%2e/offload?level=1", 400, "invalid_path"), ("/v2/rerank/..%2fwhoami", 400, "invalid_path"),
+])
+@pytest.mark.parametrize("model", ["a", "b"])
+def test_the_rerank_routes_reach_rerank_models_only(served: Served, target: str, status: int, code: str,
+                                                     model: str) -> None:
+    before = served.snapshot()
+    body = json.dumps({"model": model, "query": "q", "documents": ["d"]}).encode()
+    envelope(raw_http.request(served.port, "POST", target, AS_CLIENT, body), status, code)
+    unchanged(served, before)
 
 
 # --- d. in process: generated paths through the orchestrator's app -------------------------------------------
@@ -466,10 +486,11 @@ def decision(raw: bytes) -> str | None:
 EXAMPLES = settings(max_examples=150, deadline=None, derandomize=True, database=None, print_blob=False)
 
 
-def test_a_client_key_reaches_only_v1_paths_and_the_service_gets_the_path_decided_on(tmp_path: Path) -> None:
+def test_a_client_key_reaches_only_model_routes_and_the_service_gets_the_path_decided_on(tmp_path: Path) -> None:
     def check(h: InProcess, loop: asyncio.AbstractEventLoop) -> None:
         @EXAMPLES
-        @given(prefix=st.sampled_from(["/v1/", "/v1/", "/%76%31/", "/v%31%2F", "/v1%2f"]), tail=tails(),
+        @given(prefix=st.sampled_from(["/v1/", "/v1/", "/%76%31/", "/v%31%2F", "/v1%2f", "/rerank/", "/v2/rerank/",
+                                       "/%72erank%2f"]), tail=tails(),
                model=st.sampled_from(["m", "v"]))
         @example(prefix="/v1/", tail="%2e%2e/offload?level=1", model="m")
         @example(prefix="/v1/", tail="%252e%252e/offload?level=1", model="m")
@@ -482,7 +503,8 @@ def test_a_client_key_reaches_only_v1_paths_and_the_service_gets_the_path_decide
                 return
             seen, decided, where = forwarded
             assert seen.path == decided, where  # sent as decided on
-            assert seen.path.startswith("/v1/") and normalising_keeps(seen.path), where
+            assert seen.path.startswith("/v1/") or seen.path in ROOT_ROUTES, where
+            assert normalising_keeps(seen.path), where
 
         one()
 

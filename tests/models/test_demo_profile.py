@@ -11,6 +11,7 @@ import base64
 import io
 import wave
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -48,7 +49,7 @@ def client(orch: Orchestrator) -> openai.OpenAI:
 
 def test_models_list(client: openai.OpenAI) -> None:
     assert {m.id for m in client.models.list().data} == {"tiny-qwen", "tiny-flux", "tiny-musicgen", "all-minilm",
-                                                         "echo"}
+                                                         "tiny-rerank", "echo"}
 
 
 def test_chat_and_stream(client: openai.OpenAI) -> None:
@@ -138,6 +139,22 @@ def test_metrics_show_every_family_after_the_demo_served(client: openai.OpenAI, 
     assert {"tiny-qwen", "tiny-flux", "tiny-musicgen", "all-minilm"} <= models
     parks = {s.labels["model"]: s.value for s in families["aio_model_parks"].samples}
     assert parks["tiny-flux"] >= 1  # the eviction test above parked it
+
+
+def test_rerank_by_alias_and_by_default(client: openai.OpenAI, orch: Orchestrator) -> None:
+    """Rerank has no method in the openai client; its low-level post sends it the way an SDK would. Runs
+    after the eviction tests: making room for it may evict one more model."""
+    body: dict[str, Any] = {"model": "rerank", "query": "where does the cat sit", "top_n": 2,
+            "documents": ["the cat sits on the mat", "paris is the capital of france", {"text": "a dog"}]}
+    answer = client.post("/rerank", body=body, cast_to=httpx.Response).json()
+    assert answer["model"] == "tiny-rerank" and len(answer["results"]) == 2
+    assert answer["results"][0]["relevance_score"] >= answer["results"][1]["relevance_score"]
+    assert answer["results"][0]["document"] in ({"text": body["documents"][0]}, {"text": body["documents"][1]},
+                                                body["documents"][2])
+    default = httpx.post(orch.url + "/rerank", json={k: v for k, v in body.items() if k != "model"}, timeout=60)
+    assert default.status_code == 200 and default.json()["results"] == answer["results"]
+    with pytest.raises(openai.NotFoundError, match="is an embedding model and does not serve /v1/rerank"):
+        client.post("/rerank", body={**body, "model": "all-minilm"}, cast_to=httpx.Response)
 
 
 def test_unknown_model_is_a_not_found_error(client: openai.OpenAI) -> None:

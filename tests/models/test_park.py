@@ -52,6 +52,13 @@ def float32_bytes(response: httpx.Response) -> bytes:
 IMAGE = Request("/v1/images/generations", {"prompt": "a tiny red fox", "size": "64x64", "seed": 7}, first_image)
 AUDIO = Request("/v1/audio/speech", {"input": "calm piano", "voice": "alloy", "duration": 0.5, "seed": 3},
                 lambda response: response.content)  # a WAV: every sample
+def scores(response: httpx.Response) -> bytes:
+    return repr([(r["index"], r["relevance_score"]) for r in response.json()["results"]]).encode()
+
+
+SCORES = Request("/v1/rerank", {"query": "where does the cat sit", "documents": ["the cat sits on the mat",
+                                                                              "paris is the capital of france"]},
+                 scores)
 VECTORS = Request("/v1/embeddings", {"input": ["A man is eating food.", "The new movie is awesome."],
                                      "encoding_format": "base64"}, float32_bytes)
 
@@ -79,6 +86,15 @@ def musicgen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 @pytest.fixture(scope="module")
 def embeddings() -> Iterator[Service]:
     with followed("models/embeddings/server.py") as service:  # the packaged all-MiniLM-L6-v2
+        yield service
+
+
+@pytest.fixture(scope="module")
+def rerank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from models.rerank import tiny as builder
+
+    model = builder.build(tmp_path_factory.mktemp("rerank-tiny"))
+    with followed("models/rerank/server.py", "--model", str(model)) as service:
         yield service
 
 
@@ -120,6 +136,11 @@ def test_musicgen_parks_and_generates_the_same_samples(musicgen: Service, level:
 @pytest.mark.parametrize("level", [1, 2])
 def test_embeddings_park_and_give_the_same_vectors(embeddings: Service, level: int) -> None:
     park_and_restore(embeddings, VECTORS, level)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_rerank_parks_and_gives_the_same_scores(rerank: Service, level: int) -> None:
+    park_and_restore(rerank, SCORES, level)
 
 
 def test_a_second_park_copies_nothing(embeddings: Service) -> None:

@@ -1,4 +1,4 @@
-"""The image, music and embedding services on the torch 2.9.1 stack's libraries (the design's image).
+"""The image, music, embedding and rerank services on the torch 2.9.1 stack's libraries (the design's image).
 
 On a pod whose image has torch 2.9.1, the services run on models/requirements-services-torch291.txt:
 transformers 4.57, diffusers 0.39, sentence-transformers 5.7 and huggingface-hub 0.36, because
@@ -22,6 +22,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -102,6 +103,19 @@ def test_musicgen_answers_with_audio(stack_python: Path, tiny: dict[str, Path]) 
             model="musicgen", voice="alloy", input="a calm piano", extra_body={"duration": 1})
     wav = audio.content
     assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE" and len(wav) > 1000
+
+
+def test_rerank_answers_on_sentence_transformers_57(stack_python: Path, tmp_path: Path) -> None:
+    from models.rerank import tiny as builder
+
+    model = builder.build(tmp_path / "rerank")
+    with running_service("models/rerank/server.py", "--model", str(model), "--max-length", "8",
+                         python=str(stack_python)) as (_, url):
+        body = {"query": "where does the cat sit", "documents": ["the cat sits on the mat", "paris"], "top_n": 1}
+        reply = OpenAI(base_url=url + "/v1", api_key="unused").post("/rerank", body=body, cast_to=httpx.Response)
+        answer = reply.json()
+    assert len(answer["results"]) == 1 and 0 < answer["results"][0]["relevance_score"] < 1
+    assert answer["usage"]["total_tokens"] == 2 * 8  # each pair (over 8 tokens) cut at --max-length 8
 
 
 def test_embeddings_answer_on_sentence_transformers_57(stack_python: Path) -> None:

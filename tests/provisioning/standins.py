@@ -26,6 +26,7 @@ DECOYS = {
     "facebook/musicgen-medium": ["state_dict.bin", "compression_state_dict.bin", "README.md"],
     "Qwen/Qwen2.5-7B-Instruct": ["README.md", "LICENSE"],
     "sentence-transformers/all-MiniLM-L6-v2": ["pytorch_model.bin", "onnx/model.onnx", "README.md"],
+    "BAAI/bge-reranker-v2-m3": ["sentencepiece.bpe.model", "README.md"],
 }
 
 
@@ -61,11 +62,18 @@ def _embeddings(folder: Path) -> None:
         archive.extractall(folder)
 
 
+def _rerank(folder: Path) -> None:
+    from models.rerank.tiny import build
+
+    build(folder)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "Qwen/Qwen2.5-7B-Instruct": _text,
     "black-forest-labs/FLUX.1-schnell": _image,
     "facebook/musicgen-medium": _music,
     "sentence-transformers/all-MiniLM-L6-v2": _embeddings,
+    "BAAI/bge-reranker-v2-m3": _rerank,
 }
 
 

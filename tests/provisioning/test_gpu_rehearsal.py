@@ -144,7 +144,7 @@ def served(pod: dict[str, Any]) -> Iterator[str]:
                            env=pod["env"], capture_output=True, text=True, timeout=300, check=False)
     assert start.returncode == 0, start.stdout + start.stderr
     names = ", ".join(load_config(PROFILE).models)
-    assert f"serving {pod['data'] / 'models.yaml'}: OK, 5 models: {names}" in start.stdout
+    assert f"serving {pod['data'] / 'models.yaml'}: OK, 6 models: {names}" in start.stdout
     yield f"http://127.0.0.1:{port}"
     subprocess.run([str(REPO / "scripts" / "stop-all.sh")], env=pod["env"], capture_output=True, timeout=300,
                    check=False)
@@ -167,6 +167,9 @@ def test_every_model_type_answers_through_the_openai_client(pod: dict[str, Any],
     assert speech.content.startswith(b"RIFF")
     vectors = client.embeddings.create(model="text-embedding-3-small", input=["a cat sits", "a dog runs"])
     assert [len(v.embedding) for v in vectors.data] == [384, 384]
+    ranked = client.post("/rerank", cast_to=httpx.Response, body={  # no rerank method in the client
+        "model": "rerank-v3.5", "query": "where do cats sit", "documents": ["a cat sits", "gpus"], "top_n": 1})
+    assert ranked.json()["model"] == "bge-reranker-v2-m3" and len(ranked.json()["results"]) == 1
 
 
 def _tool_call_and_schema(client: OpenAI, no_space: dict[str, int]) -> None:

@@ -26,6 +26,8 @@ KEYS = Keys.of(["client-1", "client-2"], ["admin-1"])
     ("POST", "/v1/images/generations", Access.CLIENT),
     ("GET", "/v1/models", Access.CLIENT),
     ("GET", "/v1/models/org/qwen", Access.CLIENT),
+    ("POST", "/rerank", Access.CLIENT),  # Jina's and Cohere's rerank paths (routing.ROOT_ROUTES)
+    ("POST", "/v2/rerank", Access.CLIENT),
     ("GET", "/nowhere", Access.CLIENT),  # a client gets its 404; no key gets 401
     ("GET", "/status", Access.ADMIN),
     ("GET", "/logs/qwen", Access.ADMIN),

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import shutil
 import sys
+import wave
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +70,20 @@ REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "image": ("/v1/images/generations", {"prompt": "a red fox", "size": "64x64", "n": 1}),
     "audio": ("/v1/audio/speech", {"input": "calm piano", "voice": "alloy", "response_format": "wav", "duration": 1}),
     "embedding": ("/v1/embeddings", {"input": ["a cat sits"]}),
+    "transcription": ("/v1/audio/transcriptions", {}),
     "rerank": ("/v1/rerank", {"query": "where do cats sit", "documents": ["a cat sits on the mat", "gpus"]}),
 }
+
+
+def _silence(seconds: float = 1.0, rate: int = 16_000) -> bytes:
+    """A WAV of silence, to ask a speech-to-text model for a transcript."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(b"\0\0" * int(seconds * rate))
+    return out.getvalue()
 
 
 def _answered(kind: str, response: httpx.Response) -> str:
@@ -85,6 +99,8 @@ def _answered(kind: str, response: httpx.Response) -> str:
         return f"replied {body['choices'][0]['message']['content']!r}"
     if kind == "image":
         return f"{len(body['data'][0]['b64_json'])} base64 chars of PNG"
+    if kind == "transcription":
+        return f"transcribed a second of silence: {body.get('text', '')!r}"
     if kind == "rerank":
         return f"ranked {len(body['results'])} documents, best score {body['results'][0]['relevance_score']:.3f}"
     return f"{len(body['data'][0]['embedding'])} dimensions"
@@ -94,9 +110,13 @@ async def request_model(client: httpx.AsyncClient, spec: ModelSpec) -> Check:
     if spec.type not in REQUESTS:
         return Check(spec.name, True, f"type {spec.type}: no standard request, skipped")
     route, body = REQUESTS[spec.type]
+    timeout = spec.startup_time + spec.request_timeout
     try:
-        response = await client.post(route, json={"model": spec.name, **body},
-                                     timeout=spec.startup_time + spec.request_timeout)
+        if spec.type == "transcription":  # a form: the audio file and the model
+            response = await client.post(route, data={"model": spec.name}, files={"file": ("silence.wav", _silence())},
+                                         timeout=timeout)
+        else:
+            response = await client.post(route, json={"model": spec.name, **body}, timeout=timeout)
         return Check(spec.name, True, _answered(spec.type, response))
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
         return Check(spec.name, False, f"{route}: {type(exc).__name__}: {exc}")

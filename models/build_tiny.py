@@ -19,21 +19,25 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / ".cache" / "tiny-models"
 # name → module with `build(out_dir: Path) -> Path` (returns the folder to pass as --model)
 BUILDERS = {"text": "models.vllm.tiny", "image": "models.flux.tiny", "music": "models.musicgen.tiny",
-            "rerank": "models.rerank.tiny"}
+            "rerank": "models.rerank.tiny", "whisper": "models.whisper.tiny"}
 
 
 def portable_tokenizer_configs(folder: Path) -> None:
     """Make the tokenizer_config.json files under ``folder`` load on transformers 4 as well as 5.
 
-    transformers 5 writes ``"extra_special_tokens": []``, a list, where 4.x (the torch 2.9.1
-    stack's) expects a mapping and fails; real checkpoints, saved by 4.x, have no empty one.
+    transformers 5 writes ``"extra_special_tokens"`` as a list, where 4.x (the torch 2.9.1 stack's)
+    expects a mapping and fails; real checkpoints, saved by 4.x, list such tokens (Whisper's language
+    and timestamp tokens) as ``additional_special_tokens``, which both read.
     """
     import json
 
     for config in folder.rglob("tokenizer_config.json"):
         spec = json.loads(config.read_text())
-        if spec.get("extra_special_tokens") in ([], {}):
+        extra = spec.get("extra_special_tokens")
+        if isinstance(extra, list) or extra == {}:
             del spec["extra_special_tokens"]
+            if extra:
+                spec["additional_special_tokens"] = extra
             config.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
 

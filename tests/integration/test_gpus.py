@@ -200,7 +200,7 @@ def test_the_gpu_profiles_models_on_two_24_gb_gpus(orchestrator: Any, tmp_path: 
     assert use(musicgen)[musicgen] == ("ready", [1])  # fits no longer on GPU 0: GPU 1, nothing evicted
     states = use(flux)  # 18.5 GB on each card: Qwen parks from GPU 0, MusicGen from GPU 1; MiniLM stays
     assert states == {qwen: ("parked", [0]), minilm: ("ready", [0]), musicgen: ("parked", [1]),
-                      flux: ("ready", [0, 1]), rerank: ("stopped", [])}
+                      flux: ("ready", [0, 1]), rerank: ("stopped", []), "whisper-large-v3-turbo": ("stopped", [])}
     # 3.5 GB: 2.5 left on GPU 0 (FLUX, MiniLM, parked Qwen's 1.5), 5 on GPU 1 (FLUX, parked MusicGen's 0.5)
     assert use(rerank)[rerank] == ("ready", [1])
     states = use(qwen)  # restores onto GPU 0: MiniLM and FLUX (on both) make room; GPU 1's are not touched

@@ -49,7 +49,7 @@ def client(orch: Orchestrator) -> openai.OpenAI:
 
 def test_models_list(client: openai.OpenAI) -> None:
     assert {m.id for m in client.models.list().data} == {"tiny-qwen", "tiny-flux", "tiny-musicgen", "all-minilm",
-                                                         "tiny-rerank", "echo"}
+                                                         "tiny-rerank", "tiny-whisper", "echo"}
 
 
 def test_chat_and_stream(client: openai.OpenAI) -> None:
@@ -155,6 +155,18 @@ def test_rerank_by_alias_and_by_default(client: openai.OpenAI, orch: Orchestrato
     assert default.status_code == 200 and default.json()["results"] == answer["results"]
     with pytest.raises(openai.NotFoundError, match="is an embedding model and does not serve /v1/rerank"):
         client.post("/rerank", body={**body, "model": "all-minilm"}, cast_to=httpx.Response)
+
+
+def test_a_transcription_through_the_orchestrator(client: openai.OpenAI) -> None:
+    """The form's model field routes it (an alias here, after the file in the client's encoding)."""
+    from tests.models.test_whisper import tone
+
+    heard = client.audio.transcriptions.create(model="whisper-1", file=("tone.wav", tone(2.0)),
+                                               response_format="verbose_json", timestamp_granularities=["word"])
+    assert heard.duration == pytest.approx(2.0, abs=0.01) and heard.words is not None
+    subtitles = client.audio.transcriptions.create(model="tiny-whisper", file=("tone.wav", tone(1.0)),
+                                                   response_format="srt")
+    assert isinstance(subtitles, str)
 
 
 def test_unknown_model_is_a_not_found_error(client: openai.OpenAI) -> None:

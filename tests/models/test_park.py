@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 
 from tests.integration.conftest import REPO
 from tests.models.service_log import Service, followed
+from tests.models.test_whisper import tone
 
 pytest.importorskip("diffusers")
 pytest.importorskip("sentence_transformers")
@@ -36,8 +38,11 @@ class Request:
     path: str
     body: dict[str, Any]
     output: Callable[[httpx.Response], bytes]
+    upload: tuple[str, bytes] | None = None  # a file: the body's fields go as a form with it
 
     def send(self, url: str) -> httpx.Response:
+        if self.upload is not None:
+            return httpx.post(url + self.path, data=self.body, files={"file": self.upload}, timeout=120)
         return httpx.post(url + self.path, json=self.body, timeout=120)
 
 
@@ -59,6 +64,8 @@ def scores(response: httpx.Response) -> bytes:
 SCORES = Request("/v1/rerank", {"query": "where does the cat sit", "documents": ["the cat sits on the mat",
                                                                               "paris is the capital of france"]},
                  scores)
+TRANSCRIPT = Request("/v1/audio/transcriptions", {"response_format": "verbose_json", "language": "en"},
+                     lambda response: json.dumps(response.json()["segments"]).encode(), ("a.wav", tone(2.0)))
 VECTORS = Request("/v1/embeddings", {"input": ["A man is eating food.", "The new movie is awesome."],
                                      "encoding_format": "base64"}, float32_bytes)
 
@@ -86,6 +93,15 @@ def musicgen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 @pytest.fixture(scope="module")
 def embeddings() -> Iterator[Service]:
     with followed("models/embeddings/server.py") as service:  # the packaged all-MiniLM-L6-v2
+        yield service
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from models.whisper import tiny as builder
+
+    model = builder.build(tmp_path_factory.mktemp("whisper-tiny"))
+    with followed("models/whisper/server.py", "--model", str(model), "--max-new-tokens", "16") as service:
         yield service
 
 
@@ -141,6 +157,11 @@ def test_embeddings_park_and_give_the_same_vectors(embeddings: Service, level: i
 @pytest.mark.parametrize("level", [1, 2])
 def test_rerank_parks_and_gives_the_same_scores(rerank: Service, level: int) -> None:
     park_and_restore(rerank, SCORES, level)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_whisper_parks_and_gives_the_same_segments(whisper: Service, level: int) -> None:
+    park_and_restore(whisper, TRANSCRIPT, level)
 
 
 def test_a_second_park_copies_nothing(embeddings: Service) -> None:

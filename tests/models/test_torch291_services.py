@@ -1,4 +1,5 @@
-"""The image, music, embedding and rerank services on the torch 2.9.1 stack's libraries (the design's image).
+"""The image, music, embedding, rerank and speech-to-text services on the torch 2.9.1 stack's libraries
+(the design's image).
 
 On a pod whose image has torch 2.9.1, the services run on models/requirements-services-torch291.txt:
 transformers 4.57, diffusers 0.39, sentence-transformers 5.7 and huggingface-hub 0.36, because
@@ -116,6 +117,19 @@ def test_rerank_answers_on_sentence_transformers_57(stack_python: Path, tmp_path
         answer = reply.json()
     assert len(answer["results"]) == 1 and 0 < answer["results"][0]["relevance_score"] < 1
     assert answer["usage"]["total_tokens"] == 2 * 8  # each pair (over 8 tokens) cut at --max-length 8
+
+
+def test_whisper_transcribes_on_transformers_457(stack_python: Path, tmp_path: Path) -> None:
+    from models.whisper import tiny as builder
+    from tests.models.test_whisper import tone
+
+    model = builder.build(tmp_path / "whisper")
+    with running_service("models/whisper/server.py", "--model", str(model), "--max-new-tokens", "16",
+                         python=str(stack_python)) as (_, url):
+        heard = OpenAI(base_url=url + "/v1", api_key="unused").audio.transcriptions.create(
+            model="whisper-1", file=("tone.wav", tone(2.0)), response_format="verbose_json",
+            timestamp_granularities=["segment", "word"])
+    assert heard.duration == pytest.approx(2.0, abs=0.01) and heard.segments and heard.words is not None
 
 
 def test_embeddings_answer_on_sentence_transformers_57(stack_python: Path) -> None:

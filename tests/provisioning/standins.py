@@ -27,6 +27,7 @@ DECOYS = {
     "Qwen/Qwen2.5-7B-Instruct": ["README.md", "LICENSE"],
     "sentence-transformers/all-MiniLM-L6-v2": ["pytorch_model.bin", "onnx/model.onnx", "README.md"],
     "BAAI/bge-reranker-v2-m3": ["sentencepiece.bpe.model", "README.md"],
+    "openai/whisper-large-v3-turbo": ["README.md"],
 }
 
 
@@ -68,12 +69,19 @@ def _rerank(folder: Path) -> None:
     build(folder)
 
 
+def _whisper(folder: Path) -> None:
+    from models.whisper.tiny import build
+
+    build(folder)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "Qwen/Qwen2.5-7B-Instruct": _text,
     "black-forest-labs/FLUX.1-schnell": _image,
     "facebook/musicgen-medium": _music,
     "sentence-transformers/all-MiniLM-L6-v2": _embeddings,
     "BAAI/bge-reranker-v2-m3": _rerank,
+    "openai/whisper-large-v3-turbo": _whisper,
 }
 
 

@@ -31,6 +31,7 @@ from openai import OpenAI
 from core.config.load import load_config
 from core.config.render import downloads
 from tests.integration.conftest import free_port
+from tests.models.test_whisper import tone
 from tests.provisioning.hub_server import HubServer
 from tests.provisioning.standins import BUILDERS, DECOYS, standin_repo
 from tests.provisioning.test_playbook import ANSIBLE_BIN, REPO, recap, run
@@ -144,7 +145,7 @@ def served(pod: dict[str, Any]) -> Iterator[str]:
                            env=pod["env"], capture_output=True, text=True, timeout=300, check=False)
     assert start.returncode == 0, start.stdout + start.stderr
     names = ", ".join(load_config(PROFILE).models)
-    assert f"serving {pod['data'] / 'models.yaml'}: OK, 6 models: {names}" in start.stdout
+    assert f"serving {pod['data'] / 'models.yaml'}: OK, 7 models: {names}" in start.stdout
     yield f"http://127.0.0.1:{port}"
     subprocess.run([str(REPO / "scripts" / "stop-all.sh")], env=pod["env"], capture_output=True, timeout=300,
                    check=False)
@@ -170,6 +171,9 @@ def test_every_model_type_answers_through_the_openai_client(pod: dict[str, Any],
     ranked = client.post("/rerank", cast_to=httpx.Response, body={  # no rerank method in the client
         "model": "rerank-v3.5", "query": "where do cats sit", "documents": ["a cat sits", "gpus"], "top_n": 1})
     assert ranked.json()["model"] == "bge-reranker-v2-m3" and len(ranked.json()["results"]) == 1
+    heard = client.audio.transcriptions.create(model="whisper-1", file=("tone.wav", tone(2.0)),
+                                               response_format="verbose_json", timestamp_granularities=["segment"])
+    assert heard.duration == pytest.approx(2.0, abs=0.01) and heard.segments is not None
 
 
 def _tool_call_and_schema(client: OpenAI, no_space: dict[str, int]) -> None:

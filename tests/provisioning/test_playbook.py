@@ -80,7 +80,8 @@ def test_first_run_converges(converged: tuple[subprocess.CompletedProcess[str], 
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
     assert recap(first.stdout)["failed"] == 0
     flat = " ".join(first.stdout.split())  # the YAML callback wraps long messages
-    assert "Orchestrator healthy; models: tiny-qwen, tiny-flux, tiny-musicgen, all-minilm, tiny-rerank, echo" in flat
+    assert ("Orchestrator healthy; models: tiny-qwen, tiny-flux, tiny-musicgen, all-minilm, tiny-rerank, "
+            "tiny-whisper, echo") in flat
     assert "SKIP tailscale: no tailscale binary" in flat
 
 

@@ -33,8 +33,8 @@ def profile() -> dict[str, Any]:
 def test_the_profile_serves_every_model_type_with_a_default_for_each() -> None:
     config = load_config(PROFILE)
     types = {spec.type for spec in config.models.values()}
-    assert {"text", "image", "audio", "embedding", "rerank"} <= types
-    assert set(config.settings.defaults) == {"text", "image", "audio", "embedding", "rerank"}
+    assert {"text", "image", "audio", "embedding", "rerank", "transcription"} <= types
+    assert set(config.settings.defaults) == {"text", "image", "audio", "embedding", "rerank", "transcription"}
     assert "echo" in config.models
 
 
@@ -54,7 +54,7 @@ def test_the_download_list_is_exactly_the_served_weights() -> None:
     listed = {(d["repo"], d["revision"]) for d in downloads(profile())}
     served = {(spec.weights.repo, spec.weights.revision) for spec in config.models.values() if spec.weights}
     assert listed == served
-    assert len(listed) == 5
+    assert len(listed) == 6
     # ...and each service is told to load exactly that repo.
     for spec in config.models.values():
         if spec.weights is not None:

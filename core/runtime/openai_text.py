@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.common.errors import bad_request, error_body
 from core.common.sse import DONE, sse_event
+from core.runtime.structured import Structure, template_messages, tool_calls_in
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 TokenT = TypeVar("TokenT")
@@ -30,6 +31,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (an agent's loop)
+    tool_call_id: str | None = None  # a tool's answer: to which call
 
 
 class StreamOptions(BaseModel):
@@ -56,6 +59,7 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end-of-text token
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None  # auto (default with tools), none, required, or {"type": "function", "function": ...}
     response_format: dict[str, Any] | None = None
 
 
@@ -78,6 +82,7 @@ class GenerationParams:
     presence_penalty: float
     frequency_penalty: float
     ignore_eos: bool = False
+    structure: Structure | None = None  # JSON or a tool call the decoding is held to (structured.py)
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,8 @@ class TextEngine(Protocol[TokenT]):
 
     max_model_len: int
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[TokenT]: ...
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                        ) -> list[TokenT]: ...
 
     def prompt_ids(self, prompt: str) -> list[TokenT]: ...
 
@@ -111,8 +117,10 @@ class TokenizerPrompts:
 
     tokenizer: Any
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                        ) -> list[int]:
+        text = self.tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=True)
         return self.prompt_ids(str(text))
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -130,13 +138,14 @@ class EngineLimits:
     engine: str  # as the refusal names it: "the transformers engine"
     hint: str  # the rest of the refusal: where to get the feature instead
     ignore_eos: bool = True  # whether it can generate past its end of text
+    structured: bool = False  # whether it holds decoding to a Structure (tools, JSON): GenerationParams.structure
 
 
 def check_supported(request: SamplingRequest, limits: EngineLimits) -> None:
-    if request.tools:
+    if request.tools and not limits.structured:
         raise bad_request(f"Tool calls are not supported by {limits.engine}; {limits.hint}", "tools", "unsupported")
     kind = (request.response_format or {}).get("type", "text")
-    if kind != "text":
+    if kind != "text" and not limits.structured:
         raise bad_request(f"response_format {kind!r} is not supported by {limits.engine} (only 'text'); "
                           f"{limits.hint}", "response_format", "unsupported")
     if request.ignore_eos and not limits.ignore_eos:
@@ -152,9 +161,19 @@ def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
             if any(part.get("type") != "text" for part in content):
                 raise bad_request("Only text content parts are supported.", "messages")
             content = "".join(str(part.get("text", "")) for part in content)
-        messages.append({"role": "system" if message.role == "developer" else message.role,
-                         "content": content or ""})
+        shaped: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                                  "content": content or ""}
+        if message.tool_calls:
+            shaped["tool_calls"] = message.tool_calls
+        if message.tool_call_id is not None:
+            shaped["tool_call_id"] = message.tool_call_id
+        messages.append(shaped)
     return messages
+
+
+def calls_tools(request: SamplingRequest) -> bool:
+    """Whether the answer may hold tool calls to read back out (tools given, tool_choice not none)."""
+    return bool(request.tools) and request.tool_choice != "none"
 
 
 def completion_prompt(request: CompletionRequest) -> str:
@@ -166,7 +185,8 @@ def completion_prompt(request: CompletionRequest) -> str:
     return prompts[0]
 
 
-def generation_params(request: SamplingRequest, prompt_tokens: int, max_model_len: int) -> GenerationParams:
+def generation_params(request: SamplingRequest, prompt_tokens: int, max_model_len: int,
+                      structure: Structure | None = None) -> GenerationParams:
     """Engine parameters; 400 when the prompt plus the requested tokens cannot fit the context."""
     room = max_model_len - prompt_tokens
     if room <= 0:
@@ -181,7 +201,8 @@ def generation_params(request: SamplingRequest, prompt_tokens: int, max_model_le
         raise bad_request(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings.", "stop")
     return GenerationParams(max_tokens=wanted or room, temperature=request.temperature, top_p=request.top_p,
                             n=request.n, stop=stop, seed=request.seed, presence_penalty=request.presence_penalty,
-                            frequency_penalty=request.frequency_penalty, ignore_eos=request.ignore_eos)
+                            frequency_penalty=request.frequency_penalty, ignore_eos=request.ignore_eos,
+                            structure=structure)
 
 
 def stop_cut(text: str, stops: Sequence[str]) -> int | None:
@@ -215,15 +236,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(kind: Literal["chat", "text"], model: str, collected: Collected, prompt_tokens: int
-                    ) -> dict[str, Any]:
+def completion_body(kind: Literal["chat", "text"], model: str, collected: Collected, prompt_tokens: int,
+                    tools: bool = False) -> dict[str, Any]:
+    """The answer; with ``tools``, each choice's tool calls read out of its text (finish_reason tool_calls)."""
     choices = []
     for index, parts in sorted(collected.texts.items()):
-        text = "".join(parts)
+        text, finish = "".join(parts), collected.finish.get(index, "stop")
         content: dict[str, Any] = ({"message": {"role": "assistant", "content": text}} if kind == "chat"
                                    else {"text": text})
-        choices.append({"index": index, **content, "finish_reason": collected.finish.get(index, "stop"),
-                        "logprobs": None})
+        if tools:
+            said, calls = tool_calls_in(text)
+            if calls:
+                content["message"] = {"role": "assistant", "content": said, "tool_calls": calls}
+                finish = "tool_calls" if finish == "stop" else finish
+        choices.append({"index": index, **content, "finish_reason": finish, "logprobs": None})
     return {"id": _new_id(kind), "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": usage(prompt_tokens, collected.tokens)}
@@ -253,6 +279,31 @@ async def sse_stream(kind: Literal["chat", "text"], model: str, chunks: AsyncIte
     if include_usage:
         yield sse_event({"id": ident, "object": obj, "created": created, "model": model, "choices": [],
                          "usage": usage(prompt_tokens, completion_tokens)})
+    yield DONE
+
+
+async def tool_sse_stream(model: str, chunks: AsyncIterator[TextChunk], n: int, prompt_tokens: int,
+                          include_usage: bool) -> AsyncIterator[bytes]:
+    """A chat stream that may hold tool calls: the answer is read whole (a call is known only once its
+    tags close), then sent as OpenAI streams it: each choice's role, text and tool calls, then its end."""
+    try:
+        collected = await collect(chunks, n)
+    except Exception as exc:
+        yield sse_event(error_body(f"Generation failed: {type(exc).__name__}: {exc}", 500, "generation_failed"))
+        raise
+    body = completion_body("chat", model, collected, prompt_tokens, tools=True)
+    frame = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": model}
+    for choice in body["choices"]:
+        message = choice["message"]
+        delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        yield sse_event({**frame, "choices": [{"index": choice["index"], "delta": delta, "finish_reason": None,
+                                               "logprobs": None}]})
+        yield sse_event({**frame, "choices": [{"index": choice["index"], "delta": {},
+                                               "finish_reason": choice["finish_reason"], "logprobs": None}]})
+    if include_usage:
+        yield sse_event({**frame, "choices": [], "usage": body["usage"]})
     yield DONE
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from core.common.errors import ServiceError, bad_request
 from core.runtime import openai_text as oa
+from core.runtime.structured import Structure, structure_for
 
 EngineGetter = Callable[[], "oa.TextEngine[Any] | None"]
 
@@ -34,16 +35,22 @@ def mount_text_routes(app: FastAPI, engine: EngineGetter, served_names: Sequence
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: oa.ChatRequest) -> dict[str, Any] | StreamingResponse:
         routes.admit(request)
+        structure = structure_for(request.tools, request.tool_choice, request.response_format)
+        tools = request.tools if oa.calls_tools(request) else None
         try:
-            ids = routes.engine().chat_prompt_ids(oa.chat_messages(request))
+            ids = routes.engine().chat_prompt_ids(oa.chat_messages(request), tools)
         except (ValueError, TypeError) as exc:  # the chat template refused the messages
             raise bad_request(f"Cannot apply the chat template: {exc}", "messages") from None
-        return await routes.respond("chat", request, ids)
+        return await routes.respond("chat", request, ids, structure)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: oa.CompletionRequest) -> dict[str, Any] | StreamingResponse:
         routes.admit(request)
-        return await routes.respond("text", request, routes.engine().prompt_ids(oa.completion_prompt(request)))
+        if request.tools:
+            raise bad_request("Tools are for /v1/chat/completions.", "tools")
+        structure = structure_for(None, None, request.response_format)  # JSON answers complete a prompt too
+        ids = routes.engine().prompt_ids(oa.completion_prompt(request))
+        return await routes.respond("text", request, ids, structure)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -70,16 +77,18 @@ class _TextRoutes:
                                param="model")
         oa.check_supported(request, self.limits)
 
-    async def respond(self, kind: Literal["chat", "text"], request: oa.SamplingRequest, ids: list[Any]
-                      ) -> dict[str, Any] | StreamingResponse:
+    async def respond(self, kind: Literal["chat", "text"], request: oa.SamplingRequest, ids: list[Any],
+                      structure: Structure | None = None) -> dict[str, Any] | StreamingResponse:
         engine, model = self.engine(), self.served_names[0]
-        params = oa.generation_params(request, len(ids), engine.max_model_len)
+        params = oa.generation_params(request, len(ids), engine.max_model_len, structure)
         chunks = _watch(engine.generate(ids, params, uuid.uuid4().hex))
+        tools = kind == "chat" and oa.calls_tools(request)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(oa.sse_stream(kind, model, chunks, len(ids), include_usage),
-                                     media_type="text/event-stream")
-        return oa.completion_body(kind, model, await oa.collect(chunks, params.n), len(ids))
+            events = (oa.tool_sse_stream(model, chunks, params.n, len(ids), include_usage) if tools
+                      else oa.sse_stream(kind, model, chunks, len(ids), include_usage))
+            return StreamingResponse(events, media_type="text/event-stream")
+        return oa.completion_body(kind, model, await oa.collect(chunks, params.n), len(ids), tools)
 
 
 async def _watch(chunks: AsyncIterator[oa.TextChunk]) -> AsyncIterator[oa.TextChunk]:

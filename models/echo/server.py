@@ -41,7 +41,8 @@ class EchoEngine:
         self.token_delay = token_delay
         self.max_model_len = max_model_len
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[str]:
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                        ) -> list[str]:
         return [token for message in messages for token in (MESSAGE_START, *str(message["content"]).split())]
 
     def prompt_ids(self, prompt: str) -> list[str]:

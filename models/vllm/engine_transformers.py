@@ -20,6 +20,7 @@ from core.runtime.openai_text import GenerationParams, TextChunk, TokenizerPromp
 from core.runtime.parking import MemoryUse
 from core.runtime.torch_helpers import torch_dtype
 from core.runtime.worker import JobContext, Worker
+from models.vllm.grammar import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class TransformersEngine(TokenizerPrompts):
         configured = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_model_len = min(max_model_len or configured, configured)
         self.worker = Worker("transformers")
+        self.grammars = Grammars(self.tokenizer, int(self.model.config.vocab_size), sorted(self._eos_ids()))
         # Parking; level 2 reloads the weights as they were loaded here.
         self.weights = HostCopy([self.model], device, loader=lambda: [_load_model(model_path, device, dtype)])
 
@@ -118,12 +120,14 @@ class TransformersEngine(TokenizerPrompts):
         if seed is not None:
             torch.manual_seed(seed)
         sample = params.temperature > 0
+        # JSON or a tool call: a grammar masks what cannot continue it (models/vllm/grammar.py)
+        held = [self.grammars.processor(params.structure)] if params.structure is not None else None
         self.model.generate(
             torch.tensor([prompt_ids], device=self.device), max_new_tokens=params.max_tokens,
             do_sample=sample, temperature=params.temperature if sample else None,
             top_p=params.top_p if sample else None, streamer=streamer,
             min_new_tokens=params.max_tokens if params.ignore_eos else None,
-            stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+            stopping_criteria=StoppingCriteriaList([StopWhenAsked()]), logits_processor=held,
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
         )
 

@@ -44,8 +44,7 @@ from models.vllm.vllm_openai import PATHS, Forwarder
 log = logging.getLogger("models.vllm.server")  # not __name__: run as a script, that is "__main__"
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 TRANSFORMERS_LIMITS = oa.EngineLimits(
-    engine="the transformers engine",
-    hint="the vLLM engine supports it (--engine vllm, with --enable-auto-tool-choice for tools).")
+    engine="the transformers engine", hint="the vLLM engine supports it (--engine vllm).", structured=True)
 PARK_METHODS = ("offload", "restore", "memory_use")
 
 

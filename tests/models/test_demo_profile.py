@@ -11,7 +11,7 @@ import base64
 import io
 import wave
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -155,6 +155,24 @@ def test_rerank_by_alias_and_by_default(client: openai.OpenAI, orch: Orchestrato
     assert default.status_code == 200 and default.json()["results"] == answer["results"]
     with pytest.raises(openai.NotFoundError, match="is an embedding model and does not serve /v1/rerank"):
         client.post("/rerank", body={**body, "model": "all-minilm"}, cast_to=httpx.Response)
+
+
+def test_langchain_tools_and_structured_output_on_the_demo_text_model(orch: Orchestrator) -> None:
+    """The demo's tiny-qwen runs the transformers engine: its grammar holds the random weights to the schema."""
+    from langchain_openai import ChatOpenAI
+
+    from tests.models.test_text_structured import Forecast
+
+    chat = ChatOpenAI(model="gpt-4o-mini", base_url=orch.url + "/v1", api_key="demo", max_tokens=200,
+                      max_retries=0)
+
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:  # an enum: random weights never end a free string
+        """The weather in a city."""
+        return "sunny"
+
+    called = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Rome?")
+    assert [call["name"] for call in called.tool_calls] == ["get_weather"]
+    assert isinstance(chat.with_structured_output(Forecast, method="json_schema").invoke("Rome?"), Forecast)
 
 
 def test_a_transcription_through_the_orchestrator(client: openai.OpenAI) -> None:

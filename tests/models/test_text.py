@@ -54,21 +54,6 @@ def test_bad_requests_get_the_projects_envelope_naming_the_param(service: TextSe
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
 
 
-def test_tools_and_response_formats_are_refused_naming_the_vllm_engine(service: TextService) -> None:
-    cases: list[tuple[dict[str, Any], str]] = [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-         "response_format"),
-    ]
-    for fields, param in cases:
-        reply = text_cases.chat(service.url, **fields)
-        assert reply.status_code == 400, (fields, reply.text)
-        error = reply.json()["error"]
-        assert error["param"] == param and error["code"] == "unsupported", error
-        assert "vLLM engine" in error["message"] and "--engine vllm" in error["message"], error
-
-
 def test_any_model_name_is_answered_under_the_served_name(service: TextService) -> None:
     # Lenient on purpose: the orchestrator passes aliases through unchanged (models.demo.yaml's gpt-4o-mini).
     reply = text_cases.chat(service.url, model="gpt-4o-mini", max_tokens=1)

@@ -272,10 +272,11 @@ def test_wrapper_help(tmp_path: Path) -> None:
 def test_wrapper_defaults_to_the_gpu_profiles_weights_under_aio_data_dir(tmp_path: Path) -> None:
     env = {k: v for k, v in base_env(tmp_path, closed_port_url()).items() if k != "HF_HOME"}
     result = wrapper({**env, "AIO_DATA_DIR": str(tmp_path / "data")}, "--check", "--json")
-    assert result.rc == 1  # nothing downloaded: all four are missing (and --check never goes online)
+    assert result.rc == 1  # nothing downloaded: all six are missing (and --check never goes online)
     assert result.summary["cache_dir"] == str(tmp_path / "data" / "hf" / "hub")
     assert sorted(result.summary["models"]) == [  # the served profile's `weights`, nothing else
-        "Qwen/Qwen2.5-7B-Instruct@main", "black-forest-labs/FLUX.1-schnell@main", "facebook/musicgen-medium@main",
+        "BAAI/bge-reranker-v2-m3@main", "Qwen/Qwen2.5-7B-Instruct@main", "black-forest-labs/FLUX.1-schnell@main",
+        "facebook/musicgen-medium@main", "openai/whisper-large-v3-turbo@main",
         "sentence-transformers/all-MiniLM-L6-v2@main"]
 
 

@@ -15,7 +15,7 @@ from core.common.errors import ServiceError
 from core.config.schema import Limits, ModelSpec, ModelType, OrchestratorConfig
 from core.supervision.park_client import private_paths
 from model_orchestrator.json_worker import BodyProblem, parse_object, requested_model, with_model
-from model_orchestrator.multipart import FormProblem, form_fields
+from model_orchestrator.multipart import FormProblem, form_fields, is_form
 
 # The OpenAI routes the orchestrator dispatches by model, and the model type each serves.
 ENDPOINT_TYPES: Mapping[str, ModelType] = {
@@ -123,9 +123,8 @@ def body_limit(path: str, headers: Iterable[tuple[bytes, bytes]], limits: Limits
     json_body_mb for the JSON routes."""
     if path.startswith("/upstream/") or path in UPLOAD_PATHS:
         return int(limits.upload_body_mb * _MIB)
-    for name, value in headers:
-        if name == b"content-type" and value[:19].lower() == b"multipart/form-data":
-            return int(limits.upload_body_mb * _MIB)
+    if any(name == b"content-type" and is_form(value) for name, value in headers):
+        return int(limits.upload_body_mb * _MIB)
     return int(limits.json_body_mb * _MIB)
 
 

@@ -50,10 +50,8 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 
 
 def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
+    value = header(headers, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES, timeout: float | None = None,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import stand_in_nvml
-from tests.integration.conftest import ORCHESTRATOR, REPO, fake_driver, fake_model, write_config
+from tests.integration.conftest import ORCHESTRATOR, REPO, fake_driver, fake_model, wait_until, write_config
 
 GIB = 1024**3
 
@@ -229,10 +228,7 @@ def test_memory_other_processes_hold_steers_placement(orchestrator: Any, tmp_pat
     finally:
         other.kill()
         other.wait()
-    deadline = time.monotonic() + 15
-    while others(orch) != [0.0, 0.0] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert others(orch) == [0.0, 0.0]
+    assert wait_until(lambda: others(orch) == [0.0, 0.0], timeout=15), others(orch)
     assert "GPU memory held by other processes: GPU 0 16.0 GB" in orch.log()
 
 

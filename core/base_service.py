@@ -40,6 +40,7 @@ import signal
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import uvicorn
@@ -59,6 +60,7 @@ from core.runtime.middleware import (
     ServiceTokenAuth,
     take_service_token,
 )
+from core.runtime.model_source import missing_folder_problem
 from core.runtime.parking import MemoryUse, ParkLevel, mount_park_routes
 
 __all__ = ["BaseService", "Health", "MemoryUse", "ParkLevel"]  # Health lives in core/runtime/health.py
@@ -297,8 +299,13 @@ class BaseService(ABC):
         """Parse the command line, serve until SIGTERM/SIGINT; exit 1 after a fatal error."""
         self.service_token = take_service_token()  # before anything can start a child process
         self.name = os.environ.get(MODEL_NAME_ENV) or self.name
-        self.options = self.argument_parser().parse_args(argv)
+        parser = self.argument_parser()
+        self.options = parser.parse_args(argv)
         self.model_path = self.options.model or self.model_path or self.default_model
+        script = getattr(sys.modules.get(type(self).__module__), "__file__", None)
+        missing = missing_folder_problem(self.options.model, Path(script) if script else None)
+        if missing:  # before anything loads: transformers would read the path as a hub id and say only that
+            parser.error(missing)
         self.max_concurrency = self.options.max_concurrency
         self.vram_gb = self.options.vram_gb
         if self.options.check_imports:

@@ -4,8 +4,10 @@ Three scopes:
 
 * public: ``/health``, which says only that the orchestrator is up, and the dashboard's static
   files (``/``, ``/ui/...``: no data; the page calls the admin routes with the key typed in);
-* client: the OpenAI routes (``POST /v1/...``, ``GET /v1/models``) and the rerank routes of Jina's
-  and Cohere's shape (``POST /rerank``, ``/v2/rerank``: routing.ROOT_ROUTES); client or admin keys;
+* client: the OpenAI and Anthropic routes (``POST /v1/...``, ``GET /v1/models``, a stored response's
+  ``GET /v1/responses/{id}``) and the model routes outside /v1 (``POST /rerank``, ``/v2/rerank``,
+  ``/tokenize``, ``/detokenize``: routing.ROOT_ROUTES); client or admin keys, sent as ``Authorization:
+  Bearer`` or as Anthropic's ``x-api-key``;
 * admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/metrics``,
   ``/docs``, ``/openapi.json``); admin keys only.
 
@@ -48,7 +50,8 @@ def route_access(method: str, path: str) -> Access:
     """The scope a request needs. Unknown paths are client scope, so a client gets its 404."""
     if path in ("/health", "/", "/ui") or (method == "GET" and path.startswith("/ui/")):
         return Access.PUBLIC
-    if path.startswith("/v1/") and (method == "POST" or path == "/v1/models" or path.startswith("/v1/models/")):
+    if path.startswith("/v1/") and (method == "POST" or path == "/v1/models"
+                                    or path.startswith(("/v1/models/", "/v1/responses/"))):
         return Access.CLIENT
     if path.startswith(("/admin/", "/logs/", "/upstream/")) or path in ("/status", "/metrics", "/docs",
                                                                         "/openapi.json", "/docs/oauth2-redirect"):
@@ -102,22 +105,28 @@ def read_keys(env_name: str | None, environ: Mapping[str, str]) -> list[str]:
     return [key.strip() for key in environ.get(env_name, "").split(",") if key.strip()]
 
 
-def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key a request presents: ``Authorization: Bearer <key>`` (OpenAI's clients), else ``x-api-key:
+    <key>`` (Anthropic's). Either is checked the same way; neither reaches a service (proxy.py drops both)."""
+    api_key = None
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
-    return None
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1").strip()
+    return api_key
 
 
 def check_access(keys: Keys, needed: Access, headers: list[tuple[bytes, bytes]]) -> ServiceError | None:
     """None if the request may go on, else the 401/403 to answer."""
     if needed is Access.PUBLIC or not keys.configured:
         return None
-    token = bearer_token(headers)
+    token = presented_key(headers)
     scope = keys.scope_of(token) if token else None
     if scope is None:
-        return ServiceError(401, "Missing or invalid API key (Authorization: Bearer ...).", "invalid_api_key")
+        return ServiceError(401, "Missing or invalid API key (Authorization: Bearer ..., or x-api-key: ...).",
+                            "invalid_api_key")
     if needed is Access.ADMIN and scope is not Access.ADMIN:
         return ServiceError(403, "This route needs an admin key (settings.admin_key_env); a client key only "
                             "reaches the OpenAI routes.", "admin_key_required")

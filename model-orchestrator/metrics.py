@@ -44,9 +44,11 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created serie
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300, 600)
 KNOWN_ROUTES = frozenset({*ENDPOINT_TYPES, *UPLOAD_PATHS})
-_USAGE = re.compile(rb'"usage"\s*:\s*\{[^{}]*\}')
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# OpenAI's chat and completions (prompt/completion), its Responses API and Anthropic's (input/output;
+# the Responses API nests its details one level deep)
+_USAGE = re.compile(rb'"usage"\s*:\s*\{(?:[^{}]|\{[^{}]*\})*\}')
+_PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 # (state left, state entered) → the transition histogram that times it
 TIMED = {
     (ServiceState.STARTING, ServiceState.READY): "start",

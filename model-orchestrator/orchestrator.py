@@ -60,6 +60,7 @@ from model_orchestrator.metrics import Metrics
 from model_orchestrator.placement import Device, chosen_gpus
 from model_orchestrator.proxy import Proxy
 from model_orchestrator.routing import ROOT_ROUTES, ModelIndex
+from model_orchestrator.stored_responses import PREFIX as STORED_RESPONSES
 
 log = logging.getLogger("model_orchestrator")
 
@@ -158,8 +159,8 @@ class OrchestratorApp:
     """The ASGI app. Layers, outermost first: lifespan (starts and stops the ``Runtime``),
     ``CanonicalPath`` (the one form of the path every layer reads and the proxy sends, or a 400),
     ``AccessGate`` (every request checked against its route's scope, model_orchestrator.auth),
-    then ``route``: POST /v1/* (and the model routes outside /v1, ``ROOT_ROUTES``) and /upstream/* on the lean
-    data path, the rest to the control app.
+    then ``route``: POST /v1/* (and the model routes outside /v1, ``ROOT_ROUTES``), /upstream/* and a stored
+    response's GET and cancel on the lean data path, the rest to the control app.
     """
 
     def __init__(self, config: OrchestratorConfig, *, host: str | None = None, keys: auth.Keys | None = None,
@@ -177,7 +178,9 @@ class OrchestratorApp:
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if scope["type"] == "http" and scope["method"] == "POST" and (path.startswith("/v1/") or path in ROOT_ROUTES):
+        if scope["type"] == "http" and path.startswith(STORED_RESPONSES):  # they name no model (stored_responses.py)
+            await self.runtime.proxy.stored_response_route(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "POST" and (path.startswith("/v1/") or path in ROOT_ROUTES):
             await self.runtime.proxy.openai_route(scope, receive, send)
         elif scope["type"] == "http" and path.startswith("/upstream/"):
             await self.runtime.proxy.upstream_route(scope, receive, send)

@@ -63,6 +63,7 @@ from model_orchestrator.routing import (
     split_upstream_path,
     upstream_body,
 )
+from model_orchestrator.stored_responses import candidates, find_holder, not_found, stored_response_id
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 # client's credentials: the upstream gets the service token instead (core/supervision/child_env.py).
 _DROP_REQUEST = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer trailers "
-    b"transfer-encoding upgrade host content-length expect authorization cookie".split()
+    b"transfer-encoding upgrade host content-length expect authorization x-api-key cookie".split()
 )
 _DROP_RESPONSE = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer trailers "
@@ -142,6 +143,30 @@ class Proxy:
         except ClientGone:
             return
         await self.forward(spec, scope, receive, send, body, path, False, began)
+
+    async def stored_response_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel: to the running model that holds the
+        response (stored_responses.py); any other request under /v1/responses/ is refused here."""
+        began = time.monotonic()
+        response_id = stored_response_id(scope["method"], scope["path"])
+        try:
+            if response_id is None:
+                raise ServiceError(404, f"No route {scope['method']} {scope['path']}: a stored response is read with "
+                                   "GET /v1/responses/{id} and cancelled with POST /v1/responses/{id}/cancel.",
+                                   "route_not_found")
+            await self._read_body(scope, receive)  # nothing is expected: read so the connection stays usable
+            asked = candidates(self.coordinator.manager.services.values())
+            assert self._session is not None, "Proxy.open() was not called"
+            holder = await find_holder(self._session, asked, response_id)
+            if holder is None:
+                raise not_found(response_id, asked)
+        except ServiceError as exc:
+            await send_error(send, exc)
+            return
+        except ClientGone:
+            return
+        stream = b"stream=true" in scope.get("query_string", b"").lower()
+        await self.forward(holder.spec, scope, receive, send, b"", scope["path"], stream, began)
 
     async def forward(self, spec: ModelSpec, scope: Scope, receive: Receive, send: Send, body: bytes, path: str,
                       stream: bool = False, began: float | None = None) -> None:

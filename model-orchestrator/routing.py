@@ -21,6 +21,11 @@ from model_orchestrator.multipart import FormProblem, form_fields, is_form
 ENDPOINT_TYPES: Mapping[str, ModelType] = {
     "/v1/chat/completions": "text",
     "/v1/completions": "text",
+    "/v1/responses": "text",  # a stored response's GET and cancel name no model: stored_responses.py
+    "/v1/messages": "text",  # Anthropic's Messages API
+    "/v1/messages/count_tokens": "text",
+    "/tokenize": "text",  # vLLM's own, outside /v1
+    "/detokenize": "text",
     "/v1/embeddings": "embedding",
     "/v1/rerank": "rerank",  # and the same body at Jina's (vLLM's) and Cohere v2's paths:
     "/rerank": "rerank",
@@ -113,7 +118,8 @@ def not_served_message(spec: ModelSpec, requested: str, path: str) -> str:
     named = repr(requested) if requested == spec.name else f"{requested!r} (an alias of {spec.name!r})"
     routes = [spec.endpoint] if spec.endpoint else [route for route, kind in ENDPOINT_TYPES.items()
                                                     if kind == spec.type]
-    serving = f"its endpoint is {', '.join(routes)}" if routes else "it has no OpenAI route"
+    serving = (f"its endpoint is {routes[0]}" if len(routes) == 1 else f"its endpoints are {', '.join(routes)}"
+               if routes else "it has no OpenAI route")
     article = "an" if spec.type[0] in "aeiou" else "a"
     return f"The model {named} is {article} {spec.type} model and does not serve {path}: {serving}."
 

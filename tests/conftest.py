@@ -48,6 +48,7 @@ SLOW_FILES = (
     "tests/integration/test_adding_models_doc.py",
     "tests/models/test_text_park.py",
     "tests/integration/test_scaffold.py",
+    "tests/models/test_text_vllm_apis.py",
     "tests/provisioning/test_gpu_stack_resolve.py",
     "tests/models/test_torch291_services.py",
     "tests/models/test_musicgen.py",

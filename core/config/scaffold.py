@@ -22,8 +22,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # core/config/ is two below the
 GUIDE = REPO_ROOT / "docs" / "ADDING_MODELS.md"
 EXAMPLE = "sentiment"  # the worked example's name in the guide's code blocks
 EXAMPLE_PORT = 8010
+EXAMPLE_ORCHESTRATOR_PORT = 9000  # its models.yaml's settings.port
 EXAMPLE_ROUTE = "classify"  # its route, /v1/classify
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{1,23}")  # 24 at most: the example's lines fit in 120 columns
+_TRAILING_COMMENT = re.compile(r"^(?P<code>.*?\S)(?P<gap> {2,})(?P<comment>#.*)$")  # "code   # why"
 _FENCE = re.compile(r"^```(?P<info>[^`\n]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -72,17 +74,34 @@ def camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-def renamed(text: str, name: str, port: int) -> str:
-    """The example's text for a service called ``name`` on ``port``, serving ``/v1/<name>``: two
-    scaffolded services in one config never share a name, alias, port or endpoint."""
-    text = text.replace(camel(EXAMPLE), camel(name)).replace(EXAMPLE, name)
-    text = re.sub(rf"(?<=/){EXAMPLE_ROUTE}\b", name, text)  # "/v1/classify", and client.post("/classify")
-    return re.sub(rf"\b{EXAMPLE_PORT}\b", str(port), text)
+def renamed(text: str, name: str, port: int, serve_port: int = EXAMPLE_ORCHESTRATOR_PORT) -> str:
+    """The example's text for a service called ``name`` on ``port``, serving ``/v1/<name>``, its
+    models.yaml on ``serve_port``: two scaffolded services in one config never share a name, alias,
+    port or endpoint. Trailing comments stay in their column (``aligned``)."""
+    new = text.replace(camel(EXAMPLE), camel(name)).replace(EXAMPLE, name)
+    new = re.sub(rf"(?<=/){EXAMPLE_ROUTE}\b", name, new)  # "/v1/classify", and client.post("/classify")
+    new = re.sub(rf"\b{EXAMPLE_PORT}\b", str(port), new)
+    return aligned(text, re.sub(rf"\b{EXAMPLE_ORCHESTRATOR_PORT}\b", str(serve_port), new))
 
 
-def scaffold(name: str, port: int, markdown: str) -> dict[str, str]:
+def aligned(original: str, changed: str) -> str:
+    """``changed`` (``original`` with words replaced, line for line) with each trailing comment moved back to
+    the column it had in ``original``, where the code before it leaves room (two spaces at least)."""
+    lines = []
+    for before, after in zip(original.split("\n"), changed.split("\n"), strict=True):
+        was, now = _TRAILING_COMMENT.match(before), _TRAILING_COMMENT.match(after)
+        if was and now:
+            column = len(was["code"]) + len(was["gap"])
+            lines.append(now["code"] + " " * max(2, column - len(now["code"])) + now["comment"])
+        else:
+            lines.append(after)
+    return "\n".join(lines)
+
+
+def scaffold(name: str, port: int, markdown: str, serve_port: int = EXAMPLE_ORCHESTRATOR_PORT) -> dict[str, str]:
     """The files of a new service ``name``: path → content."""
-    return {renamed(path, name, port): renamed(body, name, port) for path, body in example_files(markdown).items()}
+    return {renamed(path, name, port): renamed(body, name, port, serve_port)
+            for path, body in example_files(markdown).items()}
 
 
 def used_ports(root: Path) -> set[int]:
@@ -112,12 +131,12 @@ def write(root: Path, files: dict[str, str], force: bool = False) -> list[Path]:
     return written
 
 
-def next_steps(name: str) -> str:
+def next_steps(name: str, serve_port: int = EXAMPLE_ORCHESTRATOR_PORT) -> str:
     return f"""
 Next, from {REPO_ROOT}:
   .venv/bin/python -m models.{name}.tiny .cache/tiny-models/{name}     # a tiny random-weight model
   .venv/bin/pytest tests/models/test_{name}.py tests/integration/test_{name}_routing.py
-  scripts/start-all.sh --config models/{name}/models.yaml             # serve it on :9000
+  scripts/start-all.sh --config models/{name}/models.yaml             # serve it on :{serve_port}
 Then replace the classifier in models/{name}/server.py with your model (docs/ADDING_MODELS.md
 walks through every file), and add "-r {name}/requirements.txt" to models/requirements-services.txt
 so provisioning installs what it needs. (No .venv yet? scripts/dev-setup.sh makes one.)"""
@@ -127,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="new-model", description=__doc__.splitlines()[0])
     parser.add_argument("name", help="the service's name: lowercase letters, digits and _, e.g. review_tagger")
     parser.add_argument("--port", type=int, help="its port (default: the first one no profile uses, from 8010)")
+    parser.add_argument("--serve-port", type=int, default=EXAMPLE_ORCHESTRATOR_PORT,
+                        help="the port its models.yaml serves on (settings.port; default 9000: choose another "
+                             "when 9000 is taken)")
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="the repository to write into")
     parser.add_argument("--force", action="store_true", help="overwrite files that exist")
     args = parser.parse_args(argv)
@@ -135,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"and not {EXAMPLE!r}; got {args.name!r}")
     port = args.port or free_port(args.root)
     try:
-        written = write(args.root, scaffold(args.name, port, GUIDE.read_text()), args.force)
+        written = write(args.root, scaffold(args.name, port, GUIDE.read_text(), args.serve_port), args.force)
     except FileExistsError as exc:
         print(f"new-model: {exc}", file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path.relative_to(args.root)}")
-    print(next_steps(args.name))
+    print(next_steps(args.name, args.serve_port))
     return 0
 
 

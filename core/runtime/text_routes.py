@@ -9,7 +9,7 @@ engine and the echo service answer alike:
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -23,8 +23,9 @@ EngineGetter = Callable[[], "oa.TextEngine[Any] | None"]
 
 
 def mount_text_routes(app: FastAPI, engine: EngineGetter, served_names: Sequence[str], limits: oa.EngineLimits,
-                      *, strict_model_name: bool = False) -> None:
-    """``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models`` on ``app``.
+                      *, strict_model_name: bool = False, unserved: Mapping[str, Sequence[str]] = {}) -> None:
+    """``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models`` on ``app``; the
+    ``unserved`` routes (path → methods: what another engine serves) answer 501, naming ``limits.hint``.
 
     ``engine`` returns the loaded engine (routes are mounted before it loads). Responses carry the
     first of ``served_names``; any ``model`` is answered unless ``strict_model_name``, where another
@@ -52,11 +53,20 @@ def mount_text_routes(app: FastAPI, engine: EngineGetter, served_names: Sequence
         ids = routes.engine().prompt_ids(oa.completion_prompt(request))
         return await routes.respond("text", request, ids, structure)
 
+    for path, methods in unserved.items():
+        app.add_api_route(path, _not_served(path, limits), methods=list(methods), include_in_schema=False)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local",
                                             "max_model_len": routes.engine().max_model_len}
                                            for name in routes.served_names]}
+
+
+def _not_served(path: str, limits: oa.EngineLimits) -> Callable[[], Any]:
+    async def refuse() -> None:
+        raise ServiceError(501, f"{path} is not served by {limits.engine}; {limits.hint}", "not_implemented")
+    return refuse
 
 
 class _TextRoutes:

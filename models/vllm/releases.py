@@ -35,6 +35,17 @@ _SAME = {
     "OpenAIServingModels": "vllm.entrypoints.openai.models.serving:OpenAIServingModels",
     "OpenAIServingChat": "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat",
     "OpenAIServingCompletion": "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion",
+    # The Responses and Messages APIs and tokenize (models/vllm/vllm_apis.py)
+    "OpenAIServingResponses": "vllm.entrypoints.openai.responses.serving:OpenAIServingResponses",
+    "ResponsesRequest": "vllm.entrypoints.openai.responses.protocol:ResponsesRequest",
+    "ResponsesResponse": "vllm.entrypoints.openai.responses.protocol:ResponsesResponse",
+    "responses_sse": "vllm.entrypoints.openai.responses.api_router:_convert_stream_to_sse_events",
+    "AnthropicServingMessages": "vllm.entrypoints.anthropic.serving:AnthropicServingMessages",
+    "AnthropicMessagesRequest": "vllm.entrypoints.anthropic.protocol:AnthropicMessagesRequest",
+    "AnthropicError": "vllm.entrypoints.anthropic.protocol:AnthropicError",
+    "AnthropicErrorResponse": "vllm.entrypoints.anthropic.protocol:AnthropicErrorResponse",
+    "TokenizeRequest": "vllm.entrypoints.serve.tokenize.protocol:TokenizeRequest",
+    "DetokenizeRequest": "vllm.entrypoints.serve.tokenize.protocol:DetokenizeRequest",
 }
 _MOVED: dict[str, dict[str, str | None]] = {
     "cli_env_setup": {NEW: "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
@@ -69,6 +80,10 @@ _MOVED: dict[str, dict[str, str | None]] = {
     "http_exception_handler": {NEW: None, OLD: "vllm.entrypoints.openai.server_utils:http_exception_handler"},
     "validation_exception_handler": {NEW: None,
                                      OLD: "vllm.entrypoints.openai.server_utils:validation_exception_handler"},
+    "ServingTokenization": {NEW: "vllm.entrypoints.serve.tokenize.serving:ServingTokenization",
+                            OLD: "vllm.entrypoints.serve.tokenize.serving:OpenAIServingTokenization"},
+    "AnthropicCountTokensRequest": {NEW: "vllm.entrypoints.anthropic.protocol:AnthropicCountTokensRequest",
+                                    OLD: None},  # 0.16 has no count_tokens
     # What `vllm serve` 0.16 registers for a dead engine (our _FatalOnExit plays its uvicorn server).
     "add_shutdown_handlers": {NEW: None, OLD: "vllm.entrypoints.launcher:_add_shutdown_handlers"},
 }

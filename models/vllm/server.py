@@ -37,7 +37,7 @@ from core.runtime import openai_text as oa
 from core.runtime.devices import resolve_device
 from core.runtime.parking import MemoryUse, ParkLevel
 from core.runtime.text_routes import mount_text_routes
-from models.vllm import engine_vllm, vllm_openai
+from models.vllm import engine_vllm, vllm_apis, vllm_openai
 from models.vllm.engine_vllm import Footprint, VllmSettings, bind_to_loop, build_engine
 from models.vllm.vllm_openai import PATHS, Forwarder
 
@@ -99,6 +99,9 @@ class TextService(BaseService):
         vllm.add_argument("--generation-config", default="auto",
                           help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' or a folder")
         vllm.add_argument("--enable-log-requests", action="store_true", help="log each request (and its abort)")
+        vllm.add_argument("--max-stored-responses", type=int, default=vllm_apis.STORE_LIMIT, metavar="N",
+                          help="Responses API: the newest N responses kept for GET, cancel and "
+                               "previous_response_id (in this process: gone when it stops)")
 
     @property
     def served_names(self) -> list[str]:
@@ -130,7 +133,8 @@ class TextService(BaseService):
         log.info("vLLM sleep mode: %s", "enabled" if sleep_mode else self._sleep_unsupported)
         args, self.vllm_engine = await _build_off_loop(self._vllm_settings(sleep_mode))
         await bind_to_loop(self.vllm_engine, self._engine_stopped)
-        self.forwarder.app = await vllm_openai.build_app(self.vllm_engine, args, self.fatal)
+        self.forwarder.app = await vllm_openai.build_app(self.vllm_engine, args, self.fatal,
+                                                         store_limit=self.options.max_stored_responses)
         self._footprint = await asyncio.to_thread(engine_vllm.footprint, self.vllm_engine, sleep_mode)
 
     def _vllm_settings(self, sleep_mode: bool) -> VllmSettings:
@@ -226,7 +230,8 @@ class TextService(BaseService):
             # Plain ASGI routes: the forwarder hands the raw request to vLLM's app untouched.
             app.router.routes.extend(Route(path, self.forwarder, methods=methods) for path, methods in PATHS.items())
         else:
-            mount_text_routes(app, lambda: self.engine, self.served_names, TRANSFORMERS_LIMITS)
+            mount_text_routes(app, lambda: self.engine, self.served_names, TRANSFORMERS_LIMITS,
+                              unserved=vllm_apis.PATHS)
 
 
 async def _build_off_loop(settings: VllmSettings) -> tuple[argparse.Namespace, Any]:

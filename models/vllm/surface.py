@@ -62,8 +62,17 @@ CALLS = (
     call("validation_exception_handler", 2), call("add_shutdown_handlers", 2), call("with_sse_keep_alive", 2),
     call("resolve_default_chat_template_kwargs", 1), call("validate_json_request", 1),
     call("ChatCompletionRequest", 0, "messages", "max_tokens"), call("GenerationError", 1),
+    # models/vllm/vllm_apis.py
+    call("OpenAIServingResponses.create_responses", 2), call("OpenAIServingResponses.cancel_responses", 1),
+    call("OpenAIServingResponses.retrieve_responses", 1, "starting_after", "stream"),
+    call("AnthropicServingMessages.create_messages", 2), call("AnthropicServingMessages.create_error_response", 1),
+    call("AnthropicServingMessages.count_tokens", 2, lines=(NEW,)),
+    call("AnthropicErrorResponse", 0, "error"), call("AnthropicError", 0, "type", "message"),
+    call("ServingTokenization.create_tokenize", 2), call("ServingTokenization.create_detokenize", 2),
 )
-ATTRIBUTES = {"AsyncLLM": ("output_handler", "vllm_config", "model_config"), "ErrorResponse": ("error",)}
+ATTRIBUTES = {"AsyncLLM": ("output_handler", "vllm_config", "model_config"), "ErrorResponse": ("error",),
+              # the stores vllm_apis.StoredResponses replaces
+              "OpenAIServingResponses": ("enable_store", "response_store", "msg_store", "event_store")}
 ATTRIBUTES_NEW = {"AsyncLLM": ("renderer",)}
 SERVE_ARGS = ("FrontendArgs", "AsyncEngineArgs")  # whose fields `vllm serve`'s parser fills in
 
@@ -260,12 +269,17 @@ def service_calls(line: str) -> tuple[list[Call], set[str]]:
     """The calls the service's own builders make in ``line``, and the serve arguments they read."""
     import asyncio
 
-    from models.vllm import engine_vllm, vllm_openai
+    from models.vllm import engine_vllm, vllm_apis, vllm_openai
 
     read: set[str] = set(DIRECT_ARGS)
     chat, completion = vllm_openai.serving_options(line, _RecordingArgs(read), None, None, None, None)
+    responses, messages, tokenization = vllm_apis.serving_options(line, _RecordingArgs(read), None, None, None, None)
     calls = [Call("OpenAIServingChat", 0, frozenset({*chat, "engine_client", "models", "response_role"}), (line,)),
-             Call("OpenAIServingCompletion", 2, frozenset(completion), (line,))]
+             Call("OpenAIServingCompletion", 2, frozenset(completion), (line,)),
+             # as vllm_apis.init_state passes them: 0.32's renderer by position, 0.16's tokenizer with the engine
+             Call("OpenAIServingResponses", 3 if line == NEW else 2, frozenset(responses), (line,)),
+             Call("AnthropicServingMessages", 3, frozenset(messages), (line,)),
+             Call("ServingTokenization", 2, frozenset(tokenization), (line,))]
     if line == NEW:
         rendered = vllm_openai.renderer_options(_RecordingArgs(read), None, None, None)
         calls.append(Call("OnlineRenderer", 0, frozenset({*rendered, "model_config", "renderer"}), (line,)))

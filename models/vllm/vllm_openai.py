@@ -8,11 +8,13 @@ arguments ``vllm serve`` gives them (``init_app_state`` in
 (structured outputs), logprobs, the model's generation-config defaults, vLLM's request
 validation, error envelopes and strict model names.
 
+The Responses and Messages APIs and tokenize are vLLM's too (models/vllm/vllm_apis.py).
+
 They live in a small FastAPI app of their own, with vLLM's exception handlers (which read
-``request.app.state``), built once the engine exists; the service's app forwards the three
-paths to it, so ``/health``, the readiness gate, the concurrency cap and the cancel-on-disconnect
-guard of ``BaseService`` stay in front. ``/v1/models`` is vLLM's router; the two generation
-routes mirror vLLM's (see ``_add_generation_routes`` for why).
+``request.app.state``), built once the engine exists; the service's app forwards ``PATHS`` to it,
+so ``/health``, the readiness gate, the concurrency cap and the cancel-on-disconnect guard of
+``BaseService`` stay in front. ``/v1/models`` is vLLM's router; the generation routes mirror
+vLLM's (see ``_add_generation_routes`` for why).
 
 One change to vLLM's behaviour: a request the engine aborts (``finish_reason`` "abort", e.g. the
 engine stopping under it) is reported as an error (an error event in a stream, a 500 otherwise),
@@ -33,11 +35,11 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from core.common.errors import error_bytes
-from models.vllm import releases
+from models.vllm import releases, vllm_apis, vllm_body
 
 ASGIApp = Callable[..., Any]
 ABORTED = "The engine aborted this request before it finished: the answer was cut off."
-PATHS = {"/v1/chat/completions": ["POST"], "/v1/completions": ["POST"], "/v1/models": ["GET"]}
+PATHS = {"/v1/chat/completions": ["POST"], "/v1/completions": ["POST"], "/v1/models": ["GET"], **vllm_apis.PATHS}
 
 
 class Forwarder:
@@ -57,8 +59,9 @@ class Forwarder:
 
 
 async def build_app(engine: Any, args: argparse.Namespace, on_engine_dead: Callable[[str], None],
-                    line: str | None = None) -> Any:
-    """vLLM's FastAPI app for the three routes, its state built from ``engine`` and ``args``."""
+                    line: str | None = None, store_limit: int = vllm_apis.STORE_LIMIT) -> Any:
+    """vLLM's FastAPI app for ``PATHS``, its state built from ``engine`` and ``args``; the newest
+    ``store_limit`` responses of the Responses API are kept (vllm_apis.py)."""
     from fastapi import FastAPI
 
     line = line or releases.installed_line()
@@ -67,8 +70,9 @@ async def build_app(engine: Any, args: argparse.Namespace, on_engine_dead: Calla
     state.args = args  # the exception handlers read options from it
     state.engine_client = engine
     state.server = _FatalOnExit(on_engine_dead)  # vLLM's engine-error handler stops "the server" through it
-    await _init_serving(state, engine, args, line)
+    await _init_serving(state, engine, args, line, store_limit)
     _add_generation_routes(app, line)
+    vllm_apis.add_routes(app, line)
     releases.load("attach_models_router", line)(app)
     _add_exception_handlers(app, line)
     return app
@@ -99,34 +103,22 @@ def _add_generation_routes(app: Any, line: str) -> None:
     load = functools.partial(releases.load, line=line)
     chat_request, chat_response = load("ChatCompletionRequest"), load("ChatCompletionResponse")
     completion_request, completion_response = load("CompletionRequest"), load("CompletionResponse")
-    parse = functools.partial(_parse, validate=load("validate_json_request"))
+    parse = functools.partial(vllm_body.parse, validate=load("validate_json_request"))
     keep_alive = load("with_sse_keep_alive") if releases.has("with_sse_keep_alive", line) else None  # not in 0.16
     respond = functools.partial(_respond, app, error=load("ErrorResponse"), keep_alive=keep_alive)
 
     async def chat(raw_request: Request) -> Response:
-        request = await parse(raw_request, chat_request)
+        request = await parse(raw_request, chat_request.model_validate)
         return respond(await app.state.openai_serving_chat.create_chat_completion(request, raw_request),
                        chat_response)
 
     async def completions(raw_request: Request) -> Response:
-        request = await parse(raw_request, completion_request)
+        request = await parse(raw_request, completion_request.model_validate)
         return respond(await app.state.openai_serving_completion.create_completion(request, raw_request),
                        completion_response)
 
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
-
-
-async def _parse(raw_request: Request, model: Any, validate: Callable[[Request], Any]) -> Any:
-    """The body as vLLM's request model; errors reach vLLM's handlers as FastAPI would raise them."""
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
-
-    await validate(raw_request)  # vLLM's dependency: 400 unless application/json
-    try:
-        return model.model_validate(await raw_request.json())
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def _respond(app: Any, result: Any, complete: type[Any], error: type[Any], keep_alive: Callable[..., Any] | None
@@ -141,7 +133,7 @@ def _respond(app: Any, result: Any, complete: type[Any], error: type[Any], keep_
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-async def _init_serving(state: Any, engine: Any, args: argparse.Namespace, line: str) -> None:
+async def _init_serving(state: Any, engine: Any, args: argparse.Namespace, line: str, store_limit: int) -> None:
     """The serving objects, with the arguments ``init_app_state`` / ``init_generate_state`` give them."""
     load = functools.partial(releases.load, line=line)
     if args.tool_call_parser is not None and releases.has("init_parser_metrics", line):
@@ -167,6 +159,8 @@ async def _init_serving(state: Any, engine: Any, args: argparse.Namespace, line:
     state.openai_serving_completion = completion(engine, state.openai_serving_models, **completion_options)
     if renderer is None:
         await state.openai_serving_chat.warmup()  # as 0.16's init_generate_state does
+    options = vllm_apis.serving_options(line, args, logger, template, template_kwargs, renderer)
+    vllm_apis.init_state(state, engine, args, line, options, renderer, store_limit)
 
 
 def renderer_options(args: Any, logger: Any, template: str | None, template_kwargs: Any) -> dict[str, Any]:

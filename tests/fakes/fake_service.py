@@ -19,13 +19,16 @@ import hashlib
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `models`
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
+from core.common.errors import error_body
 from core.runtime.parking import MemoryUse, ParkLevel
 from models.echo.server import EchoEngine, EchoService
 
@@ -171,6 +174,32 @@ class FakeService(EchoService):
         async def sleep(seconds: float = 5.0) -> dict[str, Any]:
             await asyncio.sleep(seconds)
             return self.identity("/sleep")
+
+        self._add_stored_responses(app)
+
+    def _add_stored_responses(self, app: FastAPI) -> None:
+        """The Responses API's store as the vLLM service keeps it (models/vllm/vllm_apis.py): in this process,
+        read back by id, a 404 for any other id; every answer says which process gave it."""
+        stored: set[str] = set()
+
+        @app.post("/v1/responses")
+        async def create() -> dict[str, Any]:
+            response_id = f"resp_{uuid.uuid4().hex}"
+            stored.add(response_id)
+            return {"id": response_id, "object": "response", **self.identity("/v1/responses")}
+
+        def held(response_id: str, path: str) -> Any:
+            if response_id not in stored:
+                return JSONResponse(error_body(f"Response with id '{response_id}' not found.", 404), status_code=404)
+            return {"id": response_id, "object": "response", **self.identity(path)}
+
+        @app.get("/v1/responses/{response_id}")
+        async def retrieve(response_id: str) -> Any:
+            return held(response_id, f"/v1/responses/{response_id}")
+
+        @app.post("/v1/responses/{response_id}/cancel")
+        async def cancel(response_id: str) -> Any:
+            return held(response_id, f"/v1/responses/{response_id}/cancel")
 
     def _upload_route(self, path: str) -> Any:
         """Who answered, and a digest of the body as it arrived (proof that the proxy passed it on unchanged)."""

@@ -52,6 +52,8 @@ def test_the_guide_works_as_written(tmp_path: Path) -> None:
     assert re.search(r"\d+ passed", checked) and "failed" not in checked
     assert "OK, 1 model: sentiment" in served and "serving " in served  # start-all says what it serves
     assert '"model":"sentiment"' in served.replace(" ", "")  # curl without a model: routed by its endpoint
-    assert called.split()[0] == "sentiment" and set(re.findall(r"'(\w+)'", called)) <= {"NEGATIVE", "POSITIVE"}
+    labels, refused = called.splitlines()
+    assert labels.split()[0] == "sentiment" and set(re.findall(r"'(\w+)'", labels)) <= {"NEGATIVE", "POSITIVE"}
+    assert refused.startswith("400 {") and "'param': 'input'" in refused  # the error's body, as the client shows it
     assert "stopped" in stopped
     assert not processes_under(root), "the guide's commands left processes behind"

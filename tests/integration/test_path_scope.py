@@ -255,6 +255,28 @@ def test_the_rerank_routes_reach_rerank_models_only(served: Served, target: str,
     unchanged(served, before)
 
 
+# A stored response's GET and cancel (stored_responses.py, client scope) name no model: the running text models
+# are asked (a GET, which the fakes do not count) and nothing starts; their near misses and escapes are refused.
+@pytest.mark.parametrize(("method", "target", "status", "code"), [
+    ("GET", "/v1/responses/resp_x", 404, "response_not_found"),
+    ("POST", "/v1/responses/resp_x/cancel", 404, "response_not_found"),
+    ("GET", "/v1/responses/%72esp_x", 404, "response_not_found"),
+    ("POST", "/v1/responses/resp_x/offload?level=1", 404, "route_not_found"),
+    ("GET", "/v1/responses/resp_x/whoami", 404, "route_not_found"),
+    ("POST", "/v1/responses/%2e%2e/%2e%2e/offload?level=1", 400, "invalid_path"),
+    ("GET", "/v1/responses/..%2f..%2fstatus", 400, "invalid_path"),
+    ("GET", "/v1/responses/x/../../../status", 400, "invalid_path"),
+    ("POST", "/v1/responses/resp_x%2fcancel", 400, "invalid_path"),
+])
+def test_a_stored_responses_routes_reach_no_further(served: Served, method: str, target: str, status: int,
+                                                   code: str) -> None:
+    before = served.snapshot()
+    error = envelope(raw_http.request(served.port, method, target, AS_CLIENT), status, code)
+    if code == "response_not_found":
+        assert "text models running: a" in error["message"], error
+    unchanged(served, before)
+
+
 # --- d. in process: generated paths through the orchestrator's app -------------------------------------------
 
 PATIENCE = 10.0  # seconds: bounds a hang when the code under test is broken; never waited on when it works

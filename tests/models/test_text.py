@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 
 from tests.models import text_cases
@@ -58,6 +59,16 @@ def test_any_model_name_is_answered_under_the_served_name(service: TextService) 
     # Lenient on purpose: the orchestrator passes aliases through unchanged (models.demo.yaml's gpt-4o-mini).
     reply = text_cases.chat(service.url, model="gpt-4o-mini", max_tokens=1)
     assert reply.status_code == 200 and reply.json()["model"] == "tiny-qwen"
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1"),
+                                              ("POST", "/v1/messages"), ("POST", "/tokenize")])
+def test_what_only_the_vllm_engine_serves_is_a_501_that_says_so(service: TextService, method: str, path: str) -> None:
+    reply = httpx.request(method, service.url + path, json={"model": "tiny-qwen"}, timeout=30)
+    assert reply.status_code == 501, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "not_implemented" and error["message"].startswith(path.replace("resp_1", "{response_id}"))
+    assert "not served by the transformers engine" in error["message"] and "--engine vllm" in error["message"]
 
 
 def test_importing_the_server_does_not_import_heavy_packages() -> None:

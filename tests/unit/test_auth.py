@@ -28,6 +28,10 @@ KEYS = Keys.of(["client-1", "client-2"], ["admin-1"])
     ("GET", "/v1/models/org/qwen", Access.CLIENT),
     ("POST", "/rerank", Access.CLIENT),  # Jina's and Cohere's rerank paths (routing.ROOT_ROUTES)
     ("POST", "/v2/rerank", Access.CLIENT),
+    ("POST", "/v1/messages", Access.CLIENT),
+    ("GET", "/v1/responses/resp_1", Access.CLIENT),  # a stored response (stored_responses.py)
+    ("POST", "/v1/responses/resp_1/cancel", Access.CLIENT),
+    ("POST", "/tokenize", Access.CLIENT),
     ("GET", "/nowhere", Access.CLIENT),  # a client gets its 404; no key gets 401
     ("GET", "/status", Access.ADMIN),
     ("GET", "/logs/qwen", Access.ADMIN),
@@ -62,6 +66,17 @@ def test_admin_key_reaches_everything() -> None:
 def test_missing_or_wrong_key_is_401(headers: list[tuple[bytes, bytes]]) -> None:
     denied = check_access(KEYS, Access.CLIENT, headers)
     assert denied is not None and (denied.status, denied.code) == (401, "invalid_api_key")
+
+
+def test_anthropics_x_api_key_is_a_key_like_a_bearer_token() -> None:
+    # Anthropic's client sends its key as x-api-key; Authorization, when present, is the one that counts.
+    assert check_access(KEYS, Access.CLIENT, [(b"x-api-key", b"client-2")]) is None
+    denied = check_access(KEYS, Access.ADMIN, [(b"x-api-key", b"client-2")])
+    assert denied is not None and denied.code == "admin_key_required"
+    assert check_access(KEYS, Access.ADMIN, [(b"x-api-key", b"admin-1")]) is None
+    overruled = check_access(KEYS, Access.CLIENT, [(b"x-api-key", b"client-2"), *auth("nope")])
+    assert overruled is not None and overruled.code == "invalid_api_key"
+    assert check_access(KEYS, Access.CLIENT, [*auth("client-1"), (b"x-api-key", b"nope")]) is None
 
 
 def test_public_route_and_open_mode_need_no_key() -> None:

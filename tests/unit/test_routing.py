@@ -63,6 +63,13 @@ def test_resolve_by_name_or_alias(asked: str, path: str, expected: str) -> None:
     assert two_text_models().resolve(asked, path).name == expected
 
 
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/tokenize",
+                                  "/detokenize"])
+def test_the_responses_messages_and_tokenize_routes_default_to_the_text_model(path: str) -> None:
+    assert two_text_models(defaults={"text": "llama"}).resolve(None, path).name == "llama"
+    assert two_text_models().resolve("q", path).name == "qwen"
+
+
 def test_named_model_wins_over_the_default() -> None:
     assert two_text_models(defaults={"text": "qwen"}).resolve("llama", "/v1/chat/completions").name == "llama"
 
@@ -71,7 +78,12 @@ def test_named_model_wins_over_the_default() -> None:
     ("bge", "/v1/chat/completions",
      "The model 'bge' is an embedding model and does not serve /v1/chat/completions: its endpoint is /v1/embeddings."),
     ("gpt-4o", "/v1/images/generations", "The model 'gpt-4o' (an alias of 'qwen') is a text model and does not "
-     "serve /v1/images/generations: its endpoint is /v1/chat/completions, /v1/completions."),
+     "serve /v1/images/generations: its endpoints are /v1/chat/completions, /v1/completions, /v1/responses, "
+     "/v1/messages, /v1/messages/count_tokens, /tokenize, /detokenize."),
+    ("bge", "/v1/messages", "The model 'bge' is an embedding model and does not serve /v1/messages: its endpoint is "
+     "/v1/embeddings."),
+    ("sd", "/tokenize", "The model 'sd' is an image model and does not serve /tokenize: its endpoint is "
+     "/v1/images/generations."),
     ("sd", "/v1/embeddings",
      "The model 'sd' is an image model and does not serve /v1/embeddings: its endpoint is /v1/images/generations."),
 ])

@@ -50,6 +50,23 @@ def test_renamed_replaces_the_name_the_class_the_route_and_the_port_only() -> No
         "/v1/classifyx")
 
 
+def test_trailing_comments_keep_their_column_after_renaming() -> None:
+    text = ("    endpoint: /v1/classify       # requests without a model\n"
+            "    aliases: [sentiment-en]      # other names\n"
+            "    a_key_naming_sentiment: x  # tight already: two spaces at least\n")
+    assert renamed(text, "review_tagger", 8123) == (
+        "    endpoint: /v1/review_tagger  # requests without a model\n"
+        "    aliases: [review_tagger-en]  # other names\n"
+        "    a_key_naming_review_tagger: x  # tight already: two spaces at least\n")
+    assert renamed(text, "ner", 8123).splitlines()[1] == "    aliases: [ner-en]            # other names"
+
+
+def test_the_serving_port_can_move_off_9000() -> None:
+    files = scaffold("ner", 8123, GUIDE.read_text(), serve_port=9100)
+    assert "\n  port: 9100\n" in files["models/ner/models.yaml"]
+    assert not any("9000" in text for text in files.values())
+
+
 def test_the_guide_holds_every_file_the_scaffold_writes() -> None:
     files = scaffold("review_tagger", 8123, GUIDE.read_text())
     assert sorted(files) == [

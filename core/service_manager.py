@@ -36,23 +36,32 @@ class ServiceManager:
         self.reaper = Reaper() if use_reaper else None
         self.service_token = new_service_token()
         settings = config.settings
-        policy = RestartPolicy(settings.restart_backoff, settings.restart_backoff_max, settings.restart_window,
-                               settings.failed_cooldown)
-        self.services = {name: self._build(spec, policy) for name, spec in config.models.items()}
+        self._policy = RestartPolicy(settings.restart_backoff, settings.restart_backoff_max, settings.restart_window,
+                                     settings.failed_cooldown)
+        self.services = {name: self._build(spec) for name, spec in config.models.items()}
 
-    def _build(self, spec: ModelSpec, policy: RestartPolicy) -> ManagedService:
-        settings = self.config.settings
+    def launch_of(self, spec: ModelSpec) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment ``spec``'s process is started with."""
         python = resolve_python(spec.python, self.config.base_dir, sys.executable) or sys.executable
-        argv = service_argv(spec, python, self.config.base_dir)
+        return (service_argv(spec, python, self.config.base_dir),
+                service_env(spec, self.service_token, passthrough=self.config.settings.env_passthrough))
+
+    def add(self, spec: ModelSpec) -> ManagedService:
+        """A service for a model a reload added (stopped until a request or a preload starts it)."""
+        self.services[spec.name] = self._build(spec)
+        return self.services[spec.name]
+
+    def _build(self, spec: ModelSpec) -> ManagedService:
+        settings = self.config.settings
+        argv, env = self.launch_of(spec)
         service_log = ServiceLog(
             spec.name, self.config.log_dir() / f"{spec.name.replace('/', '_')}.log", settings.log_lines,
             max_bytes=int(settings.log_max_mb * 1024 * 1024), backups=settings.log_backups,
             max_followers=settings.limits.max_log_followers,
         )
         return ManagedService(
-            spec, argv=argv, env=service_env(spec, self.service_token, passthrough=settings.env_passthrough),
-            service_log=service_log, policy=policy, health=self._health, reaper=self.reaper,
-            service_token=self.service_token, health_interval=settings.health_interval,
+            spec, argv=argv, env=env, service_log=service_log, policy=self._policy, health=self._health,
+            reaper=self.reaper, service_token=self.service_token, health_interval=settings.health_interval,
             health_failures=settings.health_failures,
         )
 

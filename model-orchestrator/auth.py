@@ -30,10 +30,11 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from core.common.errors import ServiceError
-from core.config.schema import Settings
+from core.config.schema import OrchestratorConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,17 @@ class Keys:
         env = os.environ if environ is None else environ
         return cls.of(read_keys(settings.api_key_env, env), read_keys(settings.admin_key_env, env))
 
+    @classmethod
+    def load(cls, config: OrchestratorConfig, environ: Mapping[str, str] | None = None) -> Keys:
+        """The keys a config names: its variables' and its key files' (read now: a reload reads them again).
+        OSError when a key file cannot be read."""
+        env = os.environ if environ is None else environ
+        settings = config.settings
+        files = [read_key_file(config.resolve_path(name)) if name else []
+                 for name in (settings.api_keys_file, settings.admin_keys_file)]
+        return cls.of([*read_keys(settings.api_key_env, env), *files[0]],
+                      [*read_keys(settings.admin_key_env, env), *files[1]])
+
     @property
     def configured(self) -> bool:
         return bool(self.client or self.admin)
@@ -103,6 +115,12 @@ def read_keys(env_name: str | None, environ: Mapping[str, str]) -> list[str]:
     if not env_name:
         return []
     return [key.strip() for key in environ.get(env_name, "").split(",") if key.strip()]
+
+
+def read_key_file(path: Path) -> list[str]:
+    """The keys in a key file: one per line or comma-separated; blank lines and ``#`` comments skipped."""
+    lines = (line.partition("#")[0] for line in path.read_text().splitlines())
+    return [key.strip() for line in lines for key in line.split(",") if key.strip()]
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

@@ -33,9 +33,10 @@ from model_orchestrator.ui import mount_ui
 
 if TYPE_CHECKING:
     from model_orchestrator.orchestrator import Runtime
+    from model_orchestrator.reload import Reloader
 
 
-def build_control_app(runtime: Runtime) -> FastAPI:
+def build_control_app(runtime: Runtime, reloader: Reloader | None = None) -> FastAPI:
     app = FastAPI(title="ai-orchestrator", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     coordinator = runtime.coordinator
@@ -63,7 +64,8 @@ def build_control_app(runtime: Runtime) -> FastAPI:
     async def status() -> dict[str, Any]:
         models = coordinator.status()
         gpu_used = await asyncio.to_thread(gpu_bytes_by_pid)  # NVML: blocking calls
-        return {"gpu_budget_gb": coordinator.budget_gb, "host_budget_gb": coordinator.host_budget_gb,
+        return {"config": {"file": str(runtime.config.source), **runtime.loaded.entry()},
+                "gpu_budget_gb": coordinator.budget_gb, "host_budget_gb": coordinator.host_budget_gb,
                 "gpus": await asyncio.to_thread(_gpus_entry, runtime.gpus, coordinator.devices, models),
                 "models": {n: _status_entry(m, gpu_used) for n, m in models.items()}}
 
@@ -111,6 +113,12 @@ def build_control_app(runtime: Runtime) -> FastAPI:
         name = _name(runtime, model)
         coordinator.reset(name)
         return _action_result(coordinator.snapshot(name))
+
+    @app.post("/admin/reload")
+    async def reload() -> dict[str, Any]:
+        if reloader is None:
+            raise ServiceError(501, "This orchestrator was built without a reloader.", "not_implemented")
+        return await reloader.reload("POST /admin/reload")  # a bad file: 400 naming it, nothing changed
 
     mount_ui(app)
     return app

@@ -28,7 +28,7 @@ from core.host.gpu import resolve_process_overhead
 from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.supervision.service_state import ServiceSnapshot, ServiceState
-from model_orchestrator.model_view import park_host_gb
+from model_orchestrator.model_view import Want, park_host_gb
 from model_orchestrator.placement import Device, utilization_fill, want_for
 from model_orchestrator.refusals import Reason, Refused
 from model_orchestrator.scheduler import (
@@ -97,12 +97,10 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._ttl_task: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Future[None]] = set()  # parks under way (see _park_or_stop)
+        # Where each model may go depends on its config and the GPUs only: once (and at a reload), not per decision.
+        self._wants: dict[str, Want] = {}
         for svc in manager.services.values():
-            svc.on_change = self.notify
-        # Where each model may go depends on its config and the GPUs only: once, not per decision.
-        self._wants = {name: want_for(svc.spec.gpus, svc.spec.tensor_parallel,
-                                      svc.spec.placement or settings.gpus.placement, self.devices)
-                       for name, svc in manager.services.items()}
+            self.adopt(svc)
 
     def use_devices(self, devices: Sequence[Device]) -> None:
         """The same GPUs with new readings of what other processes hold (foreign_memory.py): decisions from
@@ -139,6 +137,7 @@ class Coordinator:
             parkable=svc.parker.parkable and record.unsupported is None, host_gb=holds, park_host_gb=would_hold,
             ttl=spec.ttl, park_idle=spec.park.idle, overhead_gb=self._overhead_gb(spec),
             kept_gb=spec.park.vram_kept_gb, devices=svc.placed_on, want=self._wants[svc.name],
+            retiring=svc.retiring,
         )
 
     def _overhead_gb(self, spec: ModelSpec) -> float:
@@ -205,6 +204,9 @@ class Coordinator:
     async def _acquire(self, svc: ManagedService, arrival: float, ticket: Ticket) -> ManagedService:
         deadline = arrival + self.settings.max_wait
         while True:
+            if self.manager.services.get(svc.name) is not svc:
+                raise Refused(Reason.REMOVED, f"The model {svc.name!r} was removed from the config (a reload) while "
+                              "this request waited for it.")
             decision = self.decide(svc.name, arrival)
             if isinstance(decision, Serve):
                 svc.begin_request()
@@ -295,7 +297,8 @@ class Coordinator:
     def release(self, svc: ManagedService) -> None:
         svc.end_request()
         # Wake waiters (this slot, or this model draining) and the idle watch (idle from now: ttl, park.idle).
-        if self._waiting_total or (svc.in_flight == 0 and (svc.spec.ttl > 0 or svc.spec.park.idle > 0)):
+        if self._waiting_total or svc.retiring or (
+                svc.in_flight == 0 and (svc.spec.ttl > 0 or svc.spec.park.idle > 0)):
             self.notify()
 
     # -- operator actions, preload, TTL -----------------------------------------------
@@ -368,12 +371,39 @@ class Coordinator:
         self.manager[name].reset()
 
     async def preload(self) -> None:
-        for name, svc in self.manager.services.items():
+        for name, svc in list(self.manager.services.items()):
             if svc.spec.preload:
-                try:
-                    await self.load(name, "preload")
-                except Refused as exc:
-                    log.error("preload of %s failed: %s", name, exc.message)
+                await self.preload_one(name)
+
+    async def preload_one(self, name: str) -> None:
+        try:
+            await self.load(name, "preload")
+        except Refused as exc:
+            log.error("preload of %s failed: %s", name, exc.message)
+
+    # -- a reload (model_orchestrator/reload.py) ------------------------------------------
+
+    def use_settings(self, settings: Settings, host_budget_gb: float | None) -> None:
+        self.settings, self.host_budget_gb = settings, host_budget_gb
+
+    def adopt(self, svc: ManagedService) -> None:
+        """A service a reload added."""
+        svc.on_change = self.notify
+        self.replace_want(svc.spec)
+
+    def replace_want(self, spec: ModelSpec) -> None:
+        self._wants[spec.name] = want_for(spec.gpus, spec.tensor_parallel, spec.placement or
+                                          self.settings.gpus.placement, self.devices)
+
+    def forget(self, name: str) -> None:
+        """A model a reload removed, now stopped: its waiters find it gone (Reason.REMOVED) and give up."""
+        self._wants.pop(name, None)
+        self.notify()
+
+    async def until_idle(self, svc: ManagedService) -> None:
+        """Until no request of ``svc`` is in flight (``release`` notifies while it is retiring)."""
+        while svc.in_flight:
+            await event_within(self._changed, _SAFETY_RECHECK)
 
     def start_ttl_watch(self) -> None:
         self._ttl_task = asyncio.create_task(self._ttl_loop(), name="ttl-watch")

@@ -75,6 +75,11 @@ class ForeignMemory:
         per_gpu = self._read([device.index for device in self.devices])
         return {} if per_gpu is None else foreign_gb(per_gpu, self._seen)
 
+    def rebase(self, devices: Sequence[Device]) -> None:
+        """New budgets for the same GPUs (a reload): handed over at once, with the last reading of others."""
+        self.devices = list(devices)
+        self._apply(with_others(self.devices, self._last))
+
     def update(self, foreign: Mapping[int, float]) -> None:
         """Hand the coordinator the GPUs with ``foreign`` when it changed by a tenth of a GB (on the event loop)."""
         if _rounded(foreign) == _rounded(self._last):

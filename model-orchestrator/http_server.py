@@ -146,9 +146,16 @@ class RequestCap(InFlightCap):
     probes keep answering under load."""
 
     def __init__(self, app: ASGIApp, max_requests: int) -> None:
-        super().__init__(app, max_requests, _counted, ServiceError(
-            503, f"The server is handling {max_requests} requests (max_requests); retry shortly.", "overloaded",
-            retry_after=1))
+        super().__init__(app, max_requests, _counted, _overloaded(max_requests))
+
+    def resize(self, max_requests: int) -> None:
+        """A new bound from the next request on (a reload of settings.limits.max_requests)."""
+        self.limit, self.refusal = max_requests, _overloaded(max_requests)
+
+
+def _overloaded(max_requests: int) -> ServiceError:
+    return ServiceError(503, f"The server is handling {max_requests} requests (max_requests); retry shortly.",
+                        "overloaded", retry_after=1)
 
 
 def _counted(scope: Scope) -> bool:
@@ -162,7 +169,7 @@ class AccessGate:
 
     def __init__(self, app: ASGIApp, keys: auth.Keys, loopback_bind: bool) -> None:
         self.app = app
-        self._keys = keys
+        self.keys = keys
         self._loopback_bind = loopback_bind
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -171,13 +178,13 @@ class AccessGate:
             if refusal is not None:
                 await send_error(send, refusal)
                 return
-        elif scope["type"] == "websocket" and self._keys.configured:
+        elif scope["type"] == "websocket" and self.keys.configured:
             return
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> ServiceError | None:
         needed = auth.route_access(scope["method"], scope["path"])
-        refusal = auth.check_access(self._keys, needed, scope["headers"])
+        refusal = auth.check_access(self.keys, needed, scope["headers"])
         if refusal is None and needed is auth.Access.ADMIN:
             refusal = auth.cross_site_problem(scope["headers"], self._loopback_bind)
         return refusal

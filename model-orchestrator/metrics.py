@@ -114,6 +114,9 @@ class Metrics:
                              ["model", "action", "reason"], registry=r)
         self.transition = Histogram("aio_model_transition_seconds", "How long each start, stop, park and "
                                     "restore took.", ["model", "kind"], buckets=TRANSITION_BUCKETS, registry=r)
+        self.reloads = Counter("aio_config_reloads", "Reloads of models.yaml, by result: applied, unchanged, "
+                               "invalid (nothing changed) or busy (a previous one still under way).",
+                               ["result"], registry=r)
         r.register(RequestCollector(self.models))
         r.register(StateCollector(coordinator))
         self._entered: dict[str, float] = {}
@@ -139,6 +142,9 @@ class Metrics:
                 stats.generation_tokens += tokens[1]
 
     # -- the lifecycle ----------------------------------------------------------------------
+
+    def reloaded(self, result: str) -> None:
+        self.reloads.labels(result).inc()
 
     def swap(self, model: str, action: str, reason: str) -> None:
         self.swaps.labels(model, action, reason).inc()

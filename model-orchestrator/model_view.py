@@ -26,6 +26,8 @@ class Servable(Protocol):
     def in_flight(self) -> int: ...
     @property
     def max_concurrency(self) -> int | None: ...
+    @property
+    def retiring(self) -> bool: ...
 
 
 Policy = Literal["pack", "spread"]
@@ -64,6 +66,7 @@ class ModelView:
     kept_gb: float = 0.0  # GPU memory it keeps parked besides that (vLLM's CUDA graphs)
     devices: tuple[int, ...] = ()  # the GPUs it holds memory on now (or parked on); (): the first one
     want: Want = field(default_factory=Want)  # where it may be placed
+    retiring: bool = False  # a reload restarts or removes it once its requests finish: it takes no new one
 
     @property
     def claim_gb(self) -> float:

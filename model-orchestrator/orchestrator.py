@@ -37,19 +37,24 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
+import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from core.common.asgi import Receive, Scope, Send
+from core.common.errors import ServiceError
 from core.common.log_setup import configure_logging
 from core.config.load import load_config
 from core.config.schema import ConfigError, OrchestratorConfig, Settings
 from core.host.gpu import gpu_inventory, resolve_budget, resolve_process_overhead, wait_for_free_memory
 from core.host.gpu_inventory import Gpu, InventoryError
 from core.host.host_memory import resolve_host_budget
-from core.service_manager import ServiceManager
+from core.service_manager import ManagedService, ServiceManager
 from core.supervision.process_tree import port_holder
 from model_orchestrator import auth
 from model_orchestrator.control import build_control_app
@@ -59,6 +64,8 @@ from model_orchestrator.http_server import AccessGate, CanonicalPath, RequestCap
 from model_orchestrator.metrics import Metrics
 from model_orchestrator.placement import Device, chosen_gpus
 from model_orchestrator.proxy import Proxy
+from model_orchestrator.reload import ConfigWatch, Loaded, Reloader, file_bytes
+from model_orchestrator.reload_plan import config_hash
 from model_orchestrator.routing import ROOT_ROUTES, ModelIndex
 from model_orchestrator.stored_responses import PREFIX as STORED_RESPONSES
 
@@ -127,6 +134,28 @@ class Runtime:
         self.proxy = Proxy(self.coordinator, self.index, limits=config.settings.limits, metrics=self.metrics,
                            keep_alive=keep_alive)
         self._preload: asyncio.Task[None] | None = None
+        self.request_cap: RequestCap | None = None  # main()'s, resized by a reload
+        self.loaded = Loaded(config_hash(file_bytes(config.source)), time.time(), "start")
+        self._background: set[asyncio.Task[None]] = set()
+
+    def adopt(self, svc: ManagedService) -> None:
+        """A service a reload added: observed like the others, placed like the others."""
+        svc.on_transition = self.metrics.transitioned
+        self.coordinator.adopt(svc)
+
+    def rebudget(self) -> None:
+        """The GPU budgets of the config now (settings.gpu_memory_gb), with what others hold as last read."""
+        devices = placement_devices(self.gpus, self.config.settings)
+        self.coordinator.budget_gb = (devices[0].budget_gb if devices else
+                                      resolve_budget(self.config.settings.gpu_memory_gb, self.gpus))
+        self.foreign.rebase(devices)
+
+    def background(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task that outlives the request that began it (a reload's restarts); cancelled at stop."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def start(self) -> None:
         self.manager.open()
@@ -145,10 +174,11 @@ class Runtime:
                  "unlimited" if budget is None else f"{budget:g} GB", "unlimited" if host is None else f"{host:.3g} GB")
 
     async def stop(self) -> None:
-        if self._preload is not None:
-            self._preload.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._preload
+        for task in [self._preload, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.coordinator.stop_ttl_watch()
         await self.foreign.stop()
         await self.manager.shutdown()
@@ -166,9 +196,14 @@ class OrchestratorApp:
     def __init__(self, config: OrchestratorConfig, *, host: str | None = None, keys: auth.Keys | None = None,
                  use_reaper: bool = True) -> None:
         self.runtime = Runtime(config, use_reaper=use_reaper)
-        self.control = build_control_app(self.runtime)
-        keys = keys if keys is not None else auth.Keys.from_env(config.settings)
-        self._gated = CanonicalPath(AccessGate(self.route, keys, auth.is_loopback_host(host or config.settings.host)))
+        keys = keys if keys is not None else auth.Keys.load(config)
+        bind = host or config.settings.host
+        self.gate = AccessGate(self.route, keys, auth.is_loopback_host(bind))
+        self.reloader = Reloader(self.runtime, self.gate, bind)
+        self.reloader.on_result = self.runtime.metrics.reloaded
+        self.watch = ConfigWatch(self.reloader)
+        self.control = build_control_app(self.runtime, self.reloader)
+        self._gated = CanonicalPath(self.gate)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -187,6 +222,16 @@ class OrchestratorApp:
         else:
             await self.control(scope, receive, send)
 
+    def _on_sighup_reload(self) -> None:
+        """SIGHUP reloads the config, as POST /admin/reload does (where this process owns its signals)."""
+        async def reload() -> None:
+            with contextlib.suppress(ServiceError):  # refused: the reloader has logged why
+                await self.reloader.reload("SIGHUP")
+
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread: no signals
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: self.runtime.background(reload(), "reload-sighup"))
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -197,8 +242,11 @@ class OrchestratorApp:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self._on_sighup_reload()
+                self.watch.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.watch.stop()
                 await self.runtime.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -246,7 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.log_file:
         configure_logging(args.log_level, args.log_file, max_bytes=int(settings.log_max_mb * 1024 * 1024),
                           backups=settings.log_backups)
-    keys = auth.Keys.from_env(settings)
+    try:
+        keys = auth.Keys.load(config)
+    except OSError as exc:
+        print(f"ai-orchestrator: cannot read a key file: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     problem = auth.exposure_problem(host, keys, settings)
     if problem is not None:
         print(f"ai-orchestrator: {problem}", file=sys.stderr)
@@ -262,8 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     except InventoryError as exc:  # GPUs that cannot be placed on are an operator's to fix
         print(f"ai-orchestrator: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    app.runtime.request_cap = cap = RequestCap(app, settings.limits.max_requests)
     uvicorn.run(
-        RequestCap(app, settings.limits.max_requests), host=host, port=port,
+        cap, host=host, port=port,
         log_config=None, access_log=args.access_log, lifespan="on", server_header=False, proxy_headers=False,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout)), **server_options(settings.limits),
     )

@@ -45,7 +45,7 @@ from core.common.asgi import (
 )
 from core.common.errors import ServiceError, error_body
 from core.common.sse import sse_event
-from core.config.schema import Limits, ModelSpec
+from core.config.schema import Limits, ModelSpec, Settings
 from core.service_manager import ManagedService
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.json_worker import INLINE_MAX, BodyProblem, JsonWorker
@@ -98,6 +98,13 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
         self._urls: dict[tuple[str, str], URL] = {}
+
+    def use(self, index: ModelIndex, settings: Settings) -> None:
+        """Route by ``index`` and bound by ``settings`` from the next request on (a reload)."""
+        self.index, self._renames = index, index.renames()
+        self.limits, self.keep_alive = settings.limits, settings.stream_keep_alive or None
+        self._timeouts.clear()  # request_timeout per model
+        self._urls.clear()  # a port or host may have changed
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)

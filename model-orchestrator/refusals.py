@@ -21,6 +21,7 @@ class Reason(enum.Enum):
     COOLING_DOWN = "model_failed"  # failed repeatedly; refused until failed_until
     NO_FIT = "insufficient_gpu_memory"  # can never fit the GPU budget (pinned models, too large)
     NOT_PARKABLE = "cannot_park"  # an operator's park of a model that cannot park, or is not idle and ready
+    REMOVED = "model_not_found"  # a reload removed the model this request was waiting for
 
 
 # The one table: a request's reasons are "try again later" (503; Retry-After says when); an
@@ -32,6 +33,7 @@ _STATUS: dict[Reason, int] = {
     Reason.COOLING_DOWN: 503,
     Reason.NO_FIT: 503,
     Reason.NOT_PARKABLE: 409,
+    Reason.REMOVED: 404,
 }
 
 

@@ -97,7 +97,8 @@ def can_serve_now(view: Servable) -> bool:
     waiter), so then this alone is ``plan()``'s answer: the coordinator's per-request fast
     path asks only this, on the live service, without building a snapshot.
     """
-    return view.state is READY and (view.max_concurrency is None or view.in_flight < view.max_concurrency)
+    return view.state is READY and not view.retiring and (
+        view.max_concurrency is None or view.in_flight < view.max_concurrency)
 
 
 Budget = float | Sequence[Device] | None  # one GPU's GiB, every GPU's budget, or None: no accounting
@@ -120,6 +121,8 @@ def plan(
     if view.state is FAILED and now < view.failed_until:
         return Reject(Reason.COOLING_DOWN, f"model {target!r} failed repeatedly and is cooling down",
                       retry_after=view.failed_until - now)
+    if view.retiring:  # the reload that changed it stops it once idle; then it starts with its new config
+        return Wait(f"{target} restarts with its new config once its requests finish")
     if view.state is READY:
         if not can_serve_now(view):
             return Wait(f"{target} is at max_concurrency ({view.max_concurrency})")

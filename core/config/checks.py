@@ -128,6 +128,10 @@ def _vram_within_budget(config: OrchestratorConfig) -> list[str]:
 
 def file_problems(config: OrchestratorConfig) -> list[str]:
     problems = []
+    for key in ("api_keys_file", "admin_keys_file"):
+        value = getattr(config.settings, key)
+        if value is not None and not config.resolve_path(value).is_file():
+            problems.append(f"settings: key {key!r}: file not found: {config.resolve_path(value)}")
     for name, spec in config.models.items():
         if spec.service_script is not None:
             script = config.resolve_path(spec.service_script)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from core.config.park import HttpCall, ParkCalls, ParkSpec
+from core.config.reloadable import model_key_on_reload, setting_on_reload
 from core.config.schema import GpuSettings, Limits, ModelSpec, OrchestratorConfig, Settings, WeightsSpec
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"  # core/config/ is two below the repository
@@ -34,6 +36,13 @@ duplicate names, aliases or ports and missing scripts are refused at load time, 
 a message naming the file, the model and the key. Validate a file without starting
 anything with `ai-orchestrator --config FILE --check`. A JSON Schema for editors is in
 `docs/models.schema.json`.
+
+A running orchestrator reloads the file on `POST /admin/reload`, SIGHUP, `scripts/reload.sh` or,
+with `settings.watch_config`, when it changes (docs/DEPLOYMENT.md). The "on reload" column says
+what each key's change does then: *live* applies at once to the next request or decision;
+*restarts the model* lets that model finish its requests and start with its new config on its next
+one (the others keep running); *restart the orchestrator* is refused by a reload (the rest of the
+file still applies) and takes effect at the next start.
 
 Example:
 
@@ -86,29 +95,39 @@ def _default(field: Any) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def table(model: type[BaseModel]) -> str:
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+def table(model: type[BaseModel], on_reload: Callable[[str], str]) -> str:
+    rows = ["| key | type | default | on reload | meaning |", "|---|---|---|---|---|"]
     for name, field in model.model_fields.items():
         description = (field.description or "").replace("|", "\\|")
         kind = _type_name(field.annotation).replace("|", "\\|")
-        rows.append(f"| `{name}` | `{kind}` | {_default(field)} | {description} |")
+        rows.append(f"| `{name}` | `{kind}` | {_default(field)} | {on_reload(name)} | {description} |")
     return "\n".join(rows)
 
 
-SECTIONS: list[tuple[str, type[BaseModel], str]] = [
-    ("## Per model (`models.<name>`)", ModelSpec, ""),
-    ("### Weights (`models.<name>.weights`)", WeightsSpec, ""),
-    ("### Parking (`models.<name>.park`)", ParkSpec, PARK_INTRO),
-    ("#### Park calls (`models.<name>.park.calls`)", ParkCalls, ""),
-    ("#### One call (an item of `park` and `restore`)", HttpCall, ""),
-    ("## Global (`settings`)", Settings, ""),
-    ("### Limits (`settings.limits`)", Limits, ""),
-    ("### GPUs (`settings.gpus`)", GpuSettings, ""),
+def _as(rule: str) -> Callable[[str], str]:
+    return lambda _: rule
+
+
+_WEIGHTS = model_key_on_reload("weights")
+_PARK = model_key_on_reload("park")
+_GPUS = setting_on_reload("gpus")
+
+
+SECTIONS: list[tuple[str, type[BaseModel], str, Callable[[str], str]]] = [
+    ("## Per model (`models.<name>`)", ModelSpec, "", model_key_on_reload),
+    ("### Weights (`models.<name>.weights`)", WeightsSpec, "", _as(_WEIGHTS)),
+    ("### Parking (`models.<name>.park`)", ParkSpec, PARK_INTRO, _as(_PARK)),
+    ("#### Park calls (`models.<name>.park.calls`)", ParkCalls, "", _as(_PARK)),
+    ("#### One call (an item of `park` and `restore`)", HttpCall, "", _as(_PARK)),
+    ("## Global (`settings`)", Settings, "", setting_on_reload),
+    ("### Limits (`settings.limits`)", Limits, "", lambda name: setting_on_reload(f"limits.{name}")),
+    ("### GPUs (`settings.gpus`)", GpuSettings, "", _as(_GPUS)),
 ]
 
 
 def render_markdown() -> str:
-    return INTRO + "".join(f"\n{title}\n\n{intro}{table(model)}\n" for title, model, intro in SECTIONS)
+    return INTRO + "".join(f"\n{title}\n\n{intro}{table(model, on_reload)}\n"
+                           for title, model, intro, on_reload in SECTIONS)
 
 
 def render_schema() -> str:

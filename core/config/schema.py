@@ -294,6 +294,17 @@ class Settings(_Strict):
         "AIO_ADMIN_KEYS", description="Environment variable holding comma-separated admin keys: only they reach "
         "/admin, /logs, /upstream, the full /status, /docs and /openapi.json."
     )
+    watch_config: bool = Field(
+        False, description="Reload this file when it changes (checked every second, applied once it has been "
+        "still for a second), as POST /admin/reload and SIGHUP do."
+    )
+    api_keys_file: str | None = Field(
+        None, description="A file of client keys (one per line or comma-separated; relative to base_dir), read at "
+        "start and at every reload, so keys can be rotated without a restart. Keys from api_key_env count too."
+    )
+    admin_keys_file: str | None = Field(
+        None, description="A file of admin keys, like api_keys_file. Keys from admin_key_env count too."
+    )
     allow_unauthenticated: bool = Field(
         False, description="Serve without any key on a non-loopback address. Without it the orchestrator "
         "refuses to start when it listens beyond 127.0.0.1 and no key is configured."

@@ -78,6 +78,9 @@ class ManagedService:
         self._in_flight = 0
         self._last_used = 0.0  # time.monotonic() a request last began or ended (or READY)
         self.max_concurrency: int | None = spec.max_concurrency  # copied: read per request (can_serve_now)
+        # Admits no new request: a reload restarts or removes it once its requests finish (the orchestrator's
+        # scheduler reads it; the service's state is unchanged until then).
+        self.retiring = False
         self.started_at: float | None = None  # time.time() of the last READY
         self.failures: list[float] = []
         self.not_before = 0.0  # earliest monotonic time of the next start (backoff)
@@ -389,6 +392,20 @@ class ManagedService:
             return
         log.error("%s: %s; killing it", self.name, reason)
         self.stop(reason, failure=reason)
+
+    # -- a reload (model_orchestrator/reload.py) -------------------------------------------
+
+    def update_spec(self, spec: ModelSpec) -> None:
+        """Fields read per request or per decision (aliases, ttl, caps, park settings): from now on."""
+        self.spec, self.max_concurrency = spec, spec.max_concurrency
+        self.parker.use(spec)
+
+    def relaunch_with(self, spec: ModelSpec, argv: list[str], env: dict[str, str]) -> None:
+        """A new command line, environment and spec for its next start; only while it has no process."""
+        assert self.state in (State.STOPPED, State.FAILED), f"{self.name}: relaunched while {self.state.value}"
+        self.argv = argv
+        self._process.launch_with(argv, env)
+        self.update_spec(spec)
 
     def reset(self) -> None:
         """Operator reset: forget failures; a FAILED service may start again at once."""

@@ -74,6 +74,10 @@ class ParkClient:
     def parkable(self) -> bool:
         return self.calls is not None
 
+    def use(self, spec: ModelSpec) -> None:
+        """Park and restore by ``spec`` from now on (a reload changed its park settings)."""
+        self.spec, self.calls = spec, calls_of(spec)
+
     async def park(self, level: int) -> ParkOutcome:
         if self.calls is None:
             raise ParkUnsupported(f"{self.spec.name} has no way to park (see its park: key)")

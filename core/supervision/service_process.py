@@ -50,6 +50,11 @@ class ServiceProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process and self.process.returncode is None else None
 
+    def launch_with(self, argv: list[str], env: dict[str, str]) -> None:
+        """The command line and environment of the next spawn (a reload changed them)."""
+        assert self.pid is None, f"{self.name}: relaunched while its process runs"
+        self.argv, self._env = argv, env
+
     async def spawn(self, host: str, port: int, env: Mapping[str, str] | None = None,
                     argv: list[str] | None = None) -> None:
         """Check that ``port`` is free, open the log, spawn the process (its environment plus ``env``:

@@ -156,6 +156,7 @@ function render(status) {
   }
   $("empty").hidden = names.length > 0;
   renderBudget(status);
+  renderConfig(status);
 }
 
 function renderDevices(status) {
@@ -182,6 +183,13 @@ function renderDevices(status) {
     setBar(line.querySelector(".bar"), { ".declared": [declared, budget], ".measured": [gpu.used_gb, budget] },
       `GPU ${gpu.index}, ${gpu.name}: ${text}`);
   });
+}
+
+function renderConfig(status) {
+  const config = status.config || {};
+  setText($("config-hash"), config.hash || "?");
+  const at = config.loaded_at ? new Date(config.loaded_at * 1000).toLocaleTimeString() : "?";
+  setText($("config-loaded"), `loaded ${at} (${config.cause || "?"})`);  // no path: screenshots leave the machine
 }
 
 function renderBudget(status) {

@@ -134,6 +134,9 @@ def test_dashboard_lists_models_follows_a_load_tails_the_log_and_unloads(
         assert cell(browser, name, "state") == "stopped"
         for alias in spec.get("aliases", []):
             assert alias in cell(browser, name, "aliases")
+    loaded = httpx.get(orch.url + "/status", headers=AUTH, timeout=10).json()["config"]
+    shown = browser.find_element(By.ID, "config-line").text
+    assert loaded["hash"] in shown and "(start)" in shown and str(orch.config) not in shown  # no path on the page
     browser.execute_script("window.notReloaded = true;")  # gone if the page reloads
     button(browser, "tiny-flux", "park").click()  # a stopped model cannot be parked: the page must say so
     wait_for(browser, lambda d: "park tiny-flux failed: 409" in error_text(d), "the refused park")

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 START = REPO / "scripts" / "start-all.sh"
 STOP = REPO / "scripts" / "stop-all.sh"
+RELOAD = REPO / "scripts" / "reload.sh"
 
 
 @dataclass
@@ -162,6 +163,27 @@ def test_start_is_idempotent_serves_and_stop_cleans_up(setup: Setup) -> None:
     again = setup.stop()
     assert again.returncode == 0, again.stdout + again.stderr
     assert "not running" in again.stdout
+
+
+def test_reload_sh_applies_an_edited_config_and_keeps_the_running_model(setup: Setup) -> None:
+    assert setup.script(RELOAD).returncode == 1  # nothing runs yet: says so
+    started = setup.start()
+    assert started.returncode == 0, started.stdout + started.stderr
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(setup.url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+    service = processes_with(f"--port {setup.service_port}")
+    config = yaml.safe_load(setup.config.read_text())
+    config["models"]["echo"]["aliases"] = ["echo-2"]
+    setup.config.write_text(yaml.safe_dump(config))
+    reloaded = setup.script(RELOAD)
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    assert '"changed_live":{"echo":["aliases"]}' in reloaded.stdout.replace(" ", "")
+    reply = httpx.post(setup.url + "/v1/chat/completions", json={**chat, "model": "echo-2"}, timeout=60)
+    assert reply.status_code == 200 and processes_with(f"--port {setup.service_port}") == service
+    setup.config.write_text("models: [not, a, mapping]\n")  # invalid: refused, nothing changes
+    refused = setup.script(RELOAD)
+    assert refused.returncode == 1 and "invalid_config" in refused.stdout and "nothing changed" in refused.stderr
+    assert setup.stop().returncode == 0
 
 
 def test_stale_pidfile_is_replaced(setup: Setup) -> None:

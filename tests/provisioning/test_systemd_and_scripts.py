@@ -90,7 +90,7 @@ def install_args(tmp_path: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("script", ["systemd/install-services.sh", "scripts/prepare-template.sh",
                                     "scripts/start-all.sh", "scripts/stop-all.sh", "scripts/install.sh",
-                                    "scripts/dev-setup.sh"])
+                                    "scripts/dev-setup.sh", "scripts/reload.sh"])
 def test_help_exits_0(script: str) -> None:
     result = run(["bash", str(REPO / script), "--help"])
     assert result.returncode == 0, result.stderr

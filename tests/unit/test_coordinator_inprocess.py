@@ -31,6 +31,7 @@ from core.supervision.start_errors import StartFailed
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
 from model_orchestrator.refusals import Reason, Refused
+from model_orchestrator.reload import Loaded
 from model_orchestrator.routing import ModelIndex
 from model_orchestrator.scheduler import Serve, can_serve_now
 
@@ -46,6 +47,7 @@ class FakeService:
         self.spec = spec
         self.state = S.STOPPED
         self.on_change: Callable[[], None] | None = None
+        self.retiring = False
         self.failed_until = 0.0
         self.not_before = 0.0
         self.start_may_finish = asyncio.Event()
@@ -366,7 +368,8 @@ async def control(coordinator: Coordinator, manager: FakeManager, method: str, p
     config = config_from_dict({"models": {name: {"type": "text", "command": "unused", "port": svc.spec.port,
                                                  "vram_gb": svc.spec.vram_gb}
                                           for name, svc in manager.services.items()}}, Path("models.yaml"))
-    runtime = SimpleNamespace(coordinator=coordinator, manager=manager, index=ModelIndex(config), gpus=[])
+    runtime = SimpleNamespace(coordinator=coordinator, manager=manager, index=ModelIndex(config), gpus=[],
+                              config=config, loaded=Loaded("0123456789ab", 0.0, "start"))
     app = build_control_app(cast(Any, runtime))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://control") as client:
         return await client.request(method, path)

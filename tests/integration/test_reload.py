@@ -173,12 +173,13 @@ def test_settings_apply_live_and_what_needs_a_restart_is_refused_with_why(orches
 
     def change(config: dict[str, Any]) -> None:
         config["settings"].update(port=config["settings"]["port"] + 1, defaults={"text": "b"},
-                                  limits={"json_body_mb": 0.002})
+                                  limits={"json_body_mb": 0.002}, gpu_memory_gb=20)
         config["models"]["c"] = fake_model("c", preload=True, vram_gb=1)
     rewrite(orch, change)
     answer = reload(orch).json()
     assert set(answer["refused"]) == {"port"} and "restart of the orchestrator" in answer["refused"]["port"]
-    assert answer["settings_changed_live"] == ["defaults", "limits.json_body_mb"] and answer["added"] == ["c"]
+    assert answer["settings_changed_live"] == ["gpu_memory_gb", "defaults", "limits.json_body_mb"]
+    assert answer["added"] == ["c"] and status(orch)["gpu_budget_gb"] == 20
     too_big = chat(orch, "a", content="x" * 3000)  # still on the old port: the new limit, at once
     assert too_big.status_code == 413, too_big.text
     no_model = httpx.post(orch.url + "/v1/chat/completions", headers=ADMIN, timeout=60,

@@ -8,7 +8,7 @@ Three scopes:
   ``GET /v1/responses/{id}``) and the model routes outside /v1 (``POST /rerank``, ``/v2/rerank``,
   ``/tokenize``, ``/detokenize``: routing.ROOT_ROUTES); client or admin keys, sent as ``Authorization:
   Bearer`` or as Anthropic's ``x-api-key``;
-* admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/metrics``,
+* admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/fleet/state``, ``/metrics``,
   ``/docs``, ``/openapi.json``); admin keys only.
 
 With no key configured at all every route is open, which ``exposure_problem`` allows only
@@ -54,7 +54,7 @@ def route_access(method: str, path: str) -> Access:
     if path.startswith("/v1/") and (method == "POST" or path == "/v1/models"
                                     or path.startswith(("/v1/models/", "/v1/responses/"))):
         return Access.CLIENT
-    if path.startswith(("/admin/", "/logs/", "/upstream/")) or path in ("/status", "/metrics", "/docs",
+    if path.startswith(("/admin/", "/logs/", "/upstream/", "/fleet/")) or path in ("/status", "/metrics", "/docs",
                                                                         "/openapi.json", "/docs/oauth2-redirect"):
         return Access.ADMIN
     return Access.CLIENT

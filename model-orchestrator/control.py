@@ -9,6 +9,7 @@ What it shows of a model comes from the coordinator's snapshots, never from the 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from core.supervision.service_park import gpu_bytes_of_tree
 from core.supervision.service_state import ParkRecord, ServiceSnapshot
 from model_orchestrator.coordinator import ModelStatus
 from model_orchestrator.placement import Device
+from model_orchestrator.pod_state import pod_state
 from model_orchestrator.refusals import Refused, http_error
 from model_orchestrator.ui import mount_ui
 
@@ -113,6 +115,15 @@ def build_control_app(runtime: Runtime, reloader: Reloader | None = None) -> Fas
         name = _name(runtime, model)
         coordinator.reset(name)
         return _action_result(coordinator.snapshot(name))
+
+    @app.get("/fleet/state")
+    async def fleet_state() -> dict[str, Any]:
+        """What a gateway in front of several pods ranks this pod by (model_orchestrator/pod_state.py)."""
+        pod = {"pod_id": runtime.config.settings.pod_id or socket.gethostname(), "boot_id": runtime.boot_id,
+               "config_hash": runtime.loaded.hash, "accepting": runtime.accepting, "generated_at": time.time()}
+        names = list(runtime.manager.services)
+        return pod_state(pod, coordinator.views(), {name: coordinator.waiting(name) for name in names},
+                         coordinator.devices or coordinator.budget_gb, time.monotonic(), runtime.metrics.last_start)
 
     @app.post("/admin/reload")
     async def reload() -> dict[str, Any]:

@@ -120,6 +120,7 @@ class Metrics:
         r.register(RequestCollector(self.models))
         r.register(StateCollector(coordinator))
         self._entered: dict[str, float] = {}
+        self.last_start: dict[str, float] = {}  # seconds its last start took (the fleet state's load_seconds)
 
     # -- the data path: plain arithmetic, no locks, no label lookups ----------------------------
 
@@ -157,6 +158,8 @@ class Metrics:
         kind = TIMED.get((old, new))
         if kind is not None and entered is not None:
             self.transition.labels(model, kind).observe(now - entered)
+            if kind == "start":
+                self.last_start[model] = now - entered
 
 
 class RequestCollector(Collector):

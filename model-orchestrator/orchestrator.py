@@ -40,6 +40,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,8 @@ class Runtime:
         self.request_cap: RequestCap | None = None  # main()'s, resized by a reload
         self.loaded = Loaded(config_hash(file_bytes(config.source)), time.time(), "start")
         self._background: set[asyncio.Task[None]] = set()
+        self.boot_id = uuid.uuid4().hex  # a gateway forgets what it knew of this pod when this changes
+        self.accepting = True  # False once shutting down (GET /fleet/state)
 
     def adopt(self, svc: ManagedService) -> None:
         """A service a reload added: observed like the others, placed like the others."""
@@ -174,6 +177,7 @@ class Runtime:
                  "unlimited" if budget is None else f"{budget:g} GB", "unlimited" if host is None else f"{host:.3g} GB")
 
     async def stop(self) -> None:
+        self.accepting = False
         for task in [self._preload, *self._background]:
             if task is not None:
                 task.cancel()

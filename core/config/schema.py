@@ -294,6 +294,10 @@ class Settings(_Strict):
         "AIO_ADMIN_KEYS", description="Environment variable holding comma-separated admin keys: only they reach "
         "/admin, /logs, /upstream, the full /status, /docs and /openapi.json."
     )
+    pod_id: str | None = Field(
+        None, description="This pod's name in GET /fleet/state, for a gateway in front of several pods "
+        "(default: the machine's host name)."
+    )
     watch_config: bool = Field(
         False, description="Reload this file when it changes (checked every second, applied once it has been "
         "still for a second), as POST /admin/reload and SIGHUP do."

@@ -187,11 +187,12 @@ def test_plain_upstream_paths_still_reach_the_service(served: Served) -> None:
 
 ADMIN_ROUTES = [("GET", "/status"), ("GET", "/metrics"), ("GET", "/logs/a"), ("POST", "/admin/models/a/load"),
                 ("POST", "/admin/models/b/load"), ("GET", "/upstream/a/health"), ("POST", "/upstream/a/whoami"),
-                ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/docs/oauth2-redirect")]
+                ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/docs/oauth2-redirect"), ("GET", "/fleet/state")]
 # The same routes spelt with escapes: decoded once they are the admin routes, and admin scope.
 ENCODED_ADMIN_ROUTES = [("GET", "/%73tatus"), ("GET", "/%6Detrics"), ("GET", "/%6cogs/a"),
                         ("POST", "/%61dmin/models/b/load"), ("GET", "/%75pstream/a/health"),
-                        ("GET", "/upstream/%61/health"), ("GET", "/%64ocs"), ("GET", "/openapi%2Ejson")]
+                        ("GET", "/upstream/%61/health"), ("GET", "/%64ocs"), ("GET", "/openapi%2Ejson"),
+                        ("GET", "/fleet/%73tate")]
 # ... and dressed up as OpenAI routes: refused before any route is picked.
 DISGUISED_ADMIN_ROUTES = [("POST", "/rerank/..%2fadmin/models/b/load"), ("POST", "/v2/rerank/%2e%2e/%2e%2e/status"),
                           ("POST", "/rerank/../upstream/a/whoami"), ("GET", "/v2/%2e%2e/status"),
@@ -199,7 +200,7 @@ DISGUISED_ADMIN_ROUTES = [("POST", "/rerank/..%2fadmin/models/b/load"), ("POST",
                           ("GET", "/v1/models/%2e%2e/%2e%2e/metrics"), ("POST", "/v1/%2e%2e/admin/models/b/load"),
                           ("POST", "/v1/chat/../../upstream/a/whoami"), ("GET", "/v1/%252e%252e/logs/a"),
                           ("POST", "/v1/.%2e/%2e./admin/models/b/load"), ("GET", "//status"), ("GET", "/%2fstatus"),
-                          ("GET", "/v1/models%5C..%5C..%5Cstatus")]
+                          ("GET", "/v1/models%5C..%5C..%5Cstatus"), ("GET", "/v1/models/%2e%2e/%2e%2e/fleet/state")]
 
 
 @pytest.mark.parametrize(("method", "target"), ADMIN_ROUTES + ENCODED_ADMIN_ROUTES)

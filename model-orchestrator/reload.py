@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.common.errors import ServiceError
-from core.config.load import load_config
+from core.config.load import parse_config
 from core.config.schema import ConfigError, OrchestratorConfig
 from core.host.host_memory import resolve_host_budget
 from core.service_manager import ManagedService
@@ -71,9 +71,9 @@ class Reloader:
                                "reload_in_progress", retry_after=5)
         try:
             text = source.read_bytes()
-            new = load_config(source)
+            new = parse_config(text.decode(), source)  # the bytes hashed are the bytes applied
             keys = auth.Keys.load(new)
-        except (OSError, ConfigError) as exc:
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
             raise ServiceError(400, f"The config was not reloaded, nothing changed: {exc}", "invalid_config") \
                 from None
         plan = plan_reload(runtime.config, new)

@@ -46,6 +46,11 @@ def load_config(path: str | os.PathLike[str]) -> OrchestratorConfig:
         text = source.read_text()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: Path) -> OrchestratorConfig:
+    """``text`` validated as the models.yaml at ``source`` (a reload hashes the same bytes it applies)."""
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except ConfigError as exc:

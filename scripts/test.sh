@@ -29,6 +29,10 @@ if [[ ! -x "$ANSIBLE_VENV/bin/ansible-playbook" || ! -x "$ANSIBLE_VENV/bin/ansib
 fi
 export AIO_ANSIBLE_BIN="$ANSIBLE_VENV/bin"
 
+# The fleet test (tests/integration/test_fleet.py) runs the gateway: LiteLLM in its own environment.
+AIO_GATEWAY_VENV="${AIO_GATEWAY_VENV:-$REPO_ROOT/.venv-gateway}" bash scripts/lib/gateway-venv.sh
+export AIO_GATEWAY_VENV="${AIO_GATEWAY_VENV:-$REPO_ROOT/.venv-gateway}"
+
 # The dashboard test drives a headless Chromium from Debian's packages (a browser a tool would
 # download cannot be reached from CI); it fails rather than skips without one. The guide's test
 # (tests/integration/test_adding_models_doc.py) runs its curl commands.

@@ -1,5 +1,6 @@
 # Shared by start-all.sh and stop-all.sh (sourced, not run): run-dir paths and process checks.
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # the paths below are read by the scripts that source this file
 
 RUN_DIR="${AIO_RUN_DIR:-$REPO_ROOT/run}"
 PIDFILE="$RUN_DIR/orchestrator.pid"

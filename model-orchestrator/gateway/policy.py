@@ -106,3 +106,32 @@ def _rank(model: str, pod: str, pods: Pods, starts: Starts, now: float) -> tuple
     if entry.get("fits_without_eviction"):
         return (3.0, -free)
     return (4.0, -free)
+
+
+# What the engine hands the plug-in: LiteLLM deployments (dicts), as render.py writes them.
+
+def pod_of(deployment: Mapping[str, Any]) -> str:
+    info = deployment.get("model_info") or {}
+    return str(info.get("pod") or info.get("id") or "")
+
+
+def served_name(model: str, deployments: Sequence[Mapping[str, Any]]) -> str:
+    """The name the pods publish the model under: a client may have asked for one of its aliases."""
+    for deployment in deployments:
+        name = (deployment.get("model_info") or {}).get("aio_model")
+        if name:
+            return str(name)
+    return model
+
+
+def failed_pods(request_kwargs: Mapping[str, Any] | None, deployments: Sequence[Mapping[str, Any]],
+                pod: Callable[[Mapping[str, Any]], str] = pod_of) -> set[str]:
+    """The pods this request already failed on: LiteLLM records each failed attempt under the request's
+    metadata (``previous_models``, one record per attempt with its deployment id) before it retries."""
+    failed_ids: set[str] = set()
+    for key in ("metadata", "litellm_metadata"):
+        metadata = (request_kwargs or {}).get(key)
+        for record in (metadata.get("previous_models") or ()) if isinstance(metadata, Mapping) else ():
+            if isinstance(record, Mapping) and record.get("deployment_id"):
+                failed_ids.add(str(record["deployment_id"]))
+    return {pod(d) for d in deployments if str((d.get("model_info") or {}).get("id")) in failed_ids}

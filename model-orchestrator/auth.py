@@ -1,6 +1,6 @@
 """Who may call what. Policy only: pure functions of the request's method, path and headers.
 
-Three scopes:
+Four scopes:
 
 * public: ``/health``, which says only that the orchestrator is up, and the dashboard's static
   files (``/``, ``/ui/...``: no data; the page calls the admin routes with the key typed in);
@@ -8,7 +8,9 @@ Three scopes:
   ``GET /v1/responses/{id}``) and the model routes outside /v1 (``POST /rerank``, ``/v2/rerank``,
   ``/tokenize``, ``/detokenize``: routing.ROOT_ROUTES); client or admin keys, sent as ``Authorization:
   Bearer`` or as Anthropic's ``x-api-key``;
-* admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/fleet/state``, ``/metrics``,
+* fleet: ``GET /fleet/state``, what a gateway in front of several pods ranks them by (pod_state.py);
+  fleet or admin keys. A fleet key reaches nothing else, so a gateway holds no pod's admin key;
+* admin: everything else (``/admin``, ``/logs``, ``/upstream``, ``/status``, ``/metrics``,
   ``/docs``, ``/openapi.json``); admin keys only.
 
 With no key configured at all every route is open, which ``exposure_problem`` allows only
@@ -44,6 +46,7 @@ _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhos
 class Access(enum.Enum):
     PUBLIC = "public"
     CLIENT = "client"
+    FLEET = "fleet"
     ADMIN = "admin"
 
 
@@ -54,6 +57,8 @@ def route_access(method: str, path: str) -> Access:
     if path.startswith("/v1/") and (method == "POST" or path == "/v1/models"
                                     or path.startswith(("/v1/models/", "/v1/responses/"))):
         return Access.CLIENT
+    if path == "/fleet/state" and method == "GET":
+        return Access.FLEET
     if path.startswith(("/admin/", "/logs/", "/upstream/", "/fleet/")) or path in ("/status", "/metrics", "/docs",
                                                                         "/openapi.json", "/docs/oauth2-redirect"):
         return Access.ADMIN
@@ -70,15 +75,17 @@ def _digest(key: str) -> bytes:
 class Keys:
     client: frozenset[bytes]
     admin: frozenset[bytes]
+    fleet: frozenset[bytes] = frozenset()
 
     @classmethod
-    def of(cls, client: Iterable[str], admin: Iterable[str]) -> Keys:
-        return cls(frozenset(map(_digest, client)), frozenset(map(_digest, admin)))
+    def of(cls, client: Iterable[str], admin: Iterable[str], fleet: Iterable[str] = ()) -> Keys:
+        return cls(frozenset(map(_digest, client)), frozenset(map(_digest, admin)), frozenset(map(_digest, fleet)))
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> Keys:
         env = os.environ if environ is None else environ
-        return cls.of(read_keys(settings.api_key_env, env), read_keys(settings.admin_key_env, env))
+        return cls.of(read_keys(settings.api_key_env, env), read_keys(settings.admin_key_env, env),
+                      read_keys(settings.fleet_key_env, env))
 
     @classmethod
     def load(cls, config: OrchestratorConfig, environ: Mapping[str, str] | None = None) -> Keys:
@@ -89,18 +96,19 @@ class Keys:
         files = [read_key_file(config.resolve_path(name)) if name else []
                  for name in (settings.api_keys_file, settings.admin_keys_file)]
         return cls.of([*read_keys(settings.api_key_env, env), *files[0]],
-                      [*read_keys(settings.admin_key_env, env), *files[1]])
+                      [*read_keys(settings.admin_key_env, env), *files[1]], read_keys(settings.fleet_key_env, env))
 
     @property
     def configured(self) -> bool:
-        return bool(self.client or self.admin)
+        return bool(self.client or self.admin or self.fleet)
 
     def scope_of(self, token: str) -> Access | None:
-        """ADMIN or CLIENT for a known key, None otherwise; every key is compared (constant time)."""
+        """ADMIN, CLIENT or FLEET for a known key, None otherwise; every key is compared (constant time)."""
         digest = _digest(token)
         is_admin = _matches(digest, self.admin)
         is_client = _matches(digest, self.client)
-        return Access.ADMIN if is_admin else Access.CLIENT if is_client else None
+        is_fleet = _matches(digest, self.fleet)
+        return Access.ADMIN if is_admin else Access.CLIENT if is_client else Access.FLEET if is_fleet else None
 
 
 def _matches(digest: bytes, known: frozenset[bytes]) -> bool:
@@ -145,10 +153,15 @@ def check_access(keys: Keys, needed: Access, headers: list[tuple[bytes, bytes]])
     if scope is None:
         return ServiceError(401, "Missing or invalid API key (Authorization: Bearer ..., or x-api-key: ...).",
                             "invalid_api_key")
-    if needed is Access.ADMIN and scope is not Access.ADMIN:
-        return ServiceError(403, "This route needs an admin key (settings.admin_key_env); a client key only "
-                            "reaches the OpenAI routes.", "admin_key_required")
-    return None
+    if scope is Access.ADMIN or scope is needed:
+        return None
+    if needed is Access.FLEET:
+        return ServiceError(403, "GET /fleet/state needs a fleet key (settings.fleet_key_env) or an admin key.",
+                            "fleet_key_required")
+    if scope is Access.FLEET:
+        return ServiceError(403, "A fleet key reaches GET /fleet/state only.", "fleet_key_only")
+    return ServiceError(403, "This route needs an admin key (settings.admin_key_env); a client key only "
+                        "reaches the OpenAI routes.", "admin_key_required")
 
 
 def cross_site_problem(headers: list[tuple[bytes, bytes]], loopback_bind: bool) -> ServiceError | None:

@@ -185,7 +185,7 @@ class AccessGate:
     def _refusal(self, scope: Scope) -> ServiceError | None:
         needed = auth.route_access(scope["method"], scope["path"])
         refusal = auth.check_access(self.keys, needed, scope["headers"])
-        if refusal is None and needed is auth.Access.ADMIN:
+        if refusal is None and needed in (auth.Access.ADMIN, auth.Access.FLEET):
             refusal = auth.cross_site_problem(scope["headers"], self._loopback_bind)
         return refusal
 

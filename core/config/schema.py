@@ -294,6 +294,10 @@ class Settings(_Strict):
         "AIO_ADMIN_KEYS", description="Environment variable holding comma-separated admin keys: only they reach "
         "/admin, /logs, /upstream, the full /status, /docs and /openapi.json."
     )
+    fleet_key_env: str | None = Field(
+        "AIO_FLEET_KEYS", description="Environment variable holding comma-separated fleet keys: they reach "
+        "GET /fleet/state only (a gateway in front of several pods reads it with one; admin keys work too)."
+    )
     pod_id: str | None = Field(
         None, description="This pod's name in GET /fleet/state, for a gateway in front of several pods "
         "(default: the machine's host name)."

@@ -33,7 +33,7 @@ class Pod(BaseModel):
     models: list[str] | None = Field(None, description="The model names (and aliases) it serves.")
     models_config: Path | None = Field(None, description="Or the models.yaml it runs: names and aliases are read.")
     key_env: str | None = Field(None, description="Variable with a client key of the pod (requests).")
-    state_key_env: str | None = Field(None, description="Variable with the key /fleet/state is read with.")
+    state_key_env: str | None = Field(None, description="Variable with a fleet key of the pod (/fleet/state).")
 
     @model_validator(mode="after")
     def _one_model_source(self) -> Pod:

@@ -44,8 +44,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 GATEWAY_VENV = Path(os.environ.get("AIO_GATEWAY_VENV", REPO / ".venv-gateway"))
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-CLIENT, ADMIN, MASTER, USER = "pod-client-key", "pod-admin-key", "sk-gateway-master", "gateway-client-key"
-POD_ENV = {"AIO_API_KEYS": CLIENT, "AIO_ADMIN_KEYS": ADMIN}
+CLIENT, ADMIN, STATE = "pod-client-key", "pod-admin-key", "pod-fleet-key"  # the pods' keys
+MASTER, USER = "sk-gateway-master", "gateway-client-key"  # the gateway's
+POD_ENV = {"AIO_API_KEYS": CLIENT, "AIO_ADMIN_KEYS": ADMIN, "AIO_FLEET_KEYS": STATE}
 CHAT = [{"role": "user", "content": "hello"}]
 
 
@@ -120,7 +121,7 @@ def start_gateway(directory: Path, pods: dict[str, Orchestrator]) -> tuple[int, 
     (directory / "fleet.yaml").write_text(yaml.safe_dump(fleet))
     port = free_port()
     env = {**os.environ, "AIO_RUN_DIR": str(directory / "run"), "AIO_GATEWAY_VENV": str(GATEWAY_VENV),
-           "LITELLM_MASTER_KEY": MASTER, "AIO_GATEWAY_KEYS": USER, "POD_CLIENT_KEY": CLIENT, "POD_STATE_KEY": ADMIN}
+           "LITELLM_MASTER_KEY": MASTER, "AIO_GATEWAY_KEYS": USER, "POD_CLIENT_KEY": CLIENT, "POD_STATE_KEY": STATE}
     started = subprocess.run(["bash", str(REPO / "scripts" / "start-gateway.sh"), "--fleet",
                               str(directory / "fleet.yaml"), "--host", "127.0.0.1", "--port", str(port),
                               "--background"], env=env, capture_output=True, text=True, timeout=180, check=False)
@@ -188,7 +189,7 @@ def test_idling_behind_the_gateway_loads_nothing(fleet: Fleet) -> None:
 def test_no_key_or_a_wrong_key_is_refused(fleet: Fleet) -> None:
     body = {"model": "warm", "messages": CHAT}
     assert httpx.post(fleet.url + "/v1/chat/completions", json=body, timeout=30).status_code == 401
-    for key in ("sk-wrong", ADMIN, CLIENT, MASTER + "x"):  # a pod's keys are not the gateway's
+    for key in ("sk-wrong", ADMIN, CLIENT, STATE, MASTER + "x"):  # a pod's keys are not the gateway's
         wrong = openai.OpenAI(base_url=fleet.url + "/v1", api_key=key, max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.chat.completions.create(model="warm", messages=CHAT)  # type: ignore[arg-type]

@@ -63,10 +63,11 @@ from tests.integration.test_proxy_inprocess import StandInService
 
 pytestmark = pytest.mark.integration
 
-CLIENT_KEY, ADMIN_KEY = "scope-client-key", "scope-admin-key"
+CLIENT_KEY, ADMIN_KEY, FLEET_KEY = "scope-client-key", "scope-admin-key", "scope-fleet-key"
 # Connection: close, so that raw_http sees the end of each answer at once instead of waiting to see none follow.
 AS_CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json", "Connection": "close"}
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json", "Connection": "close"}
+AS_FLEET = {"Authorization": f"Bearer {FLEET_KEY}", "Content-Type": "application/json", "Connection": "close"}
 
 # "../" as each spelling sent it before the fix: POST /v1/<spelling>offload reached the service's /offload.
 ESCAPES = ["%2e%2e/", "..%2f", "%2E%2E%2F", "chat/../../", "%252e%252e/", ".%2e/", "%2e./"]
@@ -114,7 +115,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     config = write_config(directory, models, gpu_memory_gb=10, host_memory_gb=100,
                           api_key_env="AIO_API_KEYS", admin_key_env="AIO_ADMIN_KEYS")
     orch = start_orchestrator(config, directory / "orchestrator.log",
-                              {"AIO_API_KEYS": CLIENT_KEY, "AIO_ADMIN_KEYS": ADMIN_KEY})
+                              {"AIO_API_KEYS": CLIENT_KEY, "AIO_ADMIN_KEYS": ADMIN_KEY, "AIO_FLEET_KEYS": FLEET_KEY})
     try:
         port = int(orch.url.rsplit(":", 1)[1])
         chat = json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -187,12 +188,12 @@ def test_plain_upstream_paths_still_reach_the_service(served: Served) -> None:
 
 ADMIN_ROUTES = [("GET", "/status"), ("GET", "/metrics"), ("GET", "/logs/a"), ("POST", "/admin/models/a/load"),
                 ("POST", "/admin/models/b/load"), ("GET", "/upstream/a/health"), ("POST", "/upstream/a/whoami"),
-                ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/docs/oauth2-redirect"), ("GET", "/fleet/state")]
+                ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/docs/oauth2-redirect"), ("POST", "/fleet/state"),
+                ("GET", "/fleet/other")]
 # The same routes spelt with escapes: decoded once they are the admin routes, and admin scope.
 ENCODED_ADMIN_ROUTES = [("GET", "/%73tatus"), ("GET", "/%6Detrics"), ("GET", "/%6cogs/a"),
                         ("POST", "/%61dmin/models/b/load"), ("GET", "/%75pstream/a/health"),
-                        ("GET", "/upstream/%61/health"), ("GET", "/%64ocs"), ("GET", "/openapi%2Ejson"),
-                        ("GET", "/fleet/%73tate")]
+                        ("GET", "/upstream/%61/health"), ("GET", "/%64ocs"), ("GET", "/openapi%2Ejson")]
 # ... and dressed up as OpenAI routes: refused before any route is picked.
 DISGUISED_ADMIN_ROUTES = [("POST", "/rerank/..%2fadmin/models/b/load"), ("POST", "/v2/rerank/%2e%2e/%2e%2e/status"),
                           ("POST", "/rerank/../upstream/a/whoami"), ("GET", "/v2/%2e%2e/status"),
@@ -217,6 +218,28 @@ def test_an_admin_route_dressed_as_an_openai_route_is_refused(served: Served, me
     body = b'{"model": "a"}' if method == "POST" else b""
     envelope(raw_http.request(served.port, method, target, AS_CLIENT, body), 400, "invalid_path")
     unchanged(served, before)
+
+
+@pytest.mark.parametrize("target", ["/fleet/state", "/fleet/%73tate", "/%66leet/state"])
+def test_a_client_key_does_not_read_the_fleet_state(served: Served, target: str) -> None:
+    envelope(raw_http.request(served.port, "GET", target, AS_CLIENT), 403, "fleet_key_required")
+    assert raw_http.request(served.port, "GET", target, AS_FLEET).status == 200  # decoded, it is the route
+    assert raw_http.request(served.port, "GET", target, AS_ADMIN).status == 200
+
+
+@pytest.mark.parametrize(("method", "target"), ADMIN_ROUTES + ENCODED_ADMIN_ROUTES + [
+    ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/rerank"), ("GET", "/v1/responses/resp_1")])
+def test_a_fleet_key_reaches_the_fleet_state_only(served: Served, method: str, target: str) -> None:
+    before = served.snapshot()
+    body = b'{"model": "a", "messages": []}' if method == "POST" else b""
+    envelope(raw_http.request(served.port, method, target, AS_FLEET, body), 403, "fleet_key_only")
+    unchanged(served, before)
+
+
+@pytest.mark.parametrize(("method", "target"), DISGUISED_ADMIN_ROUTES)
+def test_a_fleet_key_on_a_disguised_route_reaches_nothing(served: Served, method: str, target: str) -> None:
+    body = b'{"model": "a"}' if method == "POST" else b""
+    assert raw_http.request(served.port, method, target, AS_FLEET, body).status in (400, 403)
 
 
 def test_the_encoded_spellings_are_the_admin_routes_for_an_admin_key(served: Served) -> None:

@@ -17,7 +17,7 @@ from model_orchestrator.auth import (
     startup_warnings,
 )
 
-KEYS = Keys.of(["client-1", "client-2"], ["admin-1"])
+KEYS = Keys.of(["client-1", "client-2"], ["admin-1"], ["fleet-1"])
 
 
 @pytest.mark.parametrize(("method", "path", "needed"), [
@@ -34,6 +34,9 @@ KEYS = Keys.of(["client-1", "client-2"], ["admin-1"])
     ("POST", "/tokenize", Access.CLIENT),
     ("GET", "/nowhere", Access.CLIENT),  # a client gets its 404; no key gets 401
     ("GET", "/status", Access.ADMIN),
+    ("GET", "/fleet/state", Access.FLEET),
+    ("POST", "/fleet/state", Access.ADMIN),
+    ("GET", "/fleet/state/", Access.ADMIN),
     ("GET", "/logs/qwen", Access.ADMIN),
     ("POST", "/admin/models/qwen/unload", Access.ADMIN),
     ("GET", "/upstream/qwen/health", Access.ADMIN),
@@ -58,6 +61,17 @@ def test_client_key_reaches_client_routes_only() -> None:
 def test_admin_key_reaches_everything() -> None:
     assert check_access(KEYS, Access.CLIENT, auth("admin-1")) is None
     assert check_access(KEYS, Access.ADMIN, auth("admin-1")) is None
+    assert check_access(KEYS, Access.FLEET, auth("admin-1")) is None
+
+
+def test_a_fleet_key_reaches_the_fleet_state_only() -> None:
+    assert check_access(KEYS, Access.FLEET, auth("fleet-1")) is None
+    for needed in (Access.CLIENT, Access.ADMIN):
+        denied = check_access(KEYS, needed, auth("fleet-1"))
+        assert denied is not None and (denied.status, denied.code) == (403, "fleet_key_only")
+    denied = check_access(KEYS, Access.FLEET, auth("client-1"))
+    assert denied is not None and (denied.status, denied.code) == (403, "fleet_key_required")
+    assert Keys.of([], [], ["fleet-1"]).configured  # a fleet key alone still closes every other route
 
 
 @pytest.mark.parametrize("headers", [

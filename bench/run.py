@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run --smoke         # seconds: checks the harness runs (used by the tests)
     .venv/bin/python -m bench.run --out results.json --rounds 5 --duration 5
     .venv/bin/python -m bench.run --proxy-only --baseline /tmp/base   # before/after: another checkout beside this one
+    .venv/bin/python -m bench.run --gateway       # only the gateway (LiteLLM + plug-in) vs a pod directly, ~1 minute
 
 Writes every figure of every round, the medians and the target checks to a JSON file.
 """
@@ -20,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import proxy_bench, swap_bench
+from bench import gateway_bench, proxy_bench, swap_bench
 
 # (label, scenario, figure, comparison, limit): the targets of the benchmarks issue.
 TARGETS = [
@@ -95,16 +96,27 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per scenario and path per round")
+    parser.add_argument("--duration", type=float, help="seconds per scenario and path per round "
+                        f"(default 3; {gateway_bench.DURATION:g} with --gateway)")
     parser.add_argument("--swap-repeats", type=int, default=7)
     parser.add_argument("--smoke", action="store_true", help="1 short round: checks that everything runs")
-    parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--out", help="default bench/results.json (bench/results-gateway.json with --gateway)")
     parser.add_argument("--baseline", type=Path, help="another checkout whose orchestrator is measured beside "
                         "this one, interleaved (e.g. `git worktree add /tmp/base main`): before/after in one run")
     parser.add_argument("--proxy-only", action="store_true", help="skip the swap benchmark")
+    parser.add_argument("--gateway", action="store_true", help="only the gateway benchmark (gateway_bench.py): "
+                        "the same requests to a pod's orchestrator directly and through LiteLLM + the plug-in")
     args = parser.parse_args(argv)
+    if args.gateway and (args.baseline is not None or args.proxy_only):
+        parser.error("--gateway runs the gateway benchmark alone: without --baseline or --proxy-only")
+    if args.duration is None:
+        args.duration = gateway_bench.DURATION if args.gateway else 3.0
+    if args.out is None:
+        args.out = "bench/results-gateway.json" if args.gateway else "bench/results.json"
     if args.smoke:
         args.rounds, args.duration, args.swap_repeats = 1, 0.3, 1
+    if args.gateway:
+        return run_gateway(args)
     print(f"proxy benchmark: {args.rounds} rounds x {args.duration:g}s per scenario and path", flush=True)
     settings = vars(args) | {"baseline": None if args.baseline is None else str(args.baseline)}
     raw = proxy_bench.run(args.rounds, args.duration, baseline=args.baseline)
@@ -129,6 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    print(f"gateway benchmark: starting a pod and the gateway (~20 s), then {args.rounds} rounds x "
+          f"{args.duration:g}s per scenario and path", flush=True)
+    raw = gateway_bench.run(args.rounds, args.duration)
+    summary = proxy_bench.summarize(raw)
+    errors = gateway_bench.errors(raw)
+    print(f"\nLiteLLM {raw['litellm']}, {raw['stream_chunks']} tokens per answer; medians of {args.rounds} rounds")
+    print(gateway_bench.table(summary) + f"\n\nfailed requests: {errors}", flush=True)
+    info = machine() | {"litellm": raw["litellm"]}
+    result = {"machine": info, "settings": vars(args) | {"baseline": None}, "cores": raw["cores"],
+              "stream_chunks": raw["stream_chunks"], "errors": errors, "summary": summary, "rounds": raw["runs"]}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

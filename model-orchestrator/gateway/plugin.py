@@ -64,6 +64,7 @@ class FleetAffinity(CustomLogger):  # type: ignore[misc]  # LiteLLM is untyped h
         self.lock = threading.Lock()  # the poller thread writes pods; requests read pods and write starts
         self.polls = 0
         self._stop = threading.Event()
+        self._pod_up, self._polls = _series()
         self._thread = threading.Thread(target=self._poll_forever, name="aio-fleet-poller", daemon=True)
 
     def start(self) -> FleetAffinity:
@@ -92,7 +93,11 @@ class FleetAffinity(CustomLogger):  # type: ignore[misc]  # LiteLLM is untyped h
                 with self.lock:
                     for source, state in zip(self.fleet.pods, results, strict=True):
                         self.pods.observed(source.pod, state, self.starts)
+                        if self._pod_up is not None:
+                            self._pod_up.labels(pod=source.pod).set(1 if self.pods.fresh(source.pod) else 0)
                     self.polls += 1
+                    if self._polls is not None:
+                        self._polls.inc()
                 await asyncio.sleep(max(0.0, self.fleet.poll_interval_s - (time.monotonic() - began)))
 
     async def _read(self, client: httpx.AsyncClient, source: PodSource) -> Mapping[str, Any] | None:
@@ -107,6 +112,22 @@ class FleetAffinity(CustomLogger):  # type: ignore[misc]  # LiteLLM is untyped h
         except (httpx.HTTPError, ValueError) as error:
             log.info("pod %s: no state (%s)", source.pod, type(error).__name__)
         return None
+
+
+def _series() -> tuple[Any, Any]:
+    """The plug-in's series in the gateway's GET /metrics/, beside LiteLLM's own (one process, one registry):
+    ``aio_gateway_pod_up{pod}``, 1 while the plug-in ranks the pod from fresh state, 0 once it dropped it;
+    ``aio_gateway_state_polls_total``, rounds of polling every pod (a stalled poller stops it)."""
+    try:
+        from prometheus_client import REGISTRY, Counter, Gauge
+    except ImportError:
+        return None, None
+    known = REGISTRY._names_to_collectors  # a second plug-in in one process reuses the first one's series
+    up = known.get("aio_gateway_pod_up") or Gauge("aio_gateway_pod_up",
+                                                   "1 while the gateway ranks the pod from its fresh state", ["pod"])
+    polls = known.get("aio_gateway_state_polls") or Counter("aio_gateway_state_polls",
+                                                             "Rounds of reading every pod's /fleet/state")
+    return up, polls
 
 
 def from_environment() -> FleetAffinity:

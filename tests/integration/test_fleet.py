@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,6 +79,18 @@ class Fleet:
         raw = self.client.chat.completions.with_raw_response.create(model=model, messages=CHAT)  # type: ignore[arg-type]
         assert raw.parse().choices[0].message.content
         return str(raw.headers["x-litellm-model-id"]).split("/")[0]
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics/", headers={"Authorization": f"Bearer {MASTER}"}, timeout=30).text
+
+    def polls(self) -> float:
+        line = next(line for line in self.metrics().splitlines() if line.startswith("aio_gateway_state_polls_total"))
+        return float(line.split()[-1])
+
+    def settle(self) -> None:
+        """Until the plug-in has read every pod's state twice more: what the pods say now is what it ranks by."""
+        start = self.polls()
+        assert wait_until(lambda: self.polls() >= start + 2, 15, interval=0.2), "the plug-in stopped polling"
 
     def warm_directly(self, pod: str, model: str) -> None:
         answer = httpx.post(self.pods[pod].url + "/v1/chat/completions", json={"model": model, "messages": CHAT},
@@ -181,7 +192,8 @@ def loaded(fleet: Fleet, model: str) -> list[str]:
 
 
 def test_idling_behind_the_gateway_loads_nothing(fleet: Fleet) -> None:
-    time.sleep(3)  # three polls of every pod; LiteLLM's background health checks are off
+    fleet.settle()
+    fleet.settle()  # four polls of every pod; LiteLLM's background health checks are off
     for pod in fleet.pods:
         assert {m["state"] for m in fleet.state(pod)["models"].values()} == {"stopped"}, pod
 
@@ -212,7 +224,7 @@ def test_a_client_key_reaches_the_openai_routes_only(fleet: Fleet) -> None:
 
 def test_requests_for_a_model_warm_on_one_pod_all_go_there(fleet: Fleet) -> None:
     fleet.warm_directly("pod3", "warm")
-    time.sleep(1.5)  # the plug-in's next poll
+    fleet.settle()
     assert [fleet.where("warm") for _ in range(6)] == ["pod3"] * 6
     assert loaded(fleet, "warm") == ["pod3"]
 
@@ -228,14 +240,14 @@ def test_a_parked_model_is_preferred_over_a_stopped_one(fleet: Fleet) -> None:
     fleet.warm_directly("pod4", "parks")
     fleet.warm_directly("pod4", "evicts")  # 6 + 6 GB > 10: parks is parked to make room
     assert fleet.state("pod4")["models"]["parks"]["state"] == "parked"
-    time.sleep(1.5)
+    fleet.settle()
     assert fleet.where("parks") == "pod4"
     assert loaded(fleet, "parks") == ["pod4"]
 
 
 def test_a_pod_killed_mid_stream_gives_the_client_an_error(fleet: Fleet) -> None:
     fleet.warm_directly("pod2", "stream")
-    time.sleep(1.5)
+    fleet.settle()
     raw = fleet.client.chat.completions.with_raw_response.create(model="stream", messages=CHAT,  # type: ignore[arg-type]
                                                                  stream=True)
     assert raw.headers["x-litellm-model-id"] == "pod2/stream"
@@ -257,7 +269,10 @@ def test_a_pod_killed_while_loading_is_left_and_its_requests_succeed_elsewhere(f
         fleet.kill(victim)
         served = answer.result(timeout=60)  # retried on another pod
     assert served != victim
-    time.sleep(2.5)  # two missed polls: the plug-in drops it
+    fleet.settle()  # two missed polls: the plug-in drops it
+    metrics = fleet.metrics()
+    assert f'aio_gateway_pod_up{{pod="{victim}"}} 0.0' in metrics  # the plug-in's own series
+    assert f'aio_gateway_pod_up{{pod="{served}"}} 1.0' in metrics
     assert all(fleet.where("slow") == served for _ in range(3))
 
 
@@ -265,7 +280,7 @@ def test_a_restarted_pod_is_routed_to_again(fleet: Fleet) -> None:
     fleet.restart("pod2")  # killed mid-stream above
     try:
         fleet.warm_directly("pod2", "back")
-        time.sleep(2.5)  # the poll that sees the new boot id; the cooldown (2 s) has passed
+        fleet.settle()  # the polls that see it back, with a new boot id
         assert [fleet.where("back") for _ in range(3)] == ["pod2"] * 3
     finally:
         fleet.stop("pod2")  # the leak check wants what a test started stopped by the test

@@ -229,21 +229,29 @@ def test_tailscale_login_reads_the_key_from_a_private_file(tmp_path: Path) -> No
 
 def test_the_gateway_tag_renders_the_fleet_and_converges_with_no_changes(tmp_path: Path) -> None:
     """The second play, on an inventory whose aio_gateway group is this machine: no systemd here (CI), so
-    the unit is skipped with the command to use instead; no TS_AUTHKEY, so the tailnet step says SKIP."""
-    pods = [{"id": "pod-a", "url": "http://127.0.0.2:9000", "models_config": "model-orchestrator/models.demo.yaml",
-             "key_env": "POD_A_KEY", "state_key_env": "POD_A_STATE_KEY"},
-            {"id": "pod-b", "url": "http://127.0.0.3:9000", "models": ["echo"]}]
+    the unit is skipped with the command to use instead; no TS_AUTHKEY, so the tailnet step says SKIP.
+    A pod added to the inventory and a re-run put it behind the URL; a re-run with nothing new changes nothing."""
+    pods: list[dict[str, object]] = [
+        {"id": "pod-a", "url": "http://127.0.0.2:9000", "models_config": "model-orchestrator/models.demo.yaml",
+             "key_env": "POD_A_KEY", "state_key_env": "POD_A_FLEET_KEY"}]
     venv = os.environ.get("AIO_GATEWAY_VENV", str(REPO / ".venv-gateway"))  # scripts/test.sh made it
-    inventory = tmp_path / "inventory.yml"
-    inventory.write_text(yaml.safe_dump({"aio_gateway": {"hosts": {"localhost": {
-        "ansible_connection": "local", "ansible_python_interpreter": sys.executable}},
-        "vars": {"aio_gateway_pods": pods, "aio_gateway_dir": str(tmp_path / "gateway"),
-                 "aio_gateway_venv": venv, "aio_data_dir": str(tmp_path / "data")}}}))
-    args = ("playbook.yml", "-i", str(inventory), "--tags", "gateway")
-    first, second = run("ansible-playbook", *args), run("ansible-playbook", *args)
-    assert first.returncode == 0, first.stdout + first.stderr
+
+    def converge() -> subprocess.CompletedProcess[str]:
+        inventory = tmp_path / "inventory.yml"
+        inventory.write_text(yaml.safe_dump({"aio_gateway": {"hosts": {"localhost": {
+            "ansible_connection": "local", "ansible_python_interpreter": sys.executable}},
+            "vars": {"aio_gateway_pods": pods, "aio_gateway_dir": str(tmp_path / "gateway"),
+                     "aio_gateway_venv": venv, "aio_data_dir": str(tmp_path / "data")}}}))
+        done = run("ansible-playbook", "playbook.yml", "-i", str(inventory), "--tags", "gateway")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    first, again = converge(), converge()
     assert recap(first.stdout)["changed"] >= 2 and "SKIP the unit: no systemd here" in first.stdout
-    assert second.returncode == 0 and recap(second.stdout)["changed"] == 0, second.stdout
+    assert recap(again.stdout)["changed"] == 0, again.stdout
+    pods.append({"id": "pod-b", "url": "http://127.0.0.3:9000", "models": ["echo"]})
+    added, settled = converge(), converge()
+    assert recap(added.stdout)["changed"] >= 2 and recap(settled.stdout)["changed"] == 0, settled.stdout
     config = yaml.safe_load((tmp_path / "gateway" / "config.yaml").read_text())
     ids = {d["model_info"]["id"] for d in config["model_list"]}
     demo = load_config(REPO / "model-orchestrator" / "models.demo.yaml").models

@@ -91,7 +91,7 @@ def test_token_and_vram_share() -> None:
     token = new_service_token()
     assert len(token) >= 40 and token != new_service_token()
     entry = spec(vram_gb=0)
-    entry._name = "support-bot"  # as config loading names it
+    entry.named("support-bot")  # as config loading names it
     env = service_env(entry, token, base=ORCHESTRATOR_ENV)
     assert env[SERVICE_TOKEN_ENV] == token
     assert env[VRAM_ENV] == "0"

@@ -11,9 +11,12 @@ not), and has no client scope short of that database. Keys are compared in const
 
 from __future__ import annotations
 
-import hmac
 import os
+from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
+
+from model_orchestrator.auth import Keys, read_keys
 
 KEYS_ENV = "AIO_GATEWAY_KEYS"
 # The routes a client key reaches (OpenAI's paths, with and without /v1, as LiteLLM serves them).
@@ -22,19 +25,20 @@ CLIENT_ROUTES = frozenset(prefix + path for prefix in ("", "/v1") for path in (
     "/audio/speech", "/audio/transcriptions", "/responses", "/rerank", "/messages"))
 
 
-def _is(key: str, known: str) -> bool:
-    return bool(known) and hmac.compare_digest(key.encode(), known.encode())
+@lru_cache(maxsize=4)
+def _keys(master: str, clients: tuple[str, ...]) -> Keys:
+    return Keys.of(clients, [master] if master else [])
 
 
 def scope_of(key: str, master: str | None, clients: list[str]) -> str | None:
-    """"admin", "client" or None; every known key is compared, so the time says nothing of which."""
-    is_admin = _is(key, master or "")
-    is_client = any([_is(key, known) for known in clients])
-    return "admin" if is_admin else "client" if is_client else None
+    """"admin", "client" or None, compared as a pod compares its keys (model_orchestrator.auth.Keys: hashed,
+    then every known key in constant time)."""
+    scope = _keys(master or "", tuple(clients)).scope_of(key)
+    return None if scope is None else scope.value
 
 
-def client_keys(environ: Any = os.environ) -> list[str]:
-    return [key.strip() for key in environ.get(KEYS_ENV, "").split(",") if key.strip()]
+def client_keys(environ: Mapping[str, str] = os.environ) -> list[str]:
+    return read_keys(KEYS_ENV, environ)
 
 
 def refusal(scope: str | None, path: str) -> tuple[int, str] | None:

@@ -62,7 +62,6 @@ class FleetAffinity(CustomLogger):  # type: ignore[misc]  # LiteLLM is untyped h
         self.environ = os.environ if environ is None else environ
         self.pods, self.starts = Pods(), Starts()
         self.lock = threading.Lock()  # the poller thread writes pods; requests read pods and write starts
-        self.polls = 0
         self._stop = threading.Event()
         self._pod_up, self._polls = _series()
         self._thread = threading.Thread(target=self._poll_forever, name="aio-fleet-poller", daemon=True)
@@ -95,7 +94,6 @@ class FleetAffinity(CustomLogger):  # type: ignore[misc]  # LiteLLM is untyped h
                         self.pods.observed(source.pod, state, self.starts)
                         if self._pod_up is not None:
                             self._pod_up.labels(pod=source.pod).set(1 if self.pods.fresh(source.pod) else 0)
-                    self.polls += 1
                     if self._polls is not None:
                         self._polls.inc()
                 await asyncio.sleep(max(0.0, self.fleet.poll_interval_s - (time.monotonic() - began)))

@@ -77,9 +77,9 @@ def choose(model: str, deployments: Sequence[Any], pod_of: Callable[[Any], str],
     known = [d for d in candidates if _accepting(pods.fresh(pod_of(d)))]
     if not known:
         return candidates  # no fresh state for any: the engine's own choice
-    ranked = sorted(known, key=lambda d: _rank(model, pod_of(d), pods, starts, now))
-    best = _rank(model, pod_of(ranked[0]), pods, starts, now)
-    chosen = [d for d in ranked if _rank(model, pod_of(d), pods, starts, now) == best]
+    ranks = [_rank(model, pod_of(d), pods, starts, now) for d in known]
+    best = min(ranks)
+    chosen = [d for d, rank in zip(known, ranks, strict=True) if rank == best]
     if best[0] >= 3:  # a cold start: remember it, so the rest of a burst follows it there
         starts.sent_to(pod_of(chosen[0]), model, now)
         chosen = chosen[:1]

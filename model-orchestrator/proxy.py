@@ -1,8 +1,9 @@
 """The data path: forward a request to its model's service and stream the answer back.
 
 Kept deliberately lean (it is benchmarked against direct access and nginx): raw ASGI
-instead of a framework, one pooled aiohttp session, the body read once and parsed
-only for ``model``, response chunks passed on as they arrive without re-parsing.
+instead of a framework, the data path's own pooled HTTP/1.1 client (upstream.py), the
+body read once and parsed only for ``model``, the answer passed on as it arrives,
+without re-parsing.
 
 Client bounds (``settings.limits``): bodies up to json_body_mb (upload routes and
 /upstream: upload_body_mb), refused at once from Content-Length or counted as they
@@ -28,9 +29,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-
-import aiohttp
-from yarl import URL
 
 from core.common.asgi import (
     ClientGone,
@@ -64,6 +62,15 @@ from model_orchestrator.routing import (
     upstream_body,
 )
 from model_orchestrator.stored_responses import candidates, find_holder, not_found, stored_response_id
+from model_orchestrator.upstream import (
+    ConnectFailed,
+    Connection,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+    request_head,
+    request_start,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +84,10 @@ _DROP_RESPONSE = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer trailers "
     b"transfer-encoding upgrade date server".split()
 )
-# Headers aiohttp would invent; the upstream sees only what the client sent.
-_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _NO_BUFFERING = (b"x-accel-buffering", b"no")  # tells nginx in front of us not to buffer SSE
 _WATCH_AFTER = 0.05  # seconds before a client is watched for a disconnect: short requests never pay for it
 _ERROR_BODY_MAX = 1 << 20  # bytes of an upstream error read to turn it into an SSE error event
-_URL_CACHE_MAX = 1024  # upstream URLs kept (model, path)
+_START_CACHE_MAX = 1024  # request lines kept (model, method, path)
 
 
 class Proxy:
@@ -95,27 +100,20 @@ class Proxy:
         self.keep_alive = keep_alive  # seconds between loading comments to a waiting stream (loading.py)
         self._renames = index.renames()
         self._json = JsonWorker()
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._pool = UpstreamPool()
+        self._starts: dict[tuple[str, str, str], bytes] = {}  # request line and Host
 
     def use(self, index: ModelIndex, settings: Settings) -> None:
         """Route by ``index`` and bound by ``settings`` from the next request on (a reload)."""
         self.index, self._renames = index, index.renames()
         self.limits, self.keep_alive = settings.limits, settings.stream_keep_alive or None
-        self._timeouts.clear()  # request_timeout per model
-        self._urls.clear()  # a port or host may have changed
+        self._starts.clear()  # a port or host may have changed
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=_NO_AUTO_HEADERS, trust_env=False,
-        )
+        """Nothing to open: the pool connects on first use. Kept as the lifespan's counterpart of close()."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
         await self._json.close()
 
     # -- entry points --------------------------------------------------------------
@@ -163,8 +161,7 @@ class Proxy:
                                    "route_not_found")
             await self._read_body(scope, receive)  # nothing is expected: read so the connection stays usable
             asked = candidates(self.coordinator.manager.services.values())
-            assert self._session is not None, "Proxy.open() was not called"
-            holder = await find_holder(self._session, asked, response_id)
+            holder = await find_holder(self._pool, asked, response_id)
             if holder is None:
                 raise not_found(response_id, asked)
         except ServiceError as exc:
@@ -228,70 +225,65 @@ class Proxy:
 
     # -- the exchange ----------------------------------------------------------------
 
-    def _url(self, spec: ModelSpec, path: str, query: bytes) -> URL:
-        """The upstream URL of a canonical ``path`` (paths.py), built as already encoded so that nothing
-        normalises it again (a plain str URL would have yarl resolve dot-segments). Query-less URLs are
-        cached: building one costs about a microsecond, and a few routes carry almost every request."""
+    def _start(self, spec: ModelSpec, method: str, path: str, query: bytes) -> bytes:
+        """The request line and Host header for a canonical ``path`` (paths.py), sent as it is: the service
+        gets the path that was checked. Cached without a query: a few routes carry almost every request."""
         if query:
-            return URL(spec.base_url() + upstream_target(path) + "?" + upstream_query(query), encoded=True)
-        key = (spec.name, path)
-        url = self._urls.get(key)
-        if url is None:
-            if len(self._urls) >= _URL_CACHE_MAX:  # client-chosen paths must not grow it without bound
-                self._urls.clear()
-            url = self._urls[key] = URL(spec.base_url() + upstream_target(path), encoded=True)
-        return url
+            target = upstream_target(path) + "?" + upstream_query(query)
+            return request_start(method.encode("ascii"), target.encode("ascii"), spec.host, spec.port)
+        key = (spec.name, method, path)
+        start = self._starts.get(key)
+        if start is None:
+            if len(self._starts) >= _START_CACHE_MAX:  # client-chosen paths must not grow it without bound
+                self._starts.clear()
+            start = self._starts[key] = request_start(method.encode("ascii"), upstream_target(path).encode("ascii"),
+                                                      spec.host, spec.port)
+        return start
 
     async def _exchange(
         self, svc: ManagedService, spec: ModelSpec, scope: Scope, send: Send, body: bytes, path: str,
         watcher: DisconnectWatcher, answer: Answer,
     ) -> None:
-        assert self._session is not None, "Proxy.open() was not called"
-        # ``path`` is canonical (paths.py): sent as it is, so the service gets the path that was
-        # checked; a plain str URL would be normalised again by yarl (dot-segments resolved).
-        url = self._url(spec, path, scope.get("query_string", b""))
-        timeout = self._timeouts.get(spec.name)
-        if timeout is None:
-            timeout = self._timeouts[spec.name] = aiohttp.ClientTimeout(
-                total=None, connect=10, sock_connect=10, sock_read=spec.request_timeout)
+        start = self._start(spec, scope["method"], path, scope.get("query_string", b""))
+        method = scope["method"].encode("ascii")
+        head = request_head(start, method, _request_headers(scope["headers"], svc.service_token), body)
         try:
-            upstream = await self._session.request(
-                scope["method"], url, data=body or None, timeout=timeout, allow_redirects=False,
-                headers=_request_headers(scope["headers"], svc.service_token),
-            )
-        except asyncio.TimeoutError:  # before the aiohttp errors: its timeouts are ClientErrors too
+            upstream = await self._pool.request(spec.host, spec.port, method, head, body, spec.request_timeout)
+        except UpstreamTimeout:
             svc.upstream_timed_out()
             raise ServiceError(504, f"Model {spec.name!r} did not answer within {spec.request_timeout:g}s "
                                "(request_timeout).", "upstream_timeout") from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:  # refused, reset, garbage for a status line
+        except UpstreamError as exc:  # refused, reset, garbage for a status line
             raise _upstream_failed(spec, exc) from None
         svc.upstream_answered()
-        async with upstream:
+        try:
             await self._relay(svc, spec, upstream, send, watcher, answer)
+        finally:
+            self._pool.release(upstream)  # reused only if the answer was read to its end
 
     async def _relay(
-        self, svc: ManagedService, spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send,
+        self, svc: ManagedService, spec: ModelSpec, upstream: Connection, send: Send,
         watcher: DisconnectWatcher, answer: Answer,
     ) -> None:
-        event_stream = upstream.content_type == "text/event-stream"
+        event_stream = upstream.content_type() == "text/event-stream"
         if answer.started and not (event_stream and upstream.status == 200):
             await _error_event_from(spec, upstream, send, answer)  # loading comments went out: no status now
             watcher.complete()
             return
         if not answer.started:
             await send({"type": "http.response.start", "status": upstream.status,
-                        "headers": _answer_headers(upstream.raw_headers, event_stream, answer)})
+                        "headers": _answer_headers(upstream.headers, event_stream, answer)})
             answer.status, answer.stream = upstream.status, event_stream
         before = last = b""  # the last two chunks: a final usage event may arrive just before [DONE]
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read():
                 if answer.first_byte is None:
                     answer.first_byte = time.monotonic()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 before, last = last, chunk
             answer.tail = before + last
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, asyncio.TimeoutError):
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamTimeout):
                 svc.upstream_timed_out()  # a stream silent for request_timeout: as hung as no answer
             reason = _describe_break(spec, exc)
             log.warning("%s", reason)
@@ -302,7 +294,6 @@ class Proxy:
         # done, too) must not cancel the lease's and the upstream's release that follow.
         watcher.complete()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
 
 def _answer_headers(raw: Iterable[tuple[bytes, bytes]], event_stream: bool, answer: Answer
                     ) -> list[tuple[bytes, bytes]]:
@@ -326,12 +317,12 @@ async def _send_error(send: Send, error: ServiceError, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": sse_event(error.body()), "more_body": False})
 
 
-async def _error_event_from(spec: ModelSpec, upstream: aiohttp.ClientResponse, send: Send, answer: Answer) -> None:
+async def _error_event_from(spec: ModelSpec, upstream: Connection, send: Send, answer: Answer) -> None:
     """An upstream answer that is not a 200 event stream, after loading comments: as an error event
     (one that breaks off while its body is read, too: the client still gets an event, never a bare close)."""
     try:
-        raw = await upstream.content.read(_ERROR_BODY_MAX)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raw = await upstream.read_up_to(_ERROR_BODY_MAX)
+    except UpstreamError as exc:
         reason = _describe_break(spec, exc)
         log.warning("%s", reason)
         answer.status = 502
@@ -348,15 +339,16 @@ async def _error_event_from(spec: ModelSpec, upstream: aiohttp.ClientResponse, s
     await send({"type": "http.response.body", "body": sse_event(body), "more_body": False})
 
 
-def _request_headers(raw: Iterable[tuple[bytes, bytes]], token: str | None) -> list[tuple[str, str]]:
+def _request_headers(raw: Iterable[tuple[bytes, bytes]], token: str | None) -> bytes:
+    """The client's headers for the service, formatted for the request head, with the service token."""
     drop = _DROP_REQUEST
     for key, value in raw:
         if key == b"connection":  # ASGI servers lower-case request header names
             drop = drop | _connection_options(value)
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k not in drop]
+    lines = [b"%s: %s\r\n" % (k, v) for k, v in raw if k not in drop]
     if token:
-        headers.append(("Authorization", f"Bearer {token}"))
-    return headers
+        lines.append(b"Authorization: Bearer %s\r\n" % token.encode("latin-1"))
+    return b"".join(lines)
 
 
 def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -373,7 +365,7 @@ def _connection_options(value: bytes) -> frozenset[bytes]:
 
 
 def _upstream_failed(spec: ModelSpec, exc: BaseException) -> ServiceError:
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return ServiceError(502, f"Model {spec.name!r} is not reachable: {exc}", "upstream_unavailable")
     log.warning("%s: request failed before an answer: %s: %s", spec.name, type(exc).__name__, exc)
     return ServiceError(502, f"Model {spec.name!r} failed before answering: {type(exc).__name__}: {exc}",
@@ -381,7 +373,7 @@ def _upstream_failed(spec: ModelSpec, exc: BaseException) -> ServiceError:
 
 
 def _describe_break(spec: ModelSpec, exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, UpstreamTimeout):
         return f"Model {spec.name!r} sent nothing for {spec.request_timeout:g}s (request_timeout); stream aborted."
     return f"Model {spec.name!r} broke off the response: {type(exc).__name__}: {exc}"
 

@@ -16,18 +16,16 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 
-import aiohttp
-from yarl import URL
-
 from core.common.errors import ServiceError
 from core.config.schema import ModelType
 from core.service_manager import ManagedService
 from core.supervision.service_state import ServiceState
 from model_orchestrator.paths import upstream_target
+from model_orchestrator.upstream import UpstreamError, UpstreamPool, request_head, request_start
 
 PREFIX = "/v1/responses/"
 HOLDERS: frozenset[ModelType] = frozenset({"text", "custom"})  # the types whose services may serve /v1/responses
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=10)
+PROBE_TIMEOUT = 10.0  # seconds a service may take to say whether it holds a response
 
 
 def stored_response_id(method: str, path: str) -> str | None:
@@ -46,19 +44,24 @@ def candidates(services: Iterable[ManagedService]) -> list[ManagedService]:
     return [svc for svc in services if svc.spec.type in HOLDERS and svc.state is ServiceState.READY]
 
 
-async def find_holder(session: aiohttp.ClientSession, services: list[ManagedService], response_id: str
+async def find_holder(pool: UpstreamPool, services: list[ManagedService], response_id: str
                       ) -> ManagedService | None:
     """The service that answers 200 to ``GET /v1/responses/{response_id}``, asked all at once; None if none does."""
-    found = await asyncio.gather(*(_holds(session, svc, response_id) for svc in services))
+    found = await asyncio.gather(*(_holds(pool, svc, response_id) for svc in services))
     return next((svc for svc, holds in zip(services, found, strict=True) if holds), None)
 
 
-async def _holds(session: aiohttp.ClientSession, svc: ManagedService, response_id: str) -> bool:
-    url = URL(svc.spec.base_url() + upstream_target(PREFIX + response_id), encoded=True)
-    headers = {"Authorization": f"Bearer {svc.service_token}"} if svc.service_token else {}
-    with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
-        async with session.get(url, headers=headers, timeout=PROBE_TIMEOUT, allow_redirects=False) as reply:
+async def _holds(pool: UpstreamPool, svc: ManagedService, response_id: str) -> bool:
+    spec = svc.spec
+    start = request_start(b"GET", upstream_target(PREFIX + response_id).encode("ascii"), spec.host, spec.port)
+    token = b"Authorization: Bearer %s\r\n" % svc.service_token.encode("latin-1") if svc.service_token else b""
+    with contextlib.suppress(UpstreamError):  # a silent service times out after PROBE_TIMEOUT (UpstreamTimeout)
+        reply = await pool.request(spec.host, spec.port, b"GET", request_head(start, b"GET", token, b""), b"",
+                                   PROBE_TIMEOUT)
+        try:
             return reply.status == 200
+        finally:
+            reply.close()  # its body is not wanted: the request that follows reads the response
     return False  # stopping, or not answering: it cannot hand the response over anyway
 
 

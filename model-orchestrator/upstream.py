@@ -1,0 +1,351 @@
+"""The data path's HTTP/1.1 client: pooled connections to the model services, parsed by httptools.
+
+Why not aiohttp's client: under the benchmark's load it was 43 % of the orchestrator's CPU per
+proxied request (bench/RESULTS.md, "Where the orchestrator's CPU goes"): request objects, header
+multidicts, a stream reader and a timer re-armed on every read. This client does what the proxy
+needs and nothing else:
+
+* Connections are pooled per (host, port) and reused within ``IDLE_MAX`` seconds of their last
+  answer: under the services' keep-alive (uvicorn's 5 s), so a reused connection is never one the
+  service is closing at that moment. A connection is reused only after an answer read to its end
+  that allows it; one left mid-answer (the client left, an error) is closed.
+* The request goes out in one write (head and body), and waits for the socket to drain only when
+  a large body filled its buffer.
+* The answer is parsed by httptools (llhttp, as uvicorn's server uses): status, raw headers, the
+  body with chunked encoding undone. ``read()`` hands over all the body that has arrived in one
+  piece, so a stream costs one wake-up per socket read, not one per parser callback.
+* ``read_timeout``: seconds without a byte from the service, before the answer or between two
+  pieces of it. One timer per connection, re-armed only when it fires (not on every read), and
+  stopped while reading is paused for a slow client.
+* Backpressure: reading from the service pauses while more than ``HIGH_WATER`` bytes of its
+  answer wait for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import cast
+
+import httptools
+
+from core.common.aio import within
+
+IDLE_MAX = 4.0  # seconds a pooled connection may idle before reuse; under uvicorn's 5 s keep-alive
+HIGH_WATER = 256 * 1024  # bytes of an answer buffered before reading from the service pauses
+_JOIN_MAX = 64 * 1024  # bodies up to this size go out in the same write as the head
+
+
+class UpstreamError(Exception):
+    """The service failed: the connection was reset or closed early, or what came back is not HTTP."""
+
+
+class ConnectFailed(UpstreamError):
+    """No connection could be made to the service: refused, unreachable, or not within the connect timeout."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """Nothing came from the service for ``read_timeout`` seconds."""
+
+
+class Connection(asyncio.Protocol):
+    """One connection to a service and, while leased, the answer to the one request sent on it."""
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.closed = False
+        self.idle_since = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._drained: asyncio.Future[None] | None = None  # set while the socket's write buffer is full
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_timeout = 0.0
+        self._begin(b"GET")
+
+    def _begin(self, method: bytes) -> None:
+        """Fresh answer state for a request of ``method``."""
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self._head_only = method == b"HEAD"  # its answer has no body, whatever its Content-Length says
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._keep_alive = False
+        self._last_read = self._loop.time()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        if self.closed:  # given up while connecting (a timeout, a cancel)
+            self._transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small answers go out at once
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("the service switched protocols, which the proxy does not relay"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"not an HTTP answer ({exc})"))
+        if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.complete and self._error is None:
+            if self.headers_done and not self._length_known():
+                self.complete = True  # a body delimited by the end of the connection has ended
+            else:
+                self._error = UpstreamError(f"the service closed the connection{f' ({exc})' if exc else ''} "
+                                            "before its answer was complete")
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._stop_timer()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._drained = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # an informational answer (103 Early Hints): the real one follows
+            self.headers = []
+            return
+        self.status, self.headers_done = status, True
+        # Asked now: once the message is complete the parser has reset for the next one and says False.
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._head_only:
+            self.complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.headers_done:
+            self.complete = True
+
+    # -- the exchange ----------------------------------------------------------------------------
+
+    async def send(self, method: bytes, head: bytes, body: bytes, read_timeout: float) -> None:
+        """Send one request (``head`` ends with its blank line) and wait for the answer's status and headers."""
+        assert self._transport is not None
+        self._begin(method)
+        if len(body) <= _JOIN_MAX:
+            self._transport.write(head + body if body else head)
+        else:
+            self._transport.writelines((head, body))
+        if self._drained is not None:
+            await self._drained
+            self._last_read = self._loop.time()  # silence is counted from the end of the request
+        self._read_timeout = read_timeout
+        self._timer = self._loop.call_at(self._last_read + read_timeout, self._check_silence)
+        while not self.headers_done:
+            self._raise_error()
+            await self._wait()
+
+    async def read(self) -> bytes:
+        """The body that has arrived since the last read, at least one byte; b"" once the answer is complete."""
+        while not self._body:
+            if self.complete:
+                return b""
+            self._raise_error()
+            await self._wait()
+        chunk = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body.clear()
+        self._buffered = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._last_read = self._loop.time()
+            self._transport.resume_reading()
+        return chunk
+
+    async def read_up_to(self, limit: int) -> bytes:
+        """The body up to ``limit`` bytes (fewer if it ends first)."""
+        parts: list[bytes] = []
+        size = 0
+        while size < limit and (chunk := await self.read()):
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)[:limit]
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case), matched without regard to case."""
+        return next((value for key, value in self.headers if key.lower() == name), None)
+
+    def content_type(self) -> str:
+        """The media type of the answer, lower case, without parameters ("" if none)."""
+        value = self.header(b"content-type")
+        return value.split(b";", 1)[0].strip().lower().decode("latin-1") if value else ""
+
+    def reusable(self) -> bool:
+        return self.complete and self._keep_alive and not self.closed and self._error is None and not self._head_only
+
+    def finish(self) -> None:
+        """The exchange is over: stop its timer; close the connection unless it can carry another request."""
+        self._stop_timer()
+        if not self.reusable() and self._transport is not None:
+            self.closed = True
+            self._transport.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        self._waiter = waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.closed and not self.complete:
+            raise UpstreamError("the connection is closed")
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._transport is not None:
+            self.closed = True
+            self._transport.close()
+
+    def _check_silence(self) -> None:
+        """The read timer fired: time out if nothing arrived for read_timeout seconds, else re-arm."""
+        self._timer = None
+        if self.complete or self._error is not None:
+            return
+        now = self._loop.time()
+        if self._paused:  # waiting for the client, not for the service
+            self._last_read = now
+        due = self._last_read + self._read_timeout
+        if now < due:
+            self._timer = self._loop.call_at(due, self._check_silence)
+            return
+        self._fail(UpstreamTimeout(f"nothing from the service for {self._read_timeout:g}s"))
+        self._wake()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _length_known(self) -> bool:
+        """Whether the answer's length is given (Content-Length, or chunked): if not, its end is the connection's."""
+        for key, value in self.headers:
+            name = key.lower()
+            if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+                return True
+        return False
+
+
+class UpstreamPool:
+    """Keep-alive connections to the services, one request at a time on each."""
+
+    def __init__(self, *, connect_timeout: float = 10.0, idle_max: float = IDLE_MAX) -> None:
+        self.connect_timeout = connect_timeout
+        self.idle_max = idle_max
+        self._idle: dict[tuple[str, int], list[Connection]] = {}
+
+    async def request(self, host: str, port: int, method: bytes, head: bytes, body: bytes,
+                      read_timeout: float) -> Connection:
+        """Send a request (``head``: from ``request_head``) and return the
+        connection once the answer's headers are in. The caller reads the body and must ``release`` it."""
+        conn = await self._lease(host, port)
+        try:
+            await conn.send(method, head, body, read_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        """Back to the pool if the answer was read to its end and the connection may carry another; else closed."""
+        conn.finish()
+        if not conn.closed:
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(conn.key, []).append(conn)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+    async def _lease(self, host: str, port: int) -> Connection:
+        key = (host, port)
+        idle = self._idle.get(key)
+        if idle:
+            fresh_after = time.monotonic() - self.idle_max
+            while idle:
+                conn = idle.pop()  # the most recently used: least likely to be timing out
+                if not conn.closed and conn.idle_since > fresh_after:
+                    return conn
+                conn.close()
+        return await self._connect(key)
+
+    async def _connect(self, key: tuple[str, int]) -> Connection:
+        conn = Connection(key)
+        try:
+            await within(asyncio.get_running_loop().create_connection(lambda: conn, key[0], key[1]),
+                         self.connect_timeout)
+        except asyncio.TimeoutError:
+            conn.close()
+            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]} within {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from None
+        except BaseException:
+            conn.close()  # cancelled: a connection made as it was cancelled closes as it is made
+            raise
+        return conn
+
+
+def request_start(method: bytes, target: bytes, host: str, port: int) -> bytes:
+    """The request line and the Host header (an IPv6 address in brackets)."""
+    name = f"[{host}]" if ":" in host else host
+    return b"%s %s HTTP/1.1\r\nHost: %s:%d\r\n" % (method, target, name.encode("ascii"), port)
+
+
+def request_head(start: bytes, method: bytes, headers: bytes, body: bytes) -> bytes:
+    """The whole head: ``start`` (request_start), ``headers`` already formatted ("Name: value\\r\\n" each),
+    the body's length, the blank line. Content-Length goes with every body, and with every request whose
+    method has one."""
+    if body or method not in _BODILESS:
+        return b"%s%sContent-Length: %d\r\n\r\n" % (start, headers, len(body))
+    return b"%s%s\r\n" % (start, headers)
+
+
+_BODILESS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"))

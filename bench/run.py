@@ -90,7 +90,7 @@ def machine() -> dict[str, Any]:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
-            "versions": {name: version(name) for name in ("uvicorn", "uvloop", "httptools", "aiohttp")}}
+            "versions": {name: version(name) for name in ("uvicorn", "uvloop", "httptools")}}
 
 
 def main(argv: list[str] | None = None) -> int:

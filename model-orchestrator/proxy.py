@@ -274,14 +274,8 @@ class Proxy:
             await send({"type": "http.response.start", "status": upstream.status,
                         "headers": _answer_headers(upstream.headers, event_stream, answer)})
             answer.status, answer.stream = upstream.status, event_stream
-        before = last = b""  # the last two chunks: a final usage event may arrive just before [DONE]
         try:
-            while chunk := await upstream.read():
-                if answer.first_byte is None:
-                    answer.first_byte = time.monotonic()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                before, last = last, chunk
-            answer.tail = before + last
+            await _pass_on(upstream, send, answer)
         except UpstreamError as exc:
             if isinstance(exc, UpstreamTimeout):
                 svc.upstream_timed_out()  # a stream silent for request_timeout: as hung as no answer
@@ -294,6 +288,19 @@ class Proxy:
         # done, too) must not cancel the lease's and the upstream's release that follow.
         watcher.complete()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+async def _pass_on(upstream: Connection, send: Send, answer: Answer) -> None:
+    """The answer's body to the client as it arrives; its first byte's time and its last two pieces (a
+    final usage event may arrive just before [DONE]) go in ``answer``."""
+    before = last = b""
+    chunk = await upstream.read()
+    answer.first_byte = time.monotonic() if chunk else None
+    while chunk:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        before, last = last, chunk
+        chunk = await upstream.read()
+    answer.tail = before + last
+
 
 def _answer_headers(raw: Iterable[tuple[bytes, bytes]], event_stream: bool, answer: Answer
                     ) -> list[tuple[bytes, bytes]]:

@@ -165,17 +165,20 @@ class Connection(asyncio.Protocol):
         self._timer = self._loop.call_at(self._last_read + read_timeout, self._check_silence)
         while not self.headers_done:
             self._raise_error()
-            await self._wait()
+            self._waiter = waiter = self._loop.create_future()  # cleared by _wake
+            await waiter
 
     async def read(self) -> bytes:
         """The body that has arrived since the last read, at least one byte; b"" once the answer is complete."""
-        while not self._body:
+        body = self._body
+        while not body:
             if self.complete:
                 return b""
             self._raise_error()
-            await self._wait()
-        chunk = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._body.clear()
+            self._waiter = waiter = self._loop.create_future()  # cleared by _wake
+            await waiter
+        chunk = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
         self._buffered = 0
         if self._paused and self._transport is not None:
             self._paused = False
@@ -218,17 +221,12 @@ class Connection(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------------------
 
-    async def _wait(self) -> None:
-        self._waiter = waiter = self._loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # not cancelled with its reader
+                waiter.set_result(None)
 
     def _raise_error(self) -> None:
         if self._error is not None:

@@ -46,7 +46,7 @@ TRANSITION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300, 6
 KNOWN_ROUTES = frozenset({*ENDPOINT_TYPES, *UPLOAD_PATHS})
 # OpenAI's chat and completions (prompt/completion), its Responses API and Anthropic's (input/output;
 # the Responses API nests its details one level deep)
-_USAGE = re.compile(rb'"usage"\s*:\s*\{(?:[^{}]|\{[^{}]*\})*\}')
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')  # the object's start; its end is found by counting braces
 _PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 # (state left, state entered) → the transition histogram that times it
@@ -59,13 +59,32 @@ TIMED = {
 
 
 def usage_tokens(tail: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of the last ``usage`` object in ``tail``, if it has one."""
-    found = _USAGE.findall(tail)
-    if not found:
-        return None
-    usage = found[-1]
-    prompt, completion = _PROMPT.search(usage), _COMPLETION.search(usage)
-    return int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0
+    """(prompt, completion) tokens of the last ``usage`` object in ``tail``, if it has one. Searched from the
+    end (a usage object comes last; ``"usage": null`` in earlier events is passed over): scanning the whole
+    tail with the pattern cost ~3 us a request, a tenth of what the orchestrator spends on it in Python."""
+    end = len(tail)
+    while (start := tail.rfind(b'"usage"', 0, end)) >= 0:
+        found = _USAGE.match(tail, start)
+        close = _object_end(tail, found.end()) if found is not None else -1
+        if close >= 0:
+            usage = tail[start:close]
+            prompt, completion = _PROMPT.search(usage), _COMPLETION.search(usage)
+            return int(prompt.group(1)) if prompt else 0, int(completion.group(1)) if completion else 0
+        end = start
+    return None
+
+
+def _object_end(data: bytes, pos: int) -> int:
+    """The index after the ``}`` that closes the object whose ``{`` ends just before ``pos``; -1 if it is cut off.
+    (A pattern matching the whole object checked every byte against two alternatives: ~2 us a request.)"""
+    depth = 1
+    while depth:
+        close = data.find(b"}", pos)
+        if close < 0:
+            return -1
+        opened = data.find(b"{", pos, close)
+        depth, pos = (depth + 1, opened + 1) if opened >= 0 else (depth - 1, close + 1)
+    return pos
 
 
 class _Histogram:

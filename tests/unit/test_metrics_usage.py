@@ -15,6 +15,9 @@ from model_orchestrator.metrics import usage_tokens
     (b'{"type": "message", "usage": {"input_tokens": 74, "output_tokens": 6}}', (74, 6)),  # Anthropic's Messages
     (b'{"usage": {"prompt_tokens": 1}} {"usage": {"prompt_tokens": 9, "completion_tokens": 2}}', (9, 2)),  # the last
     (b'{"data": []}', None),
+    (b'{"usage": {"prompt_tokens": 5}} {"usage": {"prompt_tokens": 2', (5, 0)),  # the last, cut off: the one before
+    (b'{"usage": {"prompt_tokens": 1, "d": {}}, "completion_tokens": 99}', (1, 0)),  # only what is inside it
+    (b'data: {"usage": null}\n\ndata: {"usage": null}', None),
 ])
 def test_usage_tokens(tail: bytes, tokens: tuple[int, int] | None) -> None:
     assert usage_tokens(tail) == tokens

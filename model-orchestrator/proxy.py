@@ -355,7 +355,12 @@ def _request_headers(raw: Iterable[tuple[bytes, bytes]], token: str | None) -> b
     lines = [b"%s: %s\r\n" % (k, v) for k, v in raw if k not in drop]
     if token:
         lines.append(b"Authorization: Bearer %s\r\n" % token.encode("latin-1"))
-    return b"".join(lines)
+    head = b"".join(lines)
+    # One CR and one LF per line, or a value carried a line break: the ASGI server refuses those
+    # already; checked again here, where a header becomes bytes on the service's connection.
+    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
+        raise ServiceError(400, "A request header value contains a line break.", "invalid_header")
+    return head
 
 
 def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

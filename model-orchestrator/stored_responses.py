@@ -25,7 +25,7 @@ from model_orchestrator.upstream import UpstreamError, UpstreamPool, request_hea
 
 PREFIX = "/v1/responses/"
 HOLDERS: frozenset[ModelType] = frozenset({"text", "custom"})  # the types whose services may serve /v1/responses
-PROBE_TIMEOUT = 10.0  # seconds a service may take to say whether it holds a response
+PROBE_TIMEOUT = 5.0  # seconds a service may take to connect, and then to say whether it holds a response
 
 
 def stored_response_id(method: str, path: str) -> str | None:
@@ -57,7 +57,7 @@ async def _holds(pool: UpstreamPool, svc: ManagedService, response_id: str) -> b
     token = b"Authorization: Bearer %s\r\n" % svc.service_token.encode("latin-1") if svc.service_token else b""
     with contextlib.suppress(UpstreamError):  # a silent service times out after PROBE_TIMEOUT (UpstreamTimeout)
         reply = await pool.request(spec.host, spec.port, b"GET", request_head(start, b"GET", token, b""), b"",
-                                   PROBE_TIMEOUT)
+                                   PROBE_TIMEOUT, connect_timeout=PROBE_TIMEOUT)
         try:
             return reply.status == 200
         finally:

@@ -6,17 +6,20 @@ multidicts, a stream reader and a timer re-armed on every read. This client does
 needs and nothing else:
 
 * Connections are pooled per (host, port) and reused within ``IDLE_MAX`` seconds of their last
-  answer: under the services' keep-alive (uvicorn's 5 s), so a reused connection is never one the
-  service is closing at that moment. A connection is reused only after an answer read to its end
-  that allows it; one left mid-answer (the client left, an error) is closed.
-* The request goes out in one write (head and body), and waits for the socket to drain only when
-  a large body filled its buffer.
+  answer's end: under the services' keep-alive (uvicorn's 5 s from the same moment), so a reused
+  connection is hardly ever one the service is closing. Should that happen anyway to a request
+  whose method is idempotent, before any byte of an answer, it is sent once more on a new
+  connection (a POST never is: the service may have acted on it). A connection is reused only
+  after an answer that allows it, complete, with nothing after it; one left mid-answer (the
+  client left, an error), or that receives bytes while idle, is closed.
+* The request goes out in one write, head and body (the body is in memory already).
 * The answer is parsed by httptools (llhttp, as uvicorn's server uses): status, raw headers, the
   body with chunked encoding undone. ``read()`` hands over all the body that has arrived in one
   piece, so a stream costs one wake-up per socket read, not one per parser callback.
-* ``read_timeout``: seconds without a byte from the service, before the answer or between two
-  pieces of it. One timer per connection, re-armed only when it fires (not on every read), and
-  stopped while reading is paused for a slow client.
+* ``read_timeout``: seconds without a byte from the service, from the moment the request is
+  written (however long a large body takes to drain), before the answer or between two pieces of
+  it. One timer per connection, re-armed only when it fires (not on every read), and stopped
+  while reading is paused for a slow client.
 * Backpressure: reading from the service pauses while more than ``HIGH_WATER`` bytes of its
   answer wait for the client.
 """
@@ -24,8 +27,8 @@ needs and nothing else:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-import time
 from typing import cast
 
 import httptools
@@ -49,19 +52,25 @@ class UpstreamTimeout(UpstreamError):
     """Nothing came from the service for ``read_timeout`` seconds."""
 
 
+class _SecondAnswer(Exception):
+    """Raised in the parser when a message begins after the answer was complete: stops it there."""
+
+
 class Connection(asyncio.Protocol):
     """One connection to a service and, while leased, the answer to the one request sent on it."""
 
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
         self.closed = False
-        self.idle_since = 0.0
+        self.leased = False
+        self.idle_since = 0.0  # loop time the last answer ended
+        self.idle_list: list[Connection] | None = None  # the pool's list while it waits there
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._drained: asyncio.Future[None] | None = None  # set while the socket's write buffer is full
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
+        self._paused = False
         self._begin(b"GET")
 
     def _begin(self, method: bytes) -> None:
@@ -70,34 +79,41 @@ class Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
         self.complete = False
+        self.silent = True  # no byte has come for this request yet
         self._head_only = method == b"HEAD"  # its answer has no body, whatever its Content-Length says
         self._body: list[bytes] = []
         self._buffered = 0
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
         self._keep_alive = False
         self._last_read = self._loop.time()
+        self._resume()  # the last answer may have ended with reading paused
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         if self.closed:  # given up while connecting (a timeout, a cancel)
-            self._transport.close()
+            self._transport.abort()
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small answers go out at once
 
     def data_received(self, data: bytes) -> None:
+        if not self.leased:  # nothing was asked: whatever this is, the connection cannot be trusted again
+            self.close()
+            return
         self._last_read = self._loop.time()
+        self.silent = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the service switched protocols, which the proxy does not relay"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"not an HTTP answer ({exc})"))
+            second = isinstance(exc.__context__, _SecondAnswer)  # if so, the answer stands; the connection does not
+            self._fail(UpstreamError("the service sent more after its answer" if second else
+                                     f"not an HTTP answer ({exc})"))
         if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
@@ -105,26 +121,24 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.idle_list is not None:
+            with contextlib.suppress(ValueError):
+                self.idle_list.remove(self)
+            self.idle_list = None
         if not self.complete and self._error is None:
             if self.headers_done and not self._length_known():
                 self.complete = True  # a body delimited by the end of the connection has ended
             else:
                 self._error = UpstreamError(f"the service closed the connection{f' ({exc})' if exc else ''} "
                                             "before its answer was complete")
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
         self._stop_timer()
         self._wake()
 
-    def pause_writing(self) -> None:
-        self._drained = self._loop.create_future()
-
-    def resume_writing(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-        self._drained = None
-
     # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _SecondAnswer
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -147,20 +161,23 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.headers_done:
             self.complete = True
+            self.idle_since = self._loop.time()  # the service's keep-alive timer starts now too
 
     # -- the exchange ----------------------------------------------------------------------------
 
     async def send(self, method: bytes, head: bytes, body: bytes, read_timeout: float) -> None:
         """Send one request (``head`` ends with its blank line) and wait for the answer's status and headers."""
-        assert self._transport is not None
+        if self.closed or self._transport is None:
+            raise self._error or UpstreamError("the service closed the connection before the request was sent")
         self._begin(method)
-        if len(body) <= _JOIN_MAX:
-            self._transport.write(head + body if body else head)
-        else:
-            self._transport.writelines((head, body))
-        if self._drained is not None:
-            await self._drained
-            self._last_read = self._loop.time()  # silence is counted from the end of the request
+        self.leased = True
+        try:
+            if len(body) <= _JOIN_MAX:
+                self._transport.write(head + body if body else head)
+            else:
+                self._transport.writelines((head, body))
+        except RuntimeError as exc:  # uvloop, on a transport closed since the check above
+            raise UpstreamError(f"the connection closed as the request was sent ({exc})") from None
         self._read_timeout = read_timeout
         self._timer = self._loop.call_at(self._last_read + read_timeout, self._check_silence)
         while not self.headers_done:
@@ -180,10 +197,7 @@ class Connection(asyncio.Protocol):
         chunk = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
         self._buffered = 0
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._last_read = self._loop.time()
-            self._transport.resume_reading()
+        self._resume()
         return chunk
 
     async def read_up_to(self, limit: int) -> bytes:
@@ -204,20 +218,25 @@ class Connection(asyncio.Protocol):
         value = self.header(b"content-type")
         return value.split(b";", 1)[0].strip().lower().decode("latin-1") if value else ""
 
+    def idle_for(self) -> float:
+        """Seconds since the last answer ended."""
+        return self._loop.time() - self.idle_since
+
     def reusable(self) -> bool:
         return self.complete and self._keep_alive and not self.closed and self._error is None and not self._head_only
 
     def finish(self) -> None:
         """The exchange is over: stop its timer; close the connection unless it can carry another request."""
+        self.leased = False
         self._stop_timer()
-        if not self.reusable() and self._transport is not None:
-            self.closed = True
-            self._transport.close()
+        if not self.reusable():
+            self.close()
 
     def close(self) -> None:
+        """At once: what is still unsent is dropped (close() would wait for a service that may never read it)."""
         self.closed = True
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -228,6 +247,12 @@ class Connection(asyncio.Protocol):
             if not waiter.done():  # not cancelled with its reader
                 waiter.set_result(None)
 
+    def _resume(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._last_read = self._loop.time()  # silence is counted from here, not from the pause
+            self._transport.resume_reading()
+
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
@@ -237,9 +262,7 @@ class Connection(asyncio.Protocol):
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
             self._error = error
-        if self._transport is not None:
-            self.closed = True
-            self._transport.close()
+        self.close()
 
     def _check_silence(self) -> None:
         """The read timer fired: time out if nothing arrived for read_timeout seconds, else re-arm."""
@@ -278,57 +301,71 @@ class UpstreamPool:
         self.idle_max = idle_max
         self._idle: dict[tuple[str, int], list[Connection]] = {}
 
-    async def request(self, host: str, port: int, method: bytes, head: bytes, body: bytes,
-                      read_timeout: float) -> Connection:
-        """Send a request (``head``: from ``request_head``) and return the
-        connection once the answer's headers are in. The caller reads the body and must ``release`` it."""
-        conn = await self._lease(host, port)
-        try:
-            await conn.send(method, head, body, read_timeout)
-        except BaseException:
-            conn.close()
-            raise
+    async def request(self, host: str, port: int, method: bytes, head: bytes, body: bytes, read_timeout: float,
+                      connect_timeout: float | None = None) -> Connection:
+        """Send a request (``head``: from ``request_head``) and return the connection once the answer's headers
+        are in. The caller reads the body and must ``release`` the connection."""
+        key, connect = (host, port), connect_timeout or self.connect_timeout
+        conn = self._idle_connection(key)
+        if conn is not None:
+            try:
+                await _send_on(conn, method, head, body, read_timeout)
+                return conn
+            except UpstreamError as exc:
+                if not (method in _IDEMPOTENT and conn.silent and not isinstance(exc, UpstreamTimeout)):
+                    raise
+                # closed by the service as the request went out: once more, on a new connection
+        conn = await self._connect(key, connect)
+        await _send_on(conn, method, head, body, read_timeout)
         return conn
 
     def release(self, conn: Connection) -> None:
         """Back to the pool if the answer was read to its end and the connection may carry another; else closed."""
         conn.finish()
         if not conn.closed:
-            conn.idle_since = time.monotonic()
-            self._idle.setdefault(conn.key, []).append(conn)
+            conn.idle_list = self._idle.setdefault(conn.key, [])
+            conn.idle_list.append(conn)
 
     def close(self) -> None:
         for idle in self._idle.values():
-            for conn in idle:
+            for conn in list(idle):
                 conn.close()
         self._idle.clear()
 
-    async def _lease(self, host: str, port: int) -> Connection:
-        key = (host, port)
+    def _idle_connection(self, key: tuple[str, int]) -> Connection | None:
         idle = self._idle.get(key)
-        if idle:
-            fresh_after = time.monotonic() - self.idle_max
-            while idle:
-                conn = idle.pop()  # the most recently used: least likely to be timing out
-                if not conn.closed and conn.idle_since > fresh_after:
-                    return conn
-                conn.close()
-        return await self._connect(key)
+        while idle:
+            conn = idle.pop()  # the most recently used: the furthest from the service's keep-alive timeout
+            conn.idle_list = None
+            if not conn.closed and conn.idle_for() < self.idle_max:
+                return conn
+            conn.close()
+        return None
 
-    async def _connect(self, key: tuple[str, int]) -> Connection:
+    async def _connect(self, key: tuple[str, int], timeout: float) -> Connection:
         conn = Connection(key)
         try:
-            await within(asyncio.get_running_loop().create_connection(lambda: conn, key[0], key[1]),
-                         self.connect_timeout)
+            await within(asyncio.get_running_loop().create_connection(lambda: conn, key[0], key[1]), timeout)
         except asyncio.TimeoutError:
             conn.close()
-            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]} within {self.connect_timeout:g}s") from None
+            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]} within {timeout:g}s") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from None
         except BaseException:
             conn.close()  # cancelled: a connection made as it was cancelled closes as it is made
             raise
         return conn
+
+
+async def _send_on(conn: Connection, method: bytes, head: bytes, body: bytes, read_timeout: float) -> None:
+    try:
+        await conn.send(method, head, body, read_timeout)
+    except BaseException:
+        conn.close()
+        raise
+
+
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))  # RFC 9110 9.2.2
 
 
 def request_start(method: bytes, target: bytes, host: str, port: int) -> bytes:

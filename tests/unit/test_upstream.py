@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from core.common.errors import ServiceError
+from model_orchestrator import upstream
+from model_orchestrator.proxy import _request_headers
 from model_orchestrator.upstream import (
     HIGH_WATER,
     ConnectFailed,
@@ -122,6 +125,16 @@ def test_the_head_carries_host_and_a_length_for_every_body_and_every_method_that
     assert request_head(get, b"GET", b"", b"") == get + b"\r\n"
 
 
+@pytest.mark.parametrize("value", [b"1\r\nX-Evil: 2", b"1\nX-Evil: 2", b"1\rX", b"\r\n"])
+def test_a_header_value_with_a_line_break_never_reaches_a_service(value: bytes) -> None:
+    # uvicorn's parsers refuse these already; the proxy checks again where headers become request bytes
+    with pytest.raises(ServiceError) as refused:
+        _request_headers([(b"x-a", value)], "token")
+    assert (refused.value.status, refused.value.code) == (400, "invalid_header")
+    assert _request_headers([(b"x-a", b"1"), (b"connection", b"x-b"), (b"x-b", b"2")], "t") == (
+        b"x-a: 1\r\nAuthorization: Bearer t\r\n")
+
+
 # -- framing and reuse ----------------------------------------------------------------------------
 
 
@@ -188,10 +201,12 @@ def test_an_informational_answer_is_skipped_and_a_head_answer_has_no_body(run: A
     early = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK
 
     async def scenario() -> None:
-        async with Server(early, b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n") as server:
+        async with Server(early, b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", OK) as server:
             pool = server.pool
             assert await exchange(pool, server.port) == (200, b"{}")
             assert await exchange(pool, server.port, b"", method=b"HEAD") == (200, b"")
+            assert await exchange(pool, server.port) == (200, b"{}")  # on a new connection: HEAD's is not reused
+            assert server.connections == 2
     run(scenario())
 
 
@@ -254,7 +269,7 @@ def test_silence_before_the_answer_and_between_its_pieces_times_out(run: Any) ->
 
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for _ in range(4):  # a piece every 0.1 s: never silent for 0.3 s
+        for _ in range(4):  # a piece every 0.1 s: never silent for 1 s
             writer.write(b"1\r\nx\r\n")
             await asyncio.sleep(0.1)
         await asyncio.sleep(1)
@@ -265,7 +280,7 @@ def test_silence_before_the_answer_and_between_its_pieces_times_out(run: Any) ->
                 await exchange(server.pool, server.port, timeout=0.3)
         async with Server(trickle) as server:
             pool = server.pool
-            conn = await pool.request("127.0.0.1", server.port, b"POST", head(), b"", 0.3)
+            conn = await pool.request("127.0.0.1", server.port, b"POST", head(), b"", 1.0)
             got = b""
             with pytest.raises(UpstreamTimeout):
                 while chunk := await conn.read():
@@ -290,8 +305,121 @@ def test_reading_pauses_while_the_answer_waits_for_a_slow_client_and_silence_is_
             conn = await pool.request("127.0.0.1", server.port, b"POST", head(), b"", 0.2)
             await asyncio.sleep(0.5)  # a client that reads nothing, for longer than the read timeout
             buffered = sum(len(piece) for piece in conn._body)
-            assert buffered < HIGH_WATER + 1024 * 1024, "reading did not pause"
+            assert conn._paused and buffered < HIGH_WATER + 1024 * 1024, "reading did not pause"
             assert len(await conn.read_up_to(size + 1)) == size
             pool.release(conn)
             assert not conn.closed
+    run(scenario())
+
+
+def test_an_answer_complete_while_reading_was_paused_leaves_a_connection_that_reads_again(
+        run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "HIGH_WATER", 4)  # so that an answer arriving in one read pauses reading as it ends
+
+    async def scenario() -> None:
+        async with Server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789", OK) as server:
+            pool = server.pool
+            conn = await pool.request("127.0.0.1", server.port, b"POST", head(), b"", 5)
+            await asyncio.sleep(0.1)  # a client that left: all of it arrived, none was read
+            assert conn.complete and conn._paused
+            pool.release(conn)
+            assert await exchange(pool, server.port, timeout=2) == (200, b"{}")
+            assert server.connections == 1
+    run(scenario())
+
+
+def test_bytes_after_an_answer_leave_it_whole_and_the_connection_unused(run: Any) -> None:
+    second = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nab"
+
+    async def stray_later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"H")  # while the connection is idle in the pool
+
+    async def scenario() -> None:
+        async with Server(OK + second, OK) as server:
+            assert await exchange(server.pool, server.port) == (200, b"{}")
+            assert await exchange(server.pool, server.port) == (200, b"{}")
+            assert server.connections == 2
+        async with Server(stray_later, OK) as server:
+            assert await exchange(server.pool, server.port) == (200, b"{}")
+            await asyncio.sleep(0.2)
+            assert await exchange(server.pool, server.port) == (200, b"{}")
+            assert server.connections == 2
+    run(scenario())
+
+
+def test_a_reused_connection_closed_as_a_request_goes_out_is_retried_for_idempotent_methods_only(run: Any) -> None:
+    async def close_unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # read the request, answered nothing: as a keep-alive timeout racing it would
+
+    async def scenario() -> None:
+        async with Server(OK, close_unanswered, OK) as server:
+            assert await exchange(server.pool, server.port) == (200, b"{}")
+            assert await exchange(server.pool, server.port, b"", method=b"GET") == (200, b"{}")
+            assert server.connections == 2 and len(server.requests) == 3
+        async with Server(OK, close_unanswered, OK) as server:
+            assert await exchange(server.pool, server.port) == (200, b"{}")
+            with pytest.raises(UpstreamError, match="closed the connection"):
+                await exchange(server.pool, server.port)  # a POST is never sent twice
+            assert len(server.requests) == 2
+    run(scenario())
+
+
+def test_a_service_that_stops_reading_a_large_body_times_out(run: Any) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(never_read, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool()
+        body = b"x" * (32 * 1024 * 1024)  # more than both sockets' buffers hold
+        try:
+            with pytest.raises(UpstreamTimeout):
+                await pool.request("127.0.0.1", port, b"POST", head(body=body), body, 0.5)
+        finally:
+            pool.close()
+            for writer in held:
+                writer.transport.abort()
+            server.close()
+            await server.wait_closed()
+    run(scenario())
+
+
+def test_a_request_cancelled_while_it_waits_leaves_no_connection_behind(run: Any) -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)
+        writer.write(OK)
+
+    async def scenario() -> None:
+        async with Server(slow) as server:
+            task = asyncio.ensure_future(exchange(server.pool, server.port))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert server.pool._idle.get(("127.0.0.1", server.port), []) == []
+    run(scenario())
+
+
+def test_a_connection_reset_at_once_is_an_upstream_error_every_time(run: Any) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(reset, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool()
+        try:
+            for _ in range(20):  # the reset lands before, while or after the request is written
+                with pytest.raises(UpstreamError):
+                    await exchange(pool, port)
+        finally:
+            pool.close()
+            server.close()
+            await server.wait_closed()
     run(scenario())

@@ -197,7 +197,8 @@ class Connection(asyncio.Protocol):
         chunk = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
         self._buffered = 0
-        self._resume()
+        if self._paused:
+            self._resume()
         return chunk
 
     async def read_up_to(self, limit: int) -> bytes:
@@ -305,18 +306,26 @@ class UpstreamPool:
                       connect_timeout: float | None = None) -> Connection:
         """Send a request (``head``: from ``request_head``) and return the connection once the answer's headers
         are in. The caller reads the body and must ``release`` the connection."""
-        key, connect = (host, port), connect_timeout or self.connect_timeout
+        key = (host, port)
         conn = self._idle_connection(key)
         if conn is not None:
             try:
-                await _send_on(conn, method, head, body, read_timeout)
+                await conn.send(method, head, body, read_timeout)
                 return conn
             except UpstreamError as exc:
+                conn.close()
                 if not (method in _IDEMPOTENT and conn.silent and not isinstance(exc, UpstreamTimeout)):
                     raise
                 # closed by the service as the request went out: once more, on a new connection
-        conn = await self._connect(key, connect)
-        await _send_on(conn, method, head, body, read_timeout)
+            except BaseException:
+                conn.close()
+                raise
+        conn = await self._connect(key, connect_timeout or self.connect_timeout)
+        try:
+            await conn.send(method, head, body, read_timeout)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def release(self, conn: Connection) -> None:
@@ -355,14 +364,6 @@ class UpstreamPool:
             conn.close()  # cancelled: a connection made as it was cancelled closes as it is made
             raise
         return conn
-
-
-async def _send_on(conn: Connection, method: bytes, head: bytes, body: bytes, read_timeout: float) -> None:
-    try:
-        await conn.send(method, head, body, read_timeout)
-    except BaseException:
-        conn.close()
-        raise
 
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))  # RFC 9110 9.2.2

@@ -147,7 +147,9 @@ class Nginx:
             self.process.wait()
 
 
-NGINX_CONF = """
+# What every benchmark nginx shares (this one and bench/dataplane_probe.py's): one worker in the
+# foreground, no access log, its temporary files under its own prefix. Ends inside the http block.
+NGINX_COMMON = """
 worker_processes 1;
 daemon off;
 pid {prefix}/nginx.pid;
@@ -161,6 +163,8 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     keepalive_requests 1000000;
+"""
+NGINX_CONF = NGINX_COMMON + """
     upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 1000000; }}
     server {{
         listen 127.0.0.1:{port};

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,10 +28,22 @@ FAKE = "tests/fakes/fake_service.py"
 ORCHESTRATOR = REPO / "model-orchestrator" / "orchestrator.py"
 
 
+_PORTS = random.SystemRandom()  # not the global generator: hypothesis seeds that one, and every run would collide
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, for a service bound later. Below Linux's ephemeral range (32768-60999): a port the
+    kernel picks (bind to 0) is one it may also give an outgoing connection as its local port before the
+    service binds it, and the service then fails to start ("port ... is already in use by pid ...")."""
+    for _ in range(100):
+        port = _PORTS.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def fake_model(name: str, *extra: str, **spec: Any) -> dict[str, Any]:

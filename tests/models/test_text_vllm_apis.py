@@ -114,11 +114,13 @@ def test_a_background_response_is_cancelled_through_the_orchestrator(oai: openai
         try:
             cancelled = oai.responses.cancel(started.id)
             break
-        except openai.BadRequestError:
-            assert oai.responses.retrieve(started.id).status == "completed"  # it won the race: try again
+        except openai.BadRequestError:  # it won the race (all 900 tokens: "incomplete", its limit): try again
+            status = oai.responses.retrieve(started.id).status
+            assert status in ("completed", "incomplete"), status
     else:
         pytest.fail("three background responses of 900 tokens all finished before their cancel arrived")
-    assert cancelled.status == "cancelled" and oai.responses.retrieve(started.id).status == "cancelled"
+    assert cancelled.status == "cancelled", cancelled
+    assert oai.responses.retrieve(started.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError, match="Cannot cancel a synchronous response"):
         oai.responses.cancel(oai.responses.create(model=MODEL, input="Hi", max_output_tokens=2).id)
 

@@ -28,7 +28,7 @@ from core.host.gpu import resolve_process_overhead
 from core.host.memory_share import GIB, WHOLE_GPU_UTILIZATION
 from core.service_manager import ManagedService, ServiceManager, StartFailed
 from core.supervision.service_state import ServiceSnapshot, ServiceState
-from model_orchestrator.model_view import Want, park_host_gb
+from model_orchestrator.model_view import Want, park_host_gb, why_not_parkable
 from model_orchestrator.placement import Device, utilization_fill, want_for
 from model_orchestrator.refusals import Reason, Refused
 from model_orchestrator.scheduler import (
@@ -318,24 +318,11 @@ class Coordinator:
         views = self.views()
         room = park_room(name, views, self.host_budget_gb)
         if room is None or not views[name].idle or views[name].oldest_waiter is not None:
-            raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {self._why_not(views[name])}.")
+            why = why_not_parkable(views[name], svc.park_record.unsupported, self.host_budget_gb)
+            raise Refused(Reason.NOT_PARKABLE, f"Model {name!r} cannot be parked now: {why}.")
         self._swapped(name, "park", "admin")
         await self._park_or_stop(svc, "parked by operator", self._stop_for_room(room, name))
         return svc
-
-    def _why_not(self, view: ModelView) -> str:
-        """Why the operator cannot park ``view``'s model now."""
-        if not view.parkable:
-            return self.manager[view.name].park_record.unsupported or "it cannot park"
-        if view.state is not ServiceState.READY:
-            return f"it is {view.state.value}"
-        if not view.idle or view.oldest_waiter is not None:
-            return "requests are using or awaiting it"
-        if self.host_budget_gb == 0:
-            return "parking is off (settings.host_memory_gb: 0)"
-        needs = "an unknown amount" if view.park_host_gb is None else f"{view.park_host_gb:g} GB"
-        return (f"parked it would hold {needs} of host memory, more than the host budget "
-                f"({self.host_budget_gb:g} GB, settings.host_memory_gb) has room for")
 
     def _stop_for_room(self, names: tuple[str, ...], parking: str) -> list[Awaitable[object]]:
         """Stop the parked models ``names`` so ``parking`` fits the host budget (``park_room``)."""

@@ -99,3 +99,19 @@ def park_host_gb(spec: ModelSpec, measured_bytes: int | None) -> float | None:
         if value is not None:
             return value
     return None
+
+
+def why_not_parkable(view: ModelView, unsupported: str | None, host_budget_gb: float | None) -> str:
+    """Why an operator cannot park ``view``'s model now (``unsupported``: what the service said when it
+    could not park)."""
+    if not view.parkable:
+        return unsupported or "it cannot park"
+    if view.state is not READY:
+        return f"it is {view.state.value}"
+    if not view.idle or view.oldest_waiter is not None:
+        return "requests are using or awaiting it"
+    if host_budget_gb == 0:
+        return "parking is off (settings.host_memory_gb: 0)"
+    needs = "an unknown amount" if view.park_host_gb is None else f"{view.park_host_gb:g} GB"
+    return (f"parked it would hold {needs} of host memory, more than the host budget "
+            f"({host_budget_gb:g} GB, settings.host_memory_gb) has room for")

@@ -109,9 +109,6 @@ class Proxy:
         self.limits, self.keep_alive = settings.limits, settings.stream_keep_alive or None
         self._starts.clear()  # a port or host may have changed
 
-    async def open(self) -> None:
-        """Nothing to open: the pool connects on first use. Kept as the lifespan's counterpart of close()."""
-
     async def close(self) -> None:
         self._pool.close()
         await self._json.close()

@@ -15,6 +15,28 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     exit 0
 fi
 
+# The dashboard test drives a headless Chromium from Debian's packages (a browser a tool would
+# download cannot be reached from CI); it fails rather than skips without one. The guide's test
+# (tests/integration/test_adding_models_doc.py) runs its curl commands, and the nginx data plane's
+# (tests/integration/test_data_plane.py) Debian's nginx with njs. They install while the environments
+# below are built (both wait on downloads), and are waited for before the checks.
+missing=()
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then missing+=(chromium chromium-driver); fi
+if ! command -v curl >/dev/null; then missing+=(curl); fi
+if ! command -v nginx >/dev/null || [[ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]]; then
+    missing+=(nginx-light libnginx-mod-http-js)
+fi
+apt_pid="" apt_log="$(mktemp)"
+if ((${#missing[@]})); then
+    echo "==> installing ${missing[*]} (in the background)"
+    as_root=()
+    if [[ "$(id -u)" -ne 0 ]] && command -v sudo >/dev/null; then as_root=(sudo); fi
+    ( "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y -qq --no-install-recommends "${missing[@]}" ) >"$apt_log" 2>&1 &
+    apt_pid=$!
+fi
+
 bash scripts/lib/dev-venv.sh --venv "$VENV" --extras test --models cpu
 
 # The provisioning tests run the real playbook; its tooling lives apart from the model stack.
@@ -33,20 +55,12 @@ export AIO_ANSIBLE_BIN="$ANSIBLE_VENV/bin"
 AIO_GATEWAY_VENV="${AIO_GATEWAY_VENV:-$REPO_ROOT/.venv-gateway}" bash scripts/lib/gateway-venv.sh
 export AIO_GATEWAY_VENV="${AIO_GATEWAY_VENV:-$REPO_ROOT/.venv-gateway}"
 
-# The dashboard test drives a headless Chromium from Debian's packages (a browser a tool would
-# download cannot be reached from CI); it fails rather than skips without one. The guide's test
-# (tests/integration/test_adding_models_doc.py) runs its curl commands.
-missing=()
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then missing+=(chromium chromium-driver); fi
-if ! command -v curl >/dev/null; then missing+=(curl); fi
-if ((${#missing[@]})); then
-    echo "==> installing ${missing[*]}"
-    as_root=()
-    if [[ "$(id -u)" -ne 0 ]] && command -v sudo >/dev/null; then as_root=(sudo); fi
-    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [[ -n "$apt_pid" ]] && ! wait "$apt_pid"; then
+    cat "$apt_log" >&2
+    echo "test.sh: installing ${missing[*]} failed" >&2
+    exit 1
 fi
+rm -f "$apt_log"
 
 echo "==> ruff"
 "$VENV/bin/ruff" check .

@@ -72,7 +72,6 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             assert (await receive())["type"] == "lifespan.startup"
-            await self.proxy.open()
             await send({"type": "lifespan.startup.complete"})
             assert (await receive())["type"] == "lifespan.shutdown"
             await self.proxy.close()

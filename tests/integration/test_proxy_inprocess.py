@@ -231,7 +231,6 @@ def run(scenario: Callable[[Harness], Awaitable[None]]) -> None:
                                                         "request_timeout": 30}}}, Path("models.yaml"))
             coordinator = FakeCoordinator()
             proxy = Proxy(cast(Any, coordinator), ModelIndex(config), keep_alive=KEEP_ALIVE)
-            await proxy.open()
             try:
                 await scenario(Harness(upstream, coordinator, proxy))
             finally:

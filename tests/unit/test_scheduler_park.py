@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from core.supervision.service_state import ServiceState
+from model_orchestrator.model_view import why_not_parkable
 from model_orchestrator.scheduler import (
     IdleDecision,
     Join,
@@ -266,3 +267,18 @@ def test_the_claim_of_each_state() -> None:
     assert v("a", S.PARKED, vram_gb=10, overhead_gb=OV, kept_gb=2).claim_gb == 2.5
     assert v("a", S.STOPPED, vram_gb=10, overhead_gb=OV).claim_gb == 0
     assert v("a", S.READY, overhead_gb=OV).claim_gb == float("inf")  # no vram_gb: the whole GPU
+
+
+@pytest.mark.parametrize(("view", "budget", "why"), [
+    (v("m", ServiceState.READY), 8.0, "vLLM on CPU cannot park"),
+    (v("m", ServiceState.STARTING, parkable=True), 8.0, "it is starting"),
+    (v("m", ServiceState.READY, parkable=True, in_flight=1), 8.0, "requests are using or awaiting it"),
+    (v("m", ServiceState.READY, parkable=True, oldest_waiter=NOW), 8.0, "requests are using or awaiting it"),
+    (v("m", ServiceState.READY, parkable=True), 0.0, "parking is off (settings.host_memory_gb: 0)"),
+    (v("m", ServiceState.READY, parkable=True, park_host_gb=12.0), 8.0,
+     "parked it would hold 12 GB of host memory, more than the host budget (8 GB, settings.host_memory_gb) has "
+     "room for"),
+    (v("m", ServiceState.READY, parkable=True), 8.0, "parked it would hold an unknown amount of host memory"),
+])
+def test_an_operator_is_told_why_a_model_cannot_park(view: ModelView, budget: float, why: str) -> None:
+    assert why_not_parkable(view, "vLLM on CPU cannot park", budget).startswith(why)

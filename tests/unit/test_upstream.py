@@ -99,6 +99,14 @@ class Server:
             writer.close()
 
 
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for ``condition`` (checked every millisecond) instead of a fixed sleep; fail past ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met within the timeout"
+        await asyncio.sleep(0.001)
+
+
 def head(method: bytes = b"POST", port: int = 0, body: bytes = b"", headers: bytes = b"") -> bytes:
     return request_head(request_start(method, b"/v1/x", "127.0.0.1", port), method, headers, body)
 
@@ -226,7 +234,7 @@ def test_a_connection_idle_past_idle_max_or_closed_by_the_service_is_not_reused(
         async with Server(answer_and_close, OK) as server:
             pool = server.pool
             await exchange(pool, server.port)
-            await asyncio.sleep(0.1)  # its close has arrived
+            await until(lambda: not pool._idle[("127.0.0.1", server.port)])  # its close took it out of the pool
             assert await exchange(pool, server.port) == (200, b"{}")
             assert server.connections == 2
     run(scenario())

@@ -1,4 +1,6 @@
-"""Proxy overhead: the same fake backend measured directly, through nginx and through the orchestrator.
+"""Proxy overhead: the same fake backend measured directly, through nginx and through the orchestrator
+(and, where nginx has njs, through the orchestrator's nginx data plane: path "orch+nginx", its CPU that of
+the orchestrator and its nginx together).
 
 The orchestrator starts the backend itself (it is a model in a generated models.yaml),
 so all three paths reach one backend process. Servers (backend, orchestrator, nginx)
@@ -10,13 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench import loadgen
 from bench.common import backend_command, cores, cpu_seconds, free_port, pin, start_nginx, start_orchestrator
+from model_orchestrator.dataplane.nginx import find_njs_module
+
+PLANE = "orch+nginx"  # the orchestrator behind its nginx data plane: issue #25's targets are measured on it
 
 # name → (stream, concurrency, chunks, chunk interval in ms)
 SCENARIOS: dict[str, tuple[bool, int, int, float]] = {
@@ -78,6 +87,9 @@ def run(rounds: int, duration: float, scenarios: list[str] | None = None,
         if baseline is not None:  # its own backend: each orchestrator starts the backend it proxies to
             orchs["baseline"] = start_orchestrator(workdir / "baseline", _bench_model(free_port()), server_cores,
                                                    repo=baseline)
+        if has_njs():  # the data plane (settings.data_plane.kind: nginx): nginx in front, the model pinned
+            orchs[PLANE] = start_orchestrator(workdir / "plane", _bench_model(free_port(), pinned=True), server_cores,
+                                              data_plane={"kind": "nginx"})
         nginx = None
         try:
             for orch in orchs.values():
@@ -88,7 +100,7 @@ def run(rounds: int, duration: float, scenarios: list[str] | None = None,
             if nginx is not None:
                 paths["nginx"] = (nginx.port, nginx.pids())
             for label, orch in orchs.items():
-                paths[label] = (int(orch.url.rsplit(":", 1)[1]), [orch.process.pid])
+                paths[label] = (int(orch.url.rsplit(":", 1)[1]), [orch.process.pid, *nginx_pids(orch.process.pid)])
             runs = _rounds(paths, names, rounds, duration)
         finally:
             if nginx is not None:
@@ -99,14 +111,24 @@ def run(rounds: int, duration: float, scenarios: list[str] | None = None,
                                                            "load_generator": sorted(client_cores)}}
 
 
-def _bench_model(port: int) -> dict[str, object]:
+def _bench_model(port: int, pinned: bool = False) -> dict[str, object]:
     return {"bench": {"type": "text", "command": backend_command(), "port": port, "preload": True,
-                      "startup_time": 60}}
+                      "startup_time": 60, "pinned": pinned, "vram_gb": 0}}
+
+
+def has_njs() -> bool:
+    """Whether nginx and its njs module are installed (the data plane's path is measured then)."""
+    return shutil.which("nginx") is not None and find_njs_module(None) is not None
+
+
+def nginx_pids(orchestrator_pid: int) -> list[int]:
+    """The orchestrator's nginx (master and workers), once the route table has settled (a worker per reload)."""
+    time.sleep(1.0)
+    children = psutil.Process(orchestrator_pid).children(recursive=True)
+    return [child.pid for child in children if child.name() == "nginx"]
 
 
 def _wait_ready(orch: Any) -> None:
-    import time
-
     deadline = time.monotonic() + 60
     while orch.status()["bench"]["state"] != "ready":
         if time.monotonic() > deadline:

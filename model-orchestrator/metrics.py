@@ -146,20 +146,28 @@ class Metrics:
     def request_done(self, model: str, path: str, status: int, stream: bool, began: float,
                      first_byte: float | None, tail: bytes, waited: float) -> None:
         """One answered request: its count, latency, first byte, queue wait and (from ``tail``) tokens."""
-        stats = self.models.get(model)
-        if stats is None:
-            stats = self.models[model] = _ModelRequests()
-        key = (path if path in KNOWN_ROUTES else "other", status)
-        stats.answered[key] = stats.answered.get(key, 0) + 1
-        stats.latency[stream].observe(LATENCY_BUCKETS, time.monotonic() - began)
-        if first_byte is not None:
-            stats.first_byte[stream].observe(LATENCY_BUCKETS, first_byte - began)
+        stats = self.answered(model, path, status, stream, time.monotonic() - began,
+                              None if first_byte is None else first_byte - began)
         stats.queue_wait.observe(LATENCY_BUCKETS, waited)
         if status == 200 and b'"usage"' in tail:
             tokens = usage_tokens(tail)
             if tokens is not None:
                 stats.prompt_tokens += tokens[0]
                 stats.generation_tokens += tokens[1]
+
+    def answered(self, model: str, path: str, status: int, stream: bool, seconds: float,
+                 first_byte: float | None) -> _ModelRequests:
+        """Count one answered request and its latencies (seconds); the data plane's fast path reports its
+        requests here (from nginx's log: no queue, no tokens)."""
+        stats = self.models.get(model)
+        if stats is None:
+            stats = self.models[model] = _ModelRequests()
+        key = (path if path in KNOWN_ROUTES else "other", status)
+        stats.answered[key] = stats.answered.get(key, 0) + 1
+        stats.latency[stream].observe(LATENCY_BUCKETS, seconds)
+        if first_byte is not None:
+            stats.first_byte[stream].observe(LATENCY_BUCKETS, first_byte)
+        return stats
 
     # -- the lifecycle ----------------------------------------------------------------------
 

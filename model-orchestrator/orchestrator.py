@@ -37,8 +37,10 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Coroutine
@@ -57,9 +59,13 @@ from core.host.gpu_inventory import Gpu, InventoryError
 from core.host.host_memory import resolve_host_budget
 from core.service_manager import ManagedService, ServiceManager
 from core.supervision.process_tree import port_holder
+from core.supervision.service_state import ServiceState
 from model_orchestrator import auth
 from model_orchestrator.control import build_control_app
 from model_orchestrator.coordinator import Coordinator
+from model_orchestrator.dataplane.conf import Paths
+from model_orchestrator.dataplane.nginx import NginxError, private_folder
+from model_orchestrator.dataplane.plane import DataPlane
 from model_orchestrator.foreign_memory import ForeignMemory
 from model_orchestrator.http_server import AccessGate, CanonicalPath, RequestCap, server_options
 from model_orchestrator.metrics import Metrics
@@ -129,8 +135,9 @@ class Runtime:
         self.foreign = ForeignMemory(devices, self.coordinator.use_devices)
         self.metrics = Metrics(self.coordinator)
         self.coordinator.on_swap = self.metrics.swap
+        self.data_plane: DataPlane | None = None  # nginx in front (settings.data_plane.kind: nginx)
         for svc in self.manager.services.values():
-            svc.on_transition = self.metrics.transitioned
+            svc.on_transition = self.transitioned
         keep_alive = config.settings.stream_keep_alive or None
         self.proxy = Proxy(self.coordinator, self.index, limits=config.settings.limits, metrics=self.metrics,
                            keep_alive=keep_alive)
@@ -143,8 +150,13 @@ class Runtime:
 
     def adopt(self, svc: ManagedService) -> None:
         """A service a reload added: observed like the others, placed like the others."""
-        svc.on_transition = self.metrics.transitioned
+        svc.on_transition = self.transitioned
         self.coordinator.adopt(svc)
+
+    def transitioned(self, name: str, old: ServiceState, new: ServiceState) -> None:
+        self.metrics.transitioned(name, old, new)
+        if self.data_plane is not None:
+            self.data_plane.transitioned(name, old, new)
 
     def rebudget(self) -> None:
         """The GPU budgets of the config now (settings.gpu_memory_gb), with what others hold as last read."""
@@ -162,7 +174,8 @@ class Runtime:
 
     async def start(self) -> None:
         self.manager.open()
-        await self.proxy.open()
+        if self.data_plane is not None:
+            await self.data_plane.start()
         self.coordinator.start_ttl_watch()
         self.foreign.start()
         self._preload = asyncio.create_task(self.coordinator.preload(), name="preload")
@@ -185,6 +198,8 @@ class Runtime:
                     await task
         await self.coordinator.stop_ttl_watch()
         await self.foreign.stop()
+        if self.data_plane is not None:  # before the services: its requests to them finish first
+            await self.data_plane.stop(self.config.settings.drain_timeout)
         await self.manager.shutdown()
         await self.proxy.close()
 
@@ -198,11 +213,14 @@ class OrchestratorApp:
     """
 
     def __init__(self, config: OrchestratorConfig, *, host: str | None = None, keys: auth.Keys | None = None,
-                 use_reaper: bool = True) -> None:
+                 use_reaper: bool = True, data_plane: Paths | None = None) -> None:
         self.runtime = Runtime(config, use_reaper=use_reaper)
         keys = keys if keys is not None else auth.Keys.load(config)
         bind = host or config.settings.host
         self.gate = AccessGate(self.route, keys, auth.is_loopback_host(bind))
+        if data_plane is not None:  # nginx listens on host:port, this app on data_plane's socket
+            self.runtime.data_plane = DataPlane(config, self.runtime.manager, data_plane, lambda: self.gate.keys,
+                                                self.runtime.metrics)
         self.reloader = Reloader(self.runtime, self.gate, bind)
         self.reloader.on_result = self.runtime.metrics.reloaded
         self.watch = ConfigWatch(self.reloader)
@@ -286,14 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = config.settings
     host, port = args.host or settings.host, args.port or settings.port
     if args.check or args.print_address or args.port_free:  # preflight: answer on stdout, never serve
-        if args.check:
-            count = f"{len(config.models)} model{'' if len(config.models) == 1 else 's'}"
-            print(f"{config.source}: OK, {count}: {', '.join(config.models)}")
-        if args.print_address:
-            print(host, port, flush=True)  # before a --port-free failure, so the caller can name the address
-        if args.port_free and (holder := port_holder(host, port)) is not None:
-            print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
-            raise SystemExit(1)
+        _preflight(args, config, host, port)
         return
     if args.log_file:
         configure_logging(args.log_level, args.log_file, max_bytes=int(settings.log_max_mb * 1024 * 1024),
@@ -313,17 +324,44 @@ def main(argv: list[str] | None = None) -> None:
     if holder is not None:  # uvicorn would run startup (preloads) before finding out
         print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
         raise SystemExit(1)
+    data_plane = None
+    if settings.data_plane.kind == "nginx":
+        if args.host or args.port:  # nginx listens where the config says
+            config = config.model_copy(update={"settings": settings.model_copy(update={"host": host, "port": port})})
+        data_plane = private_folder(Path(tempfile.mkdtemp(prefix="aio-data-plane-")))
     try:
-        app = OrchestratorApp(config, host=host, keys=keys)  # reads the GPUs (Runtime), before serving
-    except InventoryError as exc:  # GPUs that cannot be placed on are an operator's to fix
+        app = OrchestratorApp(config, host=host, keys=keys, data_plane=data_plane)  # reads the GPUs, before serving
+    except (InventoryError, NginxError) as exc:  # GPUs that cannot be placed on, no nginx: the operator's to fix
         print(f"ai-orchestrator: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    _serve(app, settings, {"host": host, "port": port} if data_plane is None else
+           {"uds": str(data_plane.orchestrator_socket)}, args.access_log)
+
+
+def _preflight(args: argparse.Namespace, config: OrchestratorConfig, host: str, port: int) -> None:
+    """--check, --print-address, --port-free: answers on stdout (exit 1 when the port is taken)."""
+    if args.check:
+        count = f"{len(config.models)} model{'' if len(config.models) == 1 else 's'}"
+        print(f"{config.source}: OK, {count}: {', '.join(config.models)}")
+    if args.print_address:
+        print(host, port, flush=True)  # before a --port-free failure, so the caller can name the address
+    if args.port_free and (holder := port_holder(host, port)) is not None:
+        print(f"ai-orchestrator: cannot listen on {host}:{port}: in use by {holder}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _serve(app: OrchestratorApp, settings: Settings, address: dict[str, Any], access_log: bool) -> None:
+    """Serve ``app`` on ``address`` (host and port, or nginx's socket: uds) until a signal ends it."""
     app.runtime.request_cap = cap = RequestCap(app, settings.limits.max_requests)
-    uvicorn.run(
-        cap, host=host, port=port,
-        log_config=None, access_log=args.access_log, lifespan="on", server_header=False, proxy_headers=False,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout)), **server_options(settings.limits),
-    )
+    try:
+        uvicorn.run(
+            cap, **address,
+            log_config=None, access_log=access_log, lifespan="on", server_header=False, proxy_headers=False,
+            timeout_graceful_shutdown=max(1, round(settings.drain_timeout)), **server_options(settings.limits),
+        )
+    finally:
+        if app.runtime.data_plane is not None:
+            shutil.rmtree(app.runtime.data_plane.paths.root, ignore_errors=True)
 
 
 if __name__ == "__main__":

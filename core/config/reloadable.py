@@ -22,6 +22,7 @@ RESTART_SETTINGS = {
     "restart_window": "each service's restart policy", "failed_cooldown": "each service's restart policy",
     "gpus": "the GPU inventory and each model's placement", "gpu_process_overhead_gb": "the GPU inventory",
     "allow_unauthenticated": "the exposure check made at start",
+    "data_plane": "what listens on host:port, started with it",
 }
 
 

@@ -242,6 +242,21 @@ class GpuSettings(_Strict):
         return value
 
 
+class DataPlane(_Strict):
+    """What moves the bytes of client requests (the `settings.data_plane` section)."""
+
+    kind: Literal["python", "nginx"] = Field(
+        "python", description="python: the orchestrator proxies every request itself. nginx: nginx (with njs) "
+        "listens on host:port and sends requests for a ready pinned model (pinned, ttl 0, park.idle 0), named by "
+        "its own name, straight to its service; every other request reaches the orchestrator through it as before "
+        "(docs/data-plane.md).")
+    nginx: str = Field("nginx", description="The nginx binary (a name on PATH or a path).")
+    njs_module: str | None = Field(
+        None, description="ngx_http_js_module.so to load (Debian: libnginx-mod-http-js; nginx.org: "
+        "nginx-module-njs). Default: found in the usual module folders; none found: nginx must have njs built in.")
+    workers: int = Field(1, ge=1, le=64, description="nginx worker processes (one per core it may use).")
+
+
 class Settings(_Strict):
     """Global settings (the `settings:` section)."""
 
@@ -335,6 +350,8 @@ class Settings(_Strict):
         "service counts as hung and is restarted."
     )
     limits: Limits = Field(default_factory=Limits, description="Bounds on what clients may use.")
+    data_plane: DataPlane = Field(default_factory=DataPlane, description="What moves the bytes of client "
+                                  "requests: the orchestrator itself, or nginx in front of it.")
     log_lines: int = Field(2000, ge=10, description="Recent log lines kept in memory per service (/logs).")
     log_max_mb: float = Field(
         50, gt=0, description="A service's log file is rotated (NAME.log.1, ...) when it grows past this size."

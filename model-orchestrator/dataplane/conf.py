@@ -21,6 +21,10 @@ from model_orchestrator.http_server import MAX_HEADER_BYTES
 
 ROUTER = Path(__file__).with_name("route.js")
 _MIB = 1024 * 1024
+# What the proxy (proxy.py) keeps from a service too: the client's credentials and the hop-by-hop headers
+# nginx would pass on (it handles Connection, Transfer-Encoding and Expect itself).
+_DROPPED = " ".join(f"proxy_set_header {name} '';" for name in (
+    "X-Api-Key", "Cookie", "Proxy-Authorization", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Upgrade"))
 # Requests on the orchestrator's side wait for cold starts and queues (max_wait), with their own timeouts.
 _ORCHESTRATOR_TIMEOUT = "1d"
 
@@ -122,8 +126,7 @@ def _model_location(up: Upstream, service_token: str | None, fast_log: Path) -> 
     return (f"location {up.location} {{ set $aio_model {quoted(up.model)}; set $aio_location {up.location}; "
             f"proxy_pass http://{up.location[1:]}; proxy_set_header Host {up.address}; "
             "proxy_set_header Connection ''; "
-            f"proxy_set_header Authorization {authorization}; proxy_set_header X-Api-Key ''; "
-            "proxy_set_header Cookie ''; proxy_set_header Proxy-Authorization ''; "
+            f"proxy_set_header Authorization {authorization}; {_DROPPED} "
             f"proxy_read_timeout {up.read_timeout:g}s; proxy_next_upstream off; "
             f"access_log {fast_log} aio_fast; "
             f"error_page 502 503 = {up.location}_failed; error_page 504 = {up.location}_timeout; }}\n"

@@ -31,19 +31,39 @@ ORCHESTRATOR = REPO / "model-orchestrator" / "orchestrator.py"
 _PORTS = random.SystemRandom()  # not the global generator: hypothesis seeds that one, and every run would collide
 
 
+def _worker_ports() -> range:
+    """This test process's share of 20000-32000: each pytest-xdist worker draws from its own part, so two
+    workers never hand out one port (a service's port is bound only when its model starts, maybe much later,
+    and a leak check that matched the other worker's service by its port would kill it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    span = (32000 - 20000) // count
+    return range(20000 + index * span, 20000 + (index + 1) * span)
+
+
+_HANDED_OUT: set[int] = set()  # never the same port twice in one process (two models of one config)
+
+
 def free_port() -> int:
     """A port free now, for a service bound later. Below Linux's ephemeral range (32768-60999): a port the
     kernel picks (bind to 0) is one it may also give an outgoing connection as its local port before the
     service binds it, and the service then fails to start ("port ... is already in use by pid ...")."""
-    for _ in range(100):
-        port = _PORTS.randrange(20000, 32000)
+    ports = _worker_ports()
+    if len(_HANDED_OUT) > len(ports) // 2:  # long-finished tests' ports come back
+        _HANDED_OUT.clear()
+    for _ in range(200):
+        port = _PORTS.choice(ports)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32000")
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def fake_model(name: str, *extra: str, **spec: Any) -> dict[str, Any]:

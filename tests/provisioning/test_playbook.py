@@ -103,13 +103,18 @@ def test_rendered_config_points_every_service_at_its_environment(
 
 
 def test_cleanup_runs_only_when_asked_and_keeps_what_is_in_use(
-    converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path
+    converged: tuple[subprocess.CompletedProcess[str], ...], data_dir: Path, tmp_path: Path
 ) -> None:
     stale = data_dir / "venvs" / "old-env"
     stale.mkdir()
-    done = run("ansible-playbook", "playbook.yml", "--tags", "cleanup", "-e", f"aio_data_dir={data_dir}")
+    # Its own HOME: the download caches it removes are ~/.cache/{pip,uv}, which other tests are using meanwhile.
+    caches = [tmp_path / "home" / ".cache" / name for name in ("pip", "uv")]
+    for cache in caches:
+        (cache / "wheels").mkdir(parents=True)
+    done = run("ansible-playbook", "playbook.yml", "--tags", "cleanup", "-e", f"aio_data_dir={data_dir}",
+               env={"HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stdout[-3000:]
-    assert not stale.exists()
+    assert not stale.exists() and not any(cache.exists() for cache in caches)
     assert (data_dir / "venvs" / "models-cpu" / "bin" / "python").exists()
     assert (data_dir / "venvs" / "orchestrator" / "bin" / "python").exists()
 

@@ -61,6 +61,11 @@ def quoted(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def ms(seconds: float) -> str:
+    """A time for nginx, which takes whole numbers only (0.5s is refused; 500ms is not)."""
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
 def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -90,8 +95,8 @@ def nginx_conf(settings: Settings, upstreams: list[Upstream], paths: Paths, serv
         "log_format aio_fast escape=json '{\"model\":\"$aio_model\",\"route\":\"$uri\",\"status\":$status,"
         "\"seconds\":$request_time,\"first_byte\":\"$upstream_header_time\","
         "\"type\":\"$upstream_http_content_type\"}';",
-        f"client_header_timeout {limits.header_timeout:g}s;", f"keepalive_timeout {limits.keep_alive_timeout:g}s;",
-        f"client_body_timeout {limits.body_timeout:g}s;", f"client_max_body_size {limits.upload_body_mb:g}m;",
+        f"client_header_timeout {ms(limits.header_timeout)};", f"keepalive_timeout {ms(limits.keep_alive_timeout)};",
+        f"client_body_timeout {ms(limits.body_timeout)};", f"client_max_body_size {int(limits.upload_body_mb * _MIB)};",
         f"large_client_header_buffers 4 {MAX_HEADER_BYTES // 4 // 1024}k;",
         "proxy_http_version 1.1;", "proxy_buffering off;", "proxy_request_buffering off;",
         f"upstream orchestrator {{ server unix:{paths.orchestrator_socket}; keepalive 64; }}",
@@ -127,7 +132,7 @@ def _model_location(up: Upstream, service_token: str | None, fast_log: Path) -> 
             f"proxy_pass http://{up.location[1:]}; proxy_set_header Host {up.address}; "
             "proxy_set_header Connection ''; "
             f"proxy_set_header Authorization {authorization}; {_DROPPED} "
-            f"proxy_read_timeout {up.read_timeout:g}s; proxy_next_upstream off; "
+            f"proxy_read_timeout {ms(up.read_timeout)}; proxy_next_upstream off; "
             f"access_log {fast_log} aio_fast; "
             f"error_page 502 503 = {up.location}_failed; error_page 504 = {up.location}_timeout; }}\n"
             f"        location {up.location}_failed {{ js_content aio.failed; }}\n"

@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app = OrchestratorApp(config, host=host, keys=keys, data_plane=data_plane)  # reads the GPUs, before serving
     except (InventoryError, NginxError) as exc:  # GPUs that cannot be placed on, no nginx: the operator's to fix
+        if data_plane is not None:
+            shutil.rmtree(data_plane.root, ignore_errors=True)
         print(f"ai-orchestrator: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     _serve(app, settings, {"host": host, "port": port} if data_plane is None else

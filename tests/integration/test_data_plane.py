@@ -10,6 +10,7 @@ sent where an HTTP client would normalise the target.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -206,10 +207,13 @@ def test_stopping_leaves_no_nginx_and_no_folder(orchestrator: Callable[..., Orch
 def test_without_nginx_the_orchestrator_says_what_to_install(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"fast": fake_model("fast")}, data_plane={"kind": "nginx",
                                                                               "nginx": "no-such-nginx"})
+    scratch = tmp_path / "tmp"  # where its private folder would go (TMPDIR): nothing may be left there
+    scratch.mkdir()
     done = subprocess.run([sys.executable, str(ORCHESTRATOR), "--config", str(config)], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False, env={**os.environ, "TMPDIR": str(scratch)})
     assert done.returncode == 2
     assert "there is no 'no-such-nginx' binary" in done.stderr and "libnginx-mod-http-js" in done.stderr
+    assert list(scratch.iterdir()) == []
 
 
 def test_nginx_accepts_the_configuration_of_any_valid_settings(tmp_path: Path) -> None:

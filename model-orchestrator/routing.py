@@ -56,7 +56,7 @@ class ModelIndex:
                 self.by_name[name] = spec
         self.private = {name: private_paths(spec) for name, spec in config.models.items()}  # /upstream refuses
         # Routes that some model declares as its own (custom endpoints): only it, or a custom model, serves them.
-        self.endpoints = frozenset(s.endpoint for s in config.models.values() if s.endpoint is not None)
+        self.endpoints = declared_endpoints(config)
 
     def serves(self, spec: ModelSpec, path: str) -> bool:
         return serves(spec, path, self.endpoints)
@@ -101,6 +101,11 @@ class ModelIndex:
         if not self.serves(spec, path):  # refused before a cold start that could only end in a 404
             raise ServiceError(404, not_served_message(spec, model, path), "route_not_served", param="model")
         return spec
+
+
+def declared_endpoints(config: OrchestratorConfig) -> frozenset[str]:
+    """The routes models declare as their own (``endpoint``): only they, or a custom model, serve them."""
+    return frozenset(s.endpoint for s in config.models.values() if s.endpoint is not None)
 
 
 def serves(spec: ModelSpec, path: str, endpoints: frozenset[str] = frozenset()) -> bool:

@@ -21,6 +21,7 @@ from model_orchestrator.http_server import MAX_HEADER_BYTES
 
 ROUTER = Path(__file__).with_name("route.js")
 _MIB = 1024 * 1024
+TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # the folders nginx writes temporary files in
 # What the proxy (proxy.py) keeps from a service too: the client's credentials and the hop-by-hop headers
 # nginx would pass on (it handles Connection, Transfer-Encoding and Expect itself).
 _DROPPED = " ".join(f"proxy_set_header {name} '';" for name in (
@@ -89,7 +90,7 @@ def nginx_conf(settings: Settings, upstreams: list[Upstream], paths: Paths, serv
              f"events {{ worker_connections {2 * limits.max_connections + 64}; }}"]
     http = [
         "access_log off;", "server_tokens off;", "default_type application/json;",
-        *(f"{kind}_temp_path {paths.root / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+        *(f"{kind}_temp_path {paths.root / kind};" for kind in TEMP_KINDS),
         f"js_path {ROUTER.parent};", f"js_import aio from {ROUTER.name};",
         f"js_preload_object table from {paths.table};",
         "log_format aio_fast escape=json '{\"model\":\"$aio_model\",\"route\":\"$uri\",\"status\":$status,"

@@ -23,7 +23,7 @@ import httpx
 
 from core.supervision.process_tree import leader_exited, spawn_group_leader, terminate_tree
 from core.supervision.reaper import Reaper
-from model_orchestrator.dataplane.conf import Paths
+from model_orchestrator.dataplane.conf import TEMP_KINDS, Paths
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def private_folder(root: Path) -> Paths:
     """Make ``root`` (mode 0700: it holds the service token) and the temp folders nginx writes."""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+    for kind in TEMP_KINDS:
         (root / kind).mkdir(mode=0o700, exist_ok=True)
     return Paths(root)
 

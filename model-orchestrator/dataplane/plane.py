@@ -26,7 +26,7 @@ from core.supervision.service_state import ServiceState
 from model_orchestrator import auth
 from model_orchestrator.dataplane.conf import Paths, nginx_conf, table_json
 from model_orchestrator.dataplane.nginx import Nginx, find_nginx, find_njs_module
-from model_orchestrator.dataplane.policy import route_table, upstreams
+from model_orchestrator.dataplane.policy import may_take_fast_path, route_table, upstreams
 from model_orchestrator.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ class DataPlane:
         self._conf_dirty = False
         self._tasks: list[asyncio.Task[None]] = []
         self._log_offset = 0
-        self._fast = {up.model for up in upstreams(config)}
+        # Neither changes before a restart (settings.data_plane is restart-only): found once.
+        self._njs_module = find_njs_module(config.settings.data_plane.njs_module)
+        self._user = getpass.getuser() if os.geteuid() == 0 else None
 
     # -- what nginx is given ----------------------------------------------------------------
 
@@ -60,10 +62,8 @@ class DataPlane:
                 if svc.state is ServiceState.READY and not svc.retiring]
 
     def conf(self) -> str:
-        settings = self.config.settings
-        user = getpass.getuser() if os.geteuid() == 0 else None
-        return nginx_conf(settings, upstreams(self.config), self.paths, self.manager.service_token,
-                          find_njs_module(settings.data_plane.njs_module), user)
+        return nginx_conf(self.config.settings, upstreams(self.config), self.paths, self.manager.service_token,
+                          self._njs_module, self._user)
 
     def table(self) -> str:
         keys = self._keys()
@@ -93,13 +93,13 @@ class DataPlane:
 
     def transitioned(self, name: str, old: ServiceState, new: ServiceState) -> None:
         """A service's state changed (ManagedService.on_transition)."""
-        if (old is ServiceState.READY) != (new is ServiceState.READY) and name in self._fast:
+        spec = self.config.models.get(name)
+        if (old is ServiceState.READY) != (new is ServiceState.READY) and spec is not None and may_take_fast_path(spec):
             self._dirty.set()
 
     def use(self, config: OrchestratorConfig) -> None:
         """A config reload (or new keys): render everything anew."""
         self.config, self._conf_dirty = config, True
-        self._fast = {up.model for up in upstreams(config)}
         self._dirty.set()
 
     # -- carrying changes out ---------------------------------------------------------------

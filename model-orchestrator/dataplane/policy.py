@@ -18,11 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from core.config.schema import ModelSpec, OrchestratorConfig
-from model_orchestrator.routing import ENDPOINT_TYPES, serves
+from model_orchestrator.routing import ENDPOINT_TYPES, UPLOAD_PATHS, declared_endpoints, serves
 
 # The JSON routes nginx may route by the body's model; every other path always goes to the orchestrator.
-FAST_ROUTES = tuple(route for route in ENDPOINT_TYPES
-                    if ENDPOINT_TYPES[route] not in ("transcription",) and not route.startswith("/v1/responses"))
+FAST_ROUTES = tuple(route for route in ENDPOINT_TYPES if route not in UPLOAD_PATHS and route != "/v1/responses")
 FAST_BODY_MAX = 1 << 20  # bytes: larger bodies are read to a file by nginx, and njs 0.7 cannot read those
 
 
@@ -60,7 +59,7 @@ def route_table(config: OrchestratorConfig, ready: Iterable[str], key_digests: I
     it by name → their location; the SHA-256 digests (hex) of the keys that reach client routes (None: no key
     is configured, every request is let through, as the orchestrator does); the table's generation."""
     ready = set(ready)
-    endpoints = frozenset(s.endpoint for s in config.models.values() if s.endpoint is not None)
+    endpoints = declared_endpoints(config)
     specs = {up.model: (up, config.models[up.model]) for up in upstreams(config) if up.model in ready}
     routes = {route: {name: up.location for name, (up, spec) in specs.items() if serves(spec, route, endpoints)}
               for route in FAST_ROUTES}

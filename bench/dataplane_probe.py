@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.dataplane_probe [--rounds 5] [--duration 3]
 
-Needs Debian's ``nginx-light`` and ``libnginx-mod-http-js`` (njs). The same fast fake backend as
+Needs Debian's ``nginx`` and ``libnginx-mod-http-js`` (njs). The same fast fake backend as
 proxy_bench.py is reached directly, through plain nginx (proxy_bench's configuration), and through
 nginx whose ``js_content`` handler parses the JSON body, takes its ``model`` and redirects to that
 model's upstream (``r.internalRedirect`` to a named location that proxies the body already read).
@@ -84,7 +84,7 @@ def run(rounds: int, duration: float) -> dict[str, dict[str, dict[str, float]]]:
             wait_http(f"http://127.0.0.1:{backend_port}/health", 30, backend)
             plain = start_nginx(workdir, backend_port, server_cores)
             if plain is None:
-                raise SystemExit("nginx is not installed (apt-get install nginx-light libnginx-mod-http-js)")
+                raise SystemExit("nginx is not installed (apt-get install nginx libnginx-mod-http-js)")
             proxies = [plain, start_njs(workdir, backend_port, server_cores)]
             pin(client_cores)
             paths = {"direct": (backend_port, []), "nginx": (plain.port, plain.pids()),

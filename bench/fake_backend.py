@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -106,7 +107,22 @@ def main() -> None:
     # as AF_UNIX, the loop would skip TCP_NODELAY, and Nagle would add 40 ms to every response.
     config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
                             log_level="warning", server_header=False, date_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(config).run(sockets=[sock, *_service_socket()])
+
+
+def _service_socket() -> list[socket.socket]:
+    """The unix socket the orchestrator names for the nginx data plane, as a model service listens on it
+    (core/runtime/listeners.py; this script runs without the repository on its path)."""
+    path = os.environ.pop("AIO_SERVICE_SOCKET", None)
+    if not path:
+        return []
+    if os.path.exists(path):
+        os.unlink(path)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(path)
+    os.chmod(path, 0o600)
+    unix.listen(2048)
+    return [unix]
 
 
 if __name__ == "__main__":

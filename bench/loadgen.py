@@ -1,7 +1,8 @@
 """A lean closed-loop HTTP/1.1 load generator (asyncio Protocol + uvloop), for the benchmarks.
 
 Each of ``concurrency`` keep-alive connections sends a request, waits for the whole
-response, and sends the next, until ``duration`` seconds pass. It understands
+response, and sends the next (on a new connection once the server said ``Connection: close``),
+until ``duration`` seconds pass. It understands
 Content-Length and chunked bodies, and for SSE it records when each event arrived
 against the send time the fake backend stamped into it (``"t": monotonic ns``).
 Written against raw sockets so the client costs far less CPU than the servers measured.
@@ -40,6 +41,7 @@ class _Response:
         self.head = bytearray()
         self.status = 0
         self.length: int | None = None  # Content-Length, or None for chunked
+        self.close = False  # the server said "Connection: close": the next request needs a new connection
         self.raw = bytearray()  # undecoded chunked framing
         self.body_seen = 0
         self.first_byte_ns: int | None = None
@@ -69,8 +71,11 @@ class _Response:
         self.status = int(lines[0].split(b" ", 2)[1])
         for line in lines[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
+            name = name.strip().lower()
+            if name == b"content-length":
                 self.length = int(value.strip())
+            elif name == b"connection" and value.strip().lower() == b"close":
+                self.close = True
 
     def _chunked(self, data: bytes, now: int) -> bytes:
         self.raw += data
@@ -156,6 +161,9 @@ async def run(host: str, port: int, request: bytes, concurrency: int, duration: 
                     _, conn = await loop.create_connection(_Connection, host, port)
                     continue
                 _record(result, response)
+                if response.close and conn.transport is not None:  # as a real client does (nginx
+                    conn.transport.close()  # closes a connection after keepalive_requests)
+                    _, conn = await loop.create_connection(_Connection, host, port)
         finally:
             if conn.transport is not None:
                 conn.transport.close()

@@ -48,11 +48,12 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from core.common.asgi import ASGIApp
-from core.common.contract import MODEL_NAME_ENV
+from core.common.contract import MODEL_NAME_ENV, SERVICE_SOCKET_ENV
 from core.common.http_errors import install_error_handlers
 from core.common.log_setup import configure_logging
 from core.host.memory_share import VRAM_ENV, ShareError, share_from_env
 from core.runtime.health import Health
+from core.runtime.listeners import listening_sockets, remove_socket
 from core.runtime.middleware import (
     CancelOnDisconnect,
     ConcurrencyCap,
@@ -298,6 +299,7 @@ class BaseService(ABC):
     def run(self, argv: list[str] | None = None) -> None:
         """Parse the command line, serve until SIGTERM/SIGINT; exit 1 after a fatal error."""
         self.service_token = take_service_token()  # before anything can start a child process
+        unix_path = os.environ.pop(SERVICE_SOCKET_ENV, None)  # the child processes of an engine do not listen
         self.name = os.environ.get(MODEL_NAME_ENV) or self.name
         parser = self.argument_parser()
         self.options = parser.parse_args(argv)
@@ -322,7 +324,10 @@ class BaseService(ABC):
         # requests and the model have been shut down cleanly, so end with this service's own status
         # (0, or 1 after a fatal error) instead of dying of the signal.
         signal.signal(signal.SIGTERM, self._exit_after_signal)
-        self._server.run()
+        try:
+            self._server.run(sockets=listening_sockets(config, unix_path))
+        finally:
+            remove_socket(unix_path)
         if self.health is Health.FAILED or not self._server.started:
             sys.exit(1)
 

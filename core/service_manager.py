@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import httpx
 
+from core.common.contract import service_socket
 from core.config.launch import resolve_python, service_argv
 from core.config.schema import ModelSpec, OrchestratorConfig
 from core.supervision.child_env import new_service_token, service_env
@@ -30,8 +32,9 @@ __all__ = ["ManagedService", "ServiceManager", "StartFailed"]  # the names the d
 class ServiceManager:
     """Every managed service of one config, the shared health client and the reaper."""
 
-    def __init__(self, config: OrchestratorConfig, *, use_reaper: bool = True) -> None:
+    def __init__(self, config: OrchestratorConfig, *, use_reaper: bool = True, socket_dir: Path | None = None) -> None:
         self.config = config
+        self.socket_dir = socket_dir  # services listen on a unix socket there too (the nginx data plane's folder)
         self._health = httpx.AsyncClient(timeout=5.0, trust_env=False)
         self.reaper = Reaper() if use_reaper else None
         self.service_token = new_service_token()
@@ -43,8 +46,9 @@ class ServiceManager:
     def launch_of(self, spec: ModelSpec) -> tuple[list[str], dict[str, str]]:
         """The command line and environment ``spec``'s process is started with."""
         python = resolve_python(spec.python, self.config.base_dir, sys.executable) or sys.executable
+        socket = service_socket(self.socket_dir, spec.name) if self.socket_dir is not None else None
         return (service_argv(spec, python, self.config.base_dir),
-                service_env(spec, self.service_token, passthrough=self.config.settings.env_passthrough))
+                service_env(spec, self.service_token, passthrough=self.config.settings.env_passthrough, socket=socket))
 
     def add(self, spec: ModelSpec) -> ManagedService:
         """A service for a model a reload added (stopped until a request or a preload starts it)."""

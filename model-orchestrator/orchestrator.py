@@ -118,10 +118,10 @@ async def _memory_released(first: int, reserve_gb: float, need_gb: float, device
 class Runtime:
     """Everything one running orchestrator holds, built from one config."""
 
-    def __init__(self, config: OrchestratorConfig, *, use_reaper: bool = True) -> None:
+    def __init__(self, config: OrchestratorConfig, *, use_reaper: bool = True, socket_dir: Path | None = None) -> None:
         self.config = config
         self.index = ModelIndex(config)
-        self.manager = ServiceManager(config, use_reaper=use_reaper)
+        self.manager = ServiceManager(config, use_reaper=use_reaper, socket_dir=socket_dir)
         self.gpus = gpu_inventory() or []  # the GPUs NVML lists that our own CUDA_VISIBLE_DEVICES allows
         devices = placement_devices(self.gpus, config.settings)
         budget = devices[0].budget_gb if devices else resolve_budget(config.settings.gpu_memory_gb, self.gpus)
@@ -214,7 +214,8 @@ class OrchestratorApp:
 
     def __init__(self, config: OrchestratorConfig, *, host: str | None = None, keys: auth.Keys | None = None,
                  use_reaper: bool = True, data_plane: Paths | None = None) -> None:
-        self.runtime = Runtime(config, use_reaper=use_reaper)
+        # With nginx in front, services listen in its private folder too: it reaches them there.
+        self.runtime = Runtime(config, use_reaper=use_reaper, socket_dir=data_plane.root if data_plane else None)
         keys = keys if keys is not None else auth.Keys.load(config)
         bind = host or config.settings.host
         self.gate = AccessGate(self.route, keys, auth.is_loopback_host(bind))

@@ -24,7 +24,7 @@ missing=()
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then missing+=(chromium chromium-driver); fi
 if ! command -v curl >/dev/null; then missing+=(curl); fi
 if ! command -v nginx >/dev/null || [[ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so ]]; then
-    missing+=(nginx-light libnginx-mod-http-js)
+    missing+=(nginx libnginx-mod-http-js)  # what the playbook installs for the data plane
 fi
 apt_pid="" apt_log="$(mktemp)"
 if ((${#missing[@]})); then

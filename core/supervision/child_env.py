@@ -39,11 +39,19 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from core import repo_pythonpath
-from core.common.contract import MODEL_NAME_ENV, PEER_TO_PEER_OFF_ENV, SERVICE_TOKEN_ENV, TENSOR_PARALLEL_ENV
+from core.common.contract import (
+    MODEL_NAME_ENV,
+    PEER_TO_PEER_OFF_ENV,
+    SERVICE_SOCKET_ENV,
+    SERVICE_TOKEN_ENV,
+    TENSOR_PARALLEL_ENV,
+)
 from core.common.redact import secret_env_name
 from core.host.memory_share import VRAM_ENV
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from core.config.schema import ModelSpec
 
 _NAMES = frozenset({
@@ -80,10 +88,11 @@ def inherited(name: str, passthrough: Iterable[str] = ()) -> bool:
 
 
 def service_env(spec: ModelSpec, token: str | None = None, passthrough: Iterable[str] = (),
-                base: Mapping[str, str] | None = None) -> dict[str, str]:
+                base: Mapping[str, str] | None = None, socket: Path | None = None) -> dict[str, str]:
     """The child's environment: the allowlisted part of ours (``base``, default ``os.environ``),
     the spec's additions, unbuffered output, CUDA's device order as NVML's, `core` importable, the
-    service token, and its GPU share (``vram_gb``) for the engines to keep to (see core/host/memory_share.py)."""
+    service token, its GPU share (``vram_gb``) for the engines to keep to (see core/host/memory_share.py),
+    and the unix socket to listen on as well, when there is one (the nginx data plane's)."""
     patterns = tuple(passthrough)
     source = os.environ if base is None else base
     env = {name: value for name, value in source.items() if inherited(name, patterns)}
@@ -103,6 +112,9 @@ def service_env(spec: ModelSpec, token: str | None = None, passthrough: Iterable
         env["PYTHONPATH"] = repo_pythonpath(env.get("PYTHONPATH"))
     if token is not None:
         env[SERVICE_TOKEN_ENV] = token
+    env.pop(SERVICE_SOCKET_ENV, None)
+    if socket is not None:
+        env[SERVICE_SOCKET_ENV] = str(socket)
     env[MODEL_NAME_ENV] = spec.name
     return env
 

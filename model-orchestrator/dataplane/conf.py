@@ -28,6 +28,9 @@ _DROPPED = " ".join(f"proxy_set_header {name} '';" for name in (
     "X-Api-Key", "Cookie", "Proxy-Authorization", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Upgrade"))
 # Requests on the orchestrator's side wait for cold starts and queues (max_wait), with their own timeouts.
 _ORCHESTRATOR_TIMEOUT = "1d"
+# The fast path's log is written in blocks, not with a system call per request; the orchestrator reads it
+# every second (dataplane/plane.py), so a request counts in /metrics within about two seconds.
+_LOG_FLUSH = "1s"
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,13 @@ def nginx_conf(settings: Settings, upstreams: list[Upstream], paths: Paths, serv
         f"client_body_timeout {ms(limits.body_timeout)};", f"client_max_body_size {int(limits.upload_body_mb * _MIB)};",
         f"large_client_header_buffers 4 {MAX_HEADER_BYTES // 4 // 1024}k;",
         "proxy_http_version 1.1;", "proxy_buffering off;", "proxy_request_buffering off;",
-        f"upstream orchestrator {{ server unix:{paths.orchestrator_socket}; keepalive 64; }}",
-        *(f"upstream {up.location[1:]} {{ server {up.address} max_conns={up.max_conns} max_fails=0; keepalive 32; }}"
+        f"upstream orchestrator {{ server {quoted(f'unix:{paths.orchestrator_socket}')}; keepalive 64; }}",
+        *(f"upstream {up.location[1:]} {{ server {quoted(up.server)} max_conns={up.max_conns} max_fails=0; "
+          "keepalive 32; }"
           for up in upstreams),
         _public_server(settings, upstreams, paths, service_token),
-        f"server {{ listen unix:{paths.control_socket}; location = /generation {{ js_content aio.generation; }} }}",
+        f"server {{ listen {quoted(f'unix:{paths.control_socket}')}; "
+        "location = /generation { js_content aio.generation; } }",
     ]
     return "\n".join([*head, "http {", *("    " + line for line in http), "}", ""])
 
@@ -134,7 +139,7 @@ def _model_location(up: Upstream, service_token: str | None, fast_log: Path) -> 
             "proxy_set_header Connection ''; "
             f"proxy_set_header Authorization {authorization}; {_DROPPED} "
             f"proxy_read_timeout {ms(up.read_timeout)}; proxy_next_upstream off; "
-            f"access_log {fast_log} aio_fast; "
+            f"access_log {fast_log} aio_fast buffer=64k flush={_LOG_FLUSH}; "
             f"error_page 502 503 = {up.location}_failed; error_page 504 = {up.location}_timeout; }}\n"
             f"        location {up.location}_failed {{ js_content aio.failed; }}\n"
             f"        location {up.location}_timeout {{ return 504 {quoted(timeout)}; }}")

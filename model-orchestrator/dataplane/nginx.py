@@ -42,8 +42,9 @@ def find_nginx(binary: str) -> str:
     found = shutil.which(binary)
     if found is None:
         raise NginxError(f"settings.data_plane.kind is nginx, but there is no {binary!r} binary: install nginx "
-                         "with njs (Debian/Ubuntu 24.04+: apt install nginx-light libnginx-mod-http-js; Ubuntu "
-                         "22.04: nginx.org's nginx and nginx-module-njs), or set settings.data_plane.nginx")
+                         "with njs (the playbook's base tag does, for a config that asks for it; by hand, on "
+                         "Debian/Ubuntu 24.04+: apt install nginx libnginx-mod-http-js; Ubuntu 22.04: nginx.org's "
+                         "nginx and nginx-module-njs), or set settings.data_plane.nginx")
     return found
 
 

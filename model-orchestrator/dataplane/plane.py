@@ -20,6 +20,7 @@ import os
 import shutil
 from collections.abc import Callable
 
+from core.common.contract import service_socket
 from core.config.schema import OrchestratorConfig
 from core.service_manager import ServiceManager
 from core.supervision.service_state import ServiceState
@@ -47,7 +48,7 @@ class DataPlane:
         self.nginx = Nginx(find_nginx(config.settings.data_plane.nginx), paths, manager.reaper)
         self.generation = 0
         self._dirty = asyncio.Event()
-        self._conf_dirty = False
+        self._conf = ""  # the configuration nginx was last given
         self._tasks: list[asyncio.Task[None]] = []
         self._log_offset = 0
         # Neither changes before a restart (settings.data_plane is restart-only): found once.
@@ -61,9 +62,16 @@ class DataPlane:
         return [name for name, svc in self.manager.services.items()
                 if svc.state is ServiceState.READY and not svc.retiring]
 
+    def sockets(self) -> dict[str, str]:
+        """The services that listen on a unix socket (ServiceManager.socket_dir): nginx connects to those there.
+        A socket a stopped service left behind refuses connections, as its port would."""
+        folder = self.manager.socket_dir
+        found = {name: service_socket(folder, name) for name in self.config.models} if folder else {}
+        return {name: str(path) for name, path in found.items() if path is not None and path.exists()}
+
     def conf(self) -> str:
-        return nginx_conf(self.config.settings, upstreams(self.config), self.paths, self.manager.service_token,
-                          self._njs_module, self._user)
+        return nginx_conf(self.config.settings, upstreams(self.config, self.sockets()), self.paths,
+                          self.manager.service_token, self._njs_module, self._user)
 
     def table(self) -> str:
         keys = self._keys()
@@ -74,7 +82,8 @@ class DataPlane:
 
     async def start(self) -> None:
         self.paths.fast_log.touch(mode=0o600)
-        await self.nginx.start(self.conf(), self.table(), self.generation)
+        self._conf = self.conf()
+        await self.nginx.start(self._conf, self.table(), self.generation)
         self._tasks = [asyncio.create_task(self._apply_changes(), name="data-plane-routes"),
                        asyncio.create_task(self._read_log(), name="data-plane-log")]
         log.info("data plane: nginx listens on %s:%s; fast path for %s", self.config.settings.host,
@@ -99,7 +108,7 @@ class DataPlane:
 
     def use(self, config: OrchestratorConfig) -> None:
         """A config reload (or new keys): render everything anew."""
-        self.config, self._conf_dirty = config, True
+        self.config = config
         self._dirty.set()
 
     # -- carrying changes out ---------------------------------------------------------------
@@ -109,10 +118,12 @@ class DataPlane:
             await self._dirty.wait()
             self._dirty.clear()
             self.generation += 1
-            conf = self.conf() if self._conf_dirty else None
-            self._conf_dirty = False
+            # A service that became ready may listen on its socket now: the configuration is rendered anew
+            # each time, and given to nginx (checked with nginx -t) when it changed.
+            conf = self.conf()
             try:
-                await self.nginx.reload(self.table(), self.generation, conf)
+                await self.nginx.reload(self.table(), self.generation, conf if conf != self._conf else None)
+                self._conf = conf
             except Exception as exc:  # the orchestrator's path still serves every request
                 log.error("data plane: reload failed (requests keep their previous routes): %s", exc)
 

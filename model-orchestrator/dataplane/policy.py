@@ -14,7 +14,7 @@ request that names no model go to the orchestrator.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from core.config.schema import ModelSpec, OrchestratorConfig
@@ -40,17 +40,25 @@ class Upstream:
     port: int
     max_conns: int
     read_timeout: float
+    socket: str | None = None  # the unix socket its service listens on too, when it does
 
     @property
     def address(self) -> str:
+        """host:port, as the service's Host header names it."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def server(self) -> str:
+        """Where nginx connects: the unix socket when the service listens on one (cheaper), else its port."""
+        return f"unix:{self.socket}" if self.socket else self.address
 
-def upstreams(config: OrchestratorConfig) -> list[Upstream]:
-    """The models that may take the fast path, in config order."""
+
+def upstreams(config: OrchestratorConfig, sockets: Mapping[str, str] | None = None) -> list[Upstream]:
+    """The models that may take the fast path, in config order; ``sockets``: model → the unix socket its
+    service listens on (the services that listen on one)."""
     eligible = [spec for spec in config.models.values() if may_take_fast_path(spec)]
-    return [Upstream(spec.name, f"@m{number}", spec.host, spec.port, spec.max_concurrency, spec.request_timeout)
-            for number, spec in enumerate(eligible)]
+    return [Upstream(spec.name, f"@m{number}", spec.host, spec.port, spec.max_concurrency, spec.request_timeout,
+                     (sockets or {}).get(spec.name)) for number, spec in enumerate(eligible)]
 
 
 def route_table(config: OrchestratorConfig, ready: Iterable[str], key_digests: Iterable[bytes] | None,

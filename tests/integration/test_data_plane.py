@@ -1,5 +1,5 @@
 """nginx as the data plane (settings.data_plane.kind: nginx), through a real orchestrator, real nginx with njs
-(Debian's nginx-light and libnginx-mod-http-js: scripts/test.sh installs them) and real echo services.
+(Debian's nginx and libnginx-mod-http-js: scripts/test.sh installs them) and real echo services.
 
 A request for a ready pinned model, named by its own name, goes from nginx straight to its service (it is
 in nginx's fast-path log); every other request reaches the orchestrator and gets its usual answer. Routes
@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import httpx
 import openai
 import pytest
 
+from core.common.contract import service_socket
 from core.config.load import config_from_dict
 from model_orchestrator.dataplane.conf import nginx_conf, table_json
 from model_orchestrator.dataplane.nginx import find_njs_module, private_folder
@@ -45,6 +47,7 @@ pytestmark = [pytest.mark.integration,
 CLIENT, ADMIN, FLEET = "plane-client-key", "plane-admin-key", "plane-fleet-key"
 KEYS = {"AIO_API_KEYS": CLIENT, "AIO_ADMIN_KEYS": ADMIN, "AIO_FLEET_KEYS": FLEET}
 CHAT = "/v1/chat/completions"
+MARKER = "marker"  # a fast-path model that answers at once: see fast_log
 
 
 def body(model: str | None, content: str = "one two three", **extra: Any) -> bytes:
@@ -62,8 +65,29 @@ def folder(orch: Orchestrator) -> Path:
 
 
 def fast_log(orch: Orchestrator, since: int = 0) -> list[dict[str, Any]]:
-    """The requests nginx sent straight to a service (its fast-path log), from entry ``since`` on."""
-    return [json.loads(line) for line in (folder(orch) / "fast.log").read_text().splitlines()][since:]
+    """The requests nginx sent straight to a service (its fast-path log), from entry ``since`` on.
+
+    nginx writes that log in blocks, flushed every second. So a request for ``marker`` (a fast-path model
+    that answers at once) goes last, nginx is told to reopen its logs (SIGUSR1: it flushes them first), and
+    once the marker's line is there every earlier request's is too (one worker logs in order)."""
+    path = folder(orch) / "fast.log"
+
+    def entries() -> list[dict[str, Any]]:
+        text = path.read_text()
+        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+    def markers() -> int:
+        return sum(entry["model"] == MARKER for entry in entries())
+
+    def flushed() -> bool:
+        before = markers()
+        assert post(orch, CHAT, body(MARKER)).status == 200
+        os.kill(int((folder(orch) / "nginx.pid").read_text()), signal.SIGUSR1)
+        return wait_until(lambda: markers() > before, 2)
+
+    # Again until it shows: a marker sent before nginx's first route table took effect went the slow way.
+    assert wait_until(flushed, 10)
+    return [entry for entry in entries() if entry["model"] != MARKER][since:]
 
 
 def post(orch: Orchestrator, target: str, payload: bytes, key: str | None = CLIENT,
@@ -75,16 +99,19 @@ def post(orch: Orchestrator, target: str, payload: bytes, key: str | None = CLIE
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
-    """An orchestrator behind nginx: ``fast`` (pinned, preloaded: on the fast path) and ``other`` (not)."""
+    """An orchestrator behind nginx: ``fast`` (pinned, preloaded: on the fast path), ``other`` (not) and
+    ``marker`` (on the fast path, for fast_log)."""
     models = {"fast": fake_model("fast", "--token-delay", "0.3", pinned=True, preload=True, vram_gb=0,
                                  max_concurrency=1, aliases=["fast-alias"]),
-              "other": fake_model("other", vram_gb=0)}
+              "other": fake_model("other", vram_gb=0),
+              MARKER: fake_model(MARKER, pinned=True, preload=True, vram_gb=0)}
     workdir = tmp_path_factory.mktemp("plane")
     orch = start_orchestrator(write_config(workdir, models, data_plane={"kind": "nginx"}),
                               workdir / "orchestrator.log", KEYS)
     try:
-        assert wait_until(lambda: orch.state("fast") == "ready", 30)
-        assert wait_until(lambda: '"fast"' in (folder(orch) / "routes.json").read_text(), 10)
+        assert wait_until(lambda: orch.state("fast") == orch.state(MARKER) == "ready", 30)
+        assert wait_until(lambda: f'"{MARKER}"' in (folder(orch) / "routes.json").read_text() and
+                          '"fast"' in (folder(orch) / "routes.json").read_text(), 10)
         yield orch
     finally:
         stop_orchestrator(orch)
@@ -108,12 +135,24 @@ def test_a_request_for_a_ready_pinned_model_goes_straight_to_its_service(plane: 
     logged = fast_log(plane, seen)
     assert [(e["model"], e["route"], e["status"]) for e in logged] == [("fast", CHAT, 200)] * 2
     assert logged[1]["type"].startswith("text/event-stream")
-    # ...and they count in the orchestrator's metrics, read from nginx's log within a second
+    # ...and they count in the orchestrator's metrics, read from nginx's log (flushed every second, read every second)
     def counted() -> bool:
         text = httpx.get(plane.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
         found = re.search(r'aio_requests_total\{model="fast",route="/v1/chat/completions",status="200"\} (\S+)', text)
         return found is not None and float(found.group(1)) >= seen + 2
     assert wait_until(counted, 5)
+
+
+def test_nginx_reaches_the_service_on_its_unix_socket_which_still_asks_for_the_service_token(
+        plane: Orchestrator) -> None:
+    private = folder(plane)
+    socket = service_socket(private, "fast")
+    assert socket is not None and socket.exists() and socket.stat().st_mode & 0o777 == 0o600
+    assert f"server 'unix:{socket}'" in (private / "nginx.conf").read_text()  # the fast path goes there
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://fast") as direct:
+        assert direct.get("/health").status_code == 200  # the service itself answers there, as on its port...
+        refused = direct.post(CHAT, content=body("fast"), headers={"Authorization": f"Bearer {CLIENT}"})
+        assert refused.status_code == 401  # ...and wants the service token, which only nginx and we hold
 
 
 @pytest.mark.parametrize(("target", "payload", "status"), [

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from core.config.load import load_config
+from model_orchestrator.dataplane.nginx import find_njs_module
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_BIN = Path(os.environ.get("AIO_ANSIBLE_BIN", REPO / ".venv-ansible" / "bin"))
@@ -188,6 +189,40 @@ def test_preflight_refuses_the_gpu_profile_without_a_gpu(data_dir: Path) -> None
                "-e", "aio_profile=gpu")
     assert done.returncode != 0
     assert "finds no GPU" in done.stdout and "aio_profile=cpu" in done.stdout
+
+
+def task_outcome(output: str, name: str) -> str:
+    """What ansible-playbook printed first under the task ``name``: ``ok:``, ``changed:``, ``skipping:``..."""
+    after = output.split(f"TASK [aio : {name}]", 1)[1]
+    return after.split("\n", 1)[1].split()[0]
+
+
+def base_tag_serving_the_data_plane(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The base tag, for a config that asks for the nginx data plane (nothing else of it is read there)."""
+    config = tmp_path / "plane.yaml"
+    config.write_text(yaml.safe_dump({"settings": {"data_plane": {"kind": "nginx"}}, "models": {}}))
+    return run("ansible-playbook", "playbook.yml", "--tags", "base", "-e", f"aio_data_dir={tmp_path / 'data'}",
+               "-e", "aio_profile=cpu", "-e", json.dumps({"aio_base_config": {"cpu": str(config)}}), *extra)
+
+
+def test_the_base_tag_installs_nginx_with_njs_for_a_config_that_asks_for_the_data_plane(
+    tmp_path: Path, converged: tuple[subprocess.CompletedProcess[str], ...]
+) -> None:
+    done = base_tag_serving_the_data_plane(tmp_path)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    assert task_outcome(done.stdout, "Install the data plane's packages.") in ("ok:", "changed:"), done.stdout
+    assert shutil.which("nginx") and find_njs_module(None), "the packages are in, and the orchestrator finds them"
+    # ...and only then: the demo profile (data_plane python) skips it
+    assert task_outcome(converged[0].stdout, "Install the data plane's packages.") == "skipping:"
+
+
+def test_the_base_tag_says_what_to_do_where_the_archive_has_no_njs(tmp_path: Path) -> None:
+    done = base_tag_serving_the_data_plane(tmp_path, "-e", json.dumps({"aio_data_plane_apt_packages": [
+        "nginx", "aio-no-such-njs-module"]}))
+    assert done.returncode != 0
+    said = " ".join(done.stdout.split())  # the YAML callback wraps lines
+    assert "asks for the nginx data plane" in said and "aio-no-such-njs-module" in said, said[-3000:]
+    assert "nginx-module-njs" in said and "docs/data-plane.md" in said
 
 
 _STUB_TAILSCALE = """#!/usr/bin/env bash

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from core.common.contract import service_socket
 from core.config.load import config_from_dict
 from core.config.schema import OrchestratorConfig
 from model_orchestrator.dataplane.conf import Paths, nginx_conf, quoted, table_json
@@ -58,12 +59,28 @@ def test_the_configuration_bounds_each_model_as_the_orchestrator_does(tmp_path: 
                     "host": "::1"})
     text = nginx_conf(cfg.settings, upstreams(cfg), Paths(tmp_path), "s3cret'x", "/mods/njs.so", "root")
     assert text.startswith("load_module /mods/njs.so;\nuser root;\n")
-    assert "upstream m0 { server [::1]:8000 max_conns=4 max_fails=0; keepalive 32; }" in text
+    assert "upstream m0 { server '[::1]:8000' max_conns=4 max_fails=0; keepalive 32; }" in text
     assert "proxy_read_timeout 90000ms;" in text and "listen 127.0.0.1:9000;" in text
     assert r"proxy_set_header Authorization 'Bearer s3cret\'x';" in text  # the service token, quoted
     for name in ("X-Api-Key", "Cookie", "Proxy-Authorization", "Upgrade", "TE"):  # credentials, hop-by-hop
         assert f"proxy_set_header {name} '';" in text
-    assert f"listen unix:{tmp_path / 'control.sock'};" in text and f"unix:{tmp_path / 'orchestrator.sock'}" in text
+    assert f"listen 'unix:{tmp_path / 'control.sock'}';" in text and f"'unix:{tmp_path / 'orchestrator.sock'}'" in text
+
+
+def test_a_service_that_listens_on_a_unix_socket_is_reached_there(tmp_path: Path) -> None:
+    cfg = config(m={"type": "text", "pinned": True}, n={"type": "text", "pinned": True})
+    socket = service_socket(tmp_path, "m")
+    assert socket is not None and socket.parent == tmp_path and socket.name.endswith(".sock")
+    ups = upstreams(cfg, {"m": str(socket)})
+    assert [up.server for up in ups] == [f"unix:{socket}", "127.0.0.1:8001"]  # n listens on its port only
+    text = nginx_conf(cfg.settings, ups, Paths(tmp_path), None, None)
+    assert f"upstream m0 {{ server 'unix:{socket}' max_conns" in text
+    assert "proxy_set_header Host 127.0.0.1:8000;" in text  # the Host header still names its address
+
+
+def test_a_socket_path_too_long_for_the_kernel_is_not_offered() -> None:
+    assert service_socket(Path("/" + "d" * 60), "any model/name with spaces") is not None
+    assert service_socket(Path("/" + "d" * 90), "m") is None  # sun_path holds 107 bytes: the port then
 
 
 def test_quoting_keeps_an_nginx_argument_whole() -> None:

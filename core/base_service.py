@@ -48,12 +48,12 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from core.common.asgi import ASGIApp
-from core.common.contract import MODEL_NAME_ENV, SERVICE_SOCKET_ENV
+from core.common.contract import MODEL_NAME_ENV, SERVICE_SOCKET_ENV, remove_socket
 from core.common.http_errors import install_error_handlers
 from core.common.log_setup import configure_logging
 from core.host.memory_share import VRAM_ENV, ShareError, share_from_env
 from core.runtime.health import Health
-from core.runtime.listeners import listening_sockets, remove_socket
+from core.runtime.listeners import listening_sockets
 from core.runtime.middleware import (
     CancelOnDisconnect,
     ConcurrencyCap,
@@ -325,7 +325,7 @@ class BaseService(ABC):
         # (0, or 1 after a fatal error) instead of dying of the signal.
         signal.signal(signal.SIGTERM, self._exit_after_signal)
         try:
-            self._server.run(sockets=listening_sockets(config, unix_path))
+            self._server.run(sockets=listening_sockets(self.options.host, self.options.port, unix_path))
         finally:
             remove_socket(unix_path)
         if self.health is Health.FAILED or not self._server.started:

@@ -7,7 +7,9 @@ sides never import each other (tests/unit/test_core_layout.py holds that rule).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from pathlib import Path
 
 SERVICE_TOKEN_ENV = "AIO_SERVICE_TOKEN"  # the per-run secret a service requires on every route but /health
@@ -28,6 +30,14 @@ def service_socket(folder: Path, model: str) -> Path | None:
     file name); None when the path would be too long for a unix socket (the service then has its port only)."""
     path = folder / f"svc-{hashlib.sha256(model.encode()).hexdigest()[:16]}.sock"
     return path if len(bytes(path)) <= _SOCKET_PATH_MAX else None
+
+
+def remove_socket(path: str | None) -> None:
+    """Remove a service's socket file: the service when it exits, the orchestrator before it starts one (a
+    process killed before it could leaves its file, which must not look like the new process's)."""
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 # A service's park routes (core/runtime/parking.py): never reachable from outside (the orchestrator blocks them).
 PARK_PATHS = ("/offload", "/restore", "/state")

@@ -10,33 +10,57 @@ and all).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 
-import uvicorn
+from core.common.contract import remove_socket
+
+log = logging.getLogger("uvicorn.error")
 
 
-def listening_sockets(config: uvicorn.Config, unix_path: str | None) -> list[socket.socket] | None:
-    """None when there is no unix socket (uvicorn binds host:port itself, as it always has); else the bound
-    TCP socket for host:port and a unix socket at ``unix_path`` (mode 0600; a file left by an earlier run of
-    this service is replaced)."""
+def listening_sockets(host: str, port: int, unix_path: str | None) -> list[socket.socket] | None:
+    """None when there is no unix socket (uvicorn binds host:port itself, as it always has); else sockets bound
+    to host:port, as uvicorn would bind them, and to ``unix_path`` (mode 0600; a file left by an earlier run is
+    replaced). uvicorn listens on them once its startup is done, so none accepts a connection before."""
     if not unix_path:
         return None
-    tcp = config.bind_socket()
-    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sockets: list[socket.socket] = []
     try:
+        sockets += port_sockets(host, port)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sockets.append(unix)
         remove_socket(unix_path)
         unix.bind(unix_path)
         os.chmod(unix_path, 0o600)
-        unix.listen(config.backlog)
-    except OSError:
-        unix.close()
-        tcp.close()
-        raise
-    return [tcp, unix]
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        log.error("cannot listen on %s:%s and %s: %s", host, port, unix_path, exc)
+        raise SystemExit(1) from None
+    return sockets
 
 
-def remove_socket(path: str | None) -> None:
-    if path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+def port_sockets(host: str, port: int) -> list[socket.socket]:
+    """A bound socket per address ``host`` resolves to (``localhost``: 127.0.0.1 and ::1), as asyncio's
+    create_server binds them; not inherited by child processes."""
+    bound: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                               flags=socket.AI_PASSIVE):
+        if (family, address) in seen:
+            continue
+        seen.add((family, address))
+        sock = socket.socket(family, kind, proto)
+        bound.append(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError:
+            for opened in bound:
+                with contextlib.suppress(OSError):
+                    opened.close()
+            raise
+    return bound

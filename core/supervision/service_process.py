@@ -16,6 +16,7 @@ import signal
 from collections.abc import Awaitable, Callable, Mapping
 
 from core.common.aio import retrieve_exception
+from core.common.contract import SERVICE_SOCKET_ENV, remove_socket
 from core.common.redact import redact_argv
 from core.supervision.log_capture import ServiceLog
 from core.supervision.process_tree import leader_exited, port_holder, signal_group, spawn_group_leader, terminate_tree
@@ -68,6 +69,7 @@ class ServiceProcess:
             holder = port_holder(host, port)
         if holder is not None:
             raise StartFailed(f"port {port} is already in use by {holder}")
+        remove_socket(self._env.get(SERVICE_SOCKET_ENV))  # a killed process's file is not this one's socket
         self.spawns += 1
         with os_errors_as(f"cannot open log file {self.log.path}"):
             self.log.open(" ".join(redact_argv(argv or self.argv)))

@@ -31,6 +31,9 @@ _ORCHESTRATOR_TIMEOUT = "1d"
 # The fast path's log is written in blocks, not with a system call per request; the orchestrator reads it
 # every second (dataplane/plane.py), so a request counts in /metrics within about two seconds.
 _LOG_FLUSH = "1s"
+_LOG_FORMAT = ("log_format aio_fast escape=json '{\"model\":\"$aio_model\",\"route\":\"$uri\",\"status\":$status,"
+               "\"seconds\":$request_time,\"first_byte\":\"$upstream_header_time\","
+               "\"type\":\"$upstream_http_content_type\"}';")
 
 
 @dataclass(frozen=True)
@@ -85,20 +88,19 @@ def nginx_conf(settings: Settings, upstreams: list[Upstream], paths: Paths, serv
     """The whole nginx.conf. ``user``: the user its workers run as, when it starts as root (nginx would
     otherwise run them as nobody, who may not read its files or reach the orchestrator's socket)."""
     limits = settings.limits
-    head = [f"load_module {njs_module};"] if njs_module else []
+    head = [f"load_module {quoted(njs_module)};"] if njs_module else []
     head += [f"user {user};"] if user else []
     # A proxied request holds two connections, the client's and the upstream's.
     head += ["daemon off;", "master_process on;", f"worker_processes {settings.data_plane.workers};",
-             f"pid {paths.root / 'nginx.pid'};", "error_log stderr warn;",
+             f"pid {quoted(str(paths.root / 'nginx.pid'))};", "error_log stderr warn;",
              f"events {{ worker_connections {2 * limits.max_connections + 64}; }}"]
     http = [
         "access_log off;", "server_tokens off;", "default_type application/json;",
-        *(f"{kind}_temp_path {paths.root / kind};" for kind in TEMP_KINDS),
-        f"js_path {ROUTER.parent};", f"js_import aio from {ROUTER.name};",
-        f"js_preload_object table from {paths.table};",
-        "log_format aio_fast escape=json '{\"model\":\"$aio_model\",\"route\":\"$uri\",\"status\":$status,"
-        "\"seconds\":$request_time,\"first_byte\":\"$upstream_header_time\","
-        "\"type\":\"$upstream_http_content_type\"}';",
+        *(f"{kind}_temp_path {quoted(str(paths.root / kind))};" for kind in TEMP_KINDS),
+        f"js_path {quoted(str(ROUTER.parent))};", f"js_import aio from {ROUTER.name};",
+        f"js_preload_object table from {quoted(str(paths.table))};",
+        # Only the fast path's locations set $aio_model: without one, nginx would refuse the variable.
+        *([_LOG_FORMAT] if upstreams else []),
         f"client_header_timeout {ms(limits.header_timeout)};", f"keepalive_timeout {ms(limits.keep_alive_timeout)};",
         f"client_body_timeout {ms(limits.body_timeout)};", f"client_max_body_size {int(limits.upload_body_mb * _MIB)};",
         f"large_client_header_buffers 4 {MAX_HEADER_BYTES // 4 // 1024}k;",
@@ -139,7 +141,7 @@ def _model_location(up: Upstream, service_token: str | None, fast_log: Path) -> 
             "proxy_set_header Connection ''; "
             f"proxy_set_header Authorization {authorization}; {_DROPPED} "
             f"proxy_read_timeout {ms(up.read_timeout)}; proxy_next_upstream off; "
-            f"access_log {fast_log} aio_fast buffer=64k flush={_LOG_FLUSH}; "
+            f"access_log {quoted(str(fast_log))} aio_fast buffer=64k flush={_LOG_FLUSH}; "
             f"error_page 502 503 = {up.location}_failed; error_page 504 = {up.location}_timeout; }}\n"
             f"        location {up.location}_failed {{ js_content aio.failed; }}\n"
             f"        location {up.location}_timeout {{ return 504 {quoted(timeout)}; }}")

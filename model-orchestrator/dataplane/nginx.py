@@ -83,21 +83,25 @@ class Nginx:
         self._process: asyncio.subprocess.Process | None = None
         self._output: asyncio.Task[None] | None = None
 
-    def _argv(self, *extra: str) -> list[str]:
-        return [self.binary, "-p", str(self.paths.root), "-c", str(self.paths.conf), *extra]
+    def _argv(self, *extra: str, conf: Path | None = None) -> list[str]:
+        return [self.binary, "-p", str(self.paths.root), "-c", str(conf or self.paths.conf), *extra]
 
-    async def check(self) -> None:
-        """``nginx -t`` on the written configuration; NginxError with nginx's words if it is refused."""
-        done = await asyncio.create_subprocess_exec(*self._argv("-t", "-q"), stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.STDOUT)
+    async def install_conf(self, conf: str) -> None:
+        """Make ``conf`` nginx's configuration once ``nginx -t`` accepts it; NginxError with nginx's words if it
+        is refused, and the configuration in place stays (a reload then would read it, not the refused one)."""
+        candidate = self.paths.root / "nginx.conf.candidate"
+        write_private(candidate, conf)
+        done = await asyncio.create_subprocess_exec(*self._argv("-t", "-q", conf=candidate),
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output, _ = await done.communicate()
         if done.returncode != 0:
-            raise NginxError(f"nginx refused its configuration ({self.paths.conf}): {output.decode().strip()}")
+            candidate.unlink(missing_ok=True)
+            raise NginxError(f"nginx refused its configuration: {output.decode().strip()}")
+        candidate.replace(self.paths.conf)
 
     async def start(self, conf: str, table: str, generation: int) -> None:
-        write_private(self.paths.conf, conf)
-        write_private(self.paths.table, table)
-        await self.check()
+        write_private(self.paths.table, table)  # before the check: nginx reads it with its configuration
+        await self.install_conf(conf)
         self._process = process = await spawn_group_leader(self._argv(), os.environ)
         if self._reaper is not None:
             self._reaper.register(process.pid)
@@ -107,8 +111,7 @@ class Nginx:
     async def reload(self, table: str, generation: int, conf: str | None = None) -> None:
         """Serve ``table`` (and ``conf``, when given) from new workers; returns once they answer."""
         if conf is not None:
-            write_private(self.paths.conf, conf)
-            await self.check()
+            await self.install_conf(conf)
         write_private(self.paths.table, table)
         if self._process is None or self._process.returncode is not None:
             raise NginxError("nginx is not running")

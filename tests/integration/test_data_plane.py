@@ -9,6 +9,7 @@ sent where an HTTP client would normalise the target.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import pytest
 from core.common.contract import service_socket
 from core.config.load import config_from_dict
 from model_orchestrator.dataplane.conf import nginx_conf, table_json
-from model_orchestrator.dataplane.nginx import find_njs_module, private_folder
+from model_orchestrator.dataplane.nginx import Nginx, NginxError, find_nginx, find_njs_module, private_folder
 from model_orchestrator.dataplane.policy import route_table, upstreams
 from tests.integration import raw_http
 from tests.integration.conftest import (
@@ -69,7 +70,7 @@ def fast_log(orch: Orchestrator, since: int = 0) -> list[dict[str, Any]]:
 
     nginx writes that log in blocks, flushed every second. So a request for ``marker`` (a fast-path model
     that answers at once) goes last, nginx is told to reopen its logs (SIGUSR1: it flushes them first), and
-    once the marker's line is there every earlier request's is too (one worker logs in order)."""
+    once the marker's line is there every earlier request's is too (one worker, the default, logs in order)."""
     path = folder(orch) / "fast.log"
 
     def entries() -> list[dict[str, Any]]:
@@ -232,6 +233,14 @@ def test_a_service_that_dies_is_restarted_and_served_again(orchestrator: Callabl
     assert wait_until(lambda: orch.state("fast") == "ready", 30)
 
 
+def test_with_no_model_on_the_fast_path_nginx_hands_every_request_on(
+        orchestrator: Callable[..., Orchestrator]) -> None:
+    orch = orchestrator({"cold": fake_model("cold", vram_gb=0)}, env=KEYS, data_plane={"kind": "nginx"})
+    answer = post(orch, CHAT, body("cold"))  # started on demand by the orchestrator, behind nginx
+    assert answer.status == 200, answer.body
+    assert "fast path for no model" in orch.log()
+
+
 def test_stopping_leaves_no_nginx_and_no_folder(orchestrator: Callable[..., Orchestrator]) -> None:
     orch = orchestrator({"fast": fake_model("fast", pinned=True, preload=True, vram_gb=0)}, env=KEYS,
                         data_plane={"kind": "nginx"})
@@ -262,9 +271,23 @@ def test_nginx_accepts_the_configuration_of_any_valid_settings(tmp_path: Path) -
         "header_timeout": 0.5, "keep_alive_timeout": 2.5, "body_timeout": 0.25, "upload_body_mb": 0.5}},
         "models": {"it's \\ m": {"type": "text", "command": "x", "port": 8000, "pinned": True,
                                    "request_timeout": 1.5}}}, tmp_path / "models.yaml")
-    paths = private_folder(tmp_path / "plane")
-    paths.conf.write_text(nginx_conf(config.settings, upstreams(config), paths, "to'ken", find_njs_module(None)))
+    paths = private_folder(tmp_path / "my plane")  # a space in the folder, so in each socket's path
+    ups = upstreams(config, {"it's \\ m": str(service_socket(paths.root, "it's \\ m"))})
+    paths.conf.write_text(nginx_conf(config.settings, ups, paths, "to'ken", find_njs_module(None)))
     paths.table.write_text(table_json(route_table(config, list(config.models), None, 0), upstreams(config)))
     done = subprocess.run(["nginx", "-t", "-p", str(paths.root), "-c", str(paths.conf)], capture_output=True,
                           text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_configuration_nginx_refuses_never_replaces_the_one_in_place(tmp_path: Path) -> None:
+    config = config_from_dict({"settings": {"port": 9000}, "models": {}}, tmp_path / "models.yaml")
+    paths = private_folder(tmp_path / "plane")
+    nginx = Nginx(find_nginx("nginx"), paths, None)
+    paths.table.write_text(table_json(route_table(config, [], None, 0), []))
+    good = nginx_conf(config.settings, [], paths, None, find_njs_module(None))
+    asyncio.run(nginx.install_conf(good))
+    with pytest.raises(NginxError, match="nginx refused its configuration"):
+        asyncio.run(nginx.install_conf(good.replace("http {", "http { no_such_directive on;")))
+    assert paths.conf.read_text() == good  # a reload (SIGHUP) would still read an accepted configuration
+    assert sorted(p.name for p in paths.root.iterdir() if p.name.startswith("nginx.conf")) == ["nginx.conf"]

@@ -58,7 +58,7 @@ def test_the_configuration_bounds_each_model_as_the_orchestrator_does(tmp_path: 
     cfg = config(m={"type": "text", "pinned": True, "max_concurrency": 4, "request_timeout": 90,
                     "host": "::1"})
     text = nginx_conf(cfg.settings, upstreams(cfg), Paths(tmp_path), "s3cret'x", "/mods/njs.so", "root")
-    assert text.startswith("load_module /mods/njs.so;\nuser root;\n")
+    assert text.startswith("load_module '/mods/njs.so';\nuser root;\n")
     assert "upstream m0 { server '[::1]:8000' max_conns=4 max_fails=0; keepalive 32; }" in text
     assert "proxy_read_timeout 90000ms;" in text and "listen 127.0.0.1:9000;" in text
     assert r"proxy_set_header Authorization 'Bearer s3cret\'x';" in text  # the service token, quoted
